@@ -1,0 +1,35 @@
+# Set-up is part of every target: a fresh clone needs only `make train` or `make test`.
+# torch is installed first, pinned, because a bare `torch` requirement would pull a
+# multi-GB CUDA build; constraints.txt keeps every later pip call on that build.
+PYTHON ?= python3
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+STAMP  := $(VENV)/.stso-installed
+PIP    := $(VPY) -m pip install --disable-pip-version-check -q
+
+.PHONY: venv train test bench lint clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+# The main job on defaults that need nothing outside this repository.
+train: $(STAMP)
+	$(VPY) -m stso_env.train --preset tiny --steps 2000 --scenario spiky --corpus builtin \
+		--checkpoint-every 500 --eval-every 500 --run-dir runs/train-tiny-spiky
+
+test: $(STAMP)
+	$(VPY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(VPY) -m agents.bench
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check stso_env agents tests
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

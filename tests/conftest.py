@@ -1,0 +1,25 @@
+"""Shared fixtures. Tests run on CPU with tiny presets and write only under tmp_path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+WIKITEXT2 = SHARED_DATA / "wikitext-2"
+GPT2_TOKENIZER = SHARED_DATA / "gpt2-tokenizer"
+
+# Two cores: keep intra-op threads fixed so timings and reductions are stable across runs.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Token caches go to a per-session temp folder, never into $HOME or the repo."""
+    monkeypatch.setenv("STSO_CACHE", str(tmp_path_factory.getbasetemp() / "stso-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
