@@ -1,0 +1,1 @@
+"""Monitoring: activation/attention summaries, event metrics (spikes, divergence, recovery)."""

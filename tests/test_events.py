@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import numpy as np
+
+from stso_env.monitor.events import (diverged, llm_foundry_flags, megatron_flags, merge_events,
+                                     olmo_spike_flags, summarize, time_to_recover)
+
+
+def series(n=400, seed=0):
+    rng = np.random.default_rng(seed)
+    return 3.0 + 0.01 * rng.standard_normal(n)
+
+
+def test_olmo_rule_flags_known_spikes_only_after_window():
+    x = series()
+    x[50] = 10.0  # inside the first window: not flagged (no full history)
+    x[200] = 3.5  # 50 sigma: flagged
+    x[300:303] = 4.0
+    flags = olmo_spike_flags(x, window=128)
+    assert list(np.flatnonzero(flags)) == [200, 300, 301, 302]
+    assert merge_events(flags, cooldown=20) == [(200, 200), (300, 302)]
+
+
+def test_grad_norm_spike_counts_too():
+    x, g = series(), series(seed=1)
+    g[250] = 100.0
+    assert list(np.flatnonzero(olmo_spike_flags(x, g))) == [250]
+
+
+def test_foundry_and_megatron():
+    x = np.full(300, 2.0)
+    x[150:154] = 5.0  # 4 steps: not enough for foundry's 5
+    x[200:206] = 5.0  # 6 steps -> flags at the 5th and 6th
+    assert list(np.flatnonzero(llm_foundry_flags(x))) == [204, 205]
+    x[250] = 25.0
+    assert list(np.flatnonzero(megatron_flags(x))) == [250]
+
+
+def test_divergence_and_recovery():
+    assert diverged([5.0, 4.0, 16.0]) == 2
+    assert diverged([5.0, float("nan")]) == 1
+    assert diverged([5.0, 4.0, 3.0]) is None
+    x = np.concatenate([np.full(50, 3.0), np.full(10, 6.0), np.full(100, 3.0)])
+    ttr = time_to_recover(x, 50, ema=0.0)  # no smoothing: back at baseline 10 steps later
+    assert ttr == 10
+    assert time_to_recover(np.concatenate([np.full(50, 3.0), np.full(50, 4.0)]), 50) is None
+
+
+def test_summary():
+    x = series()
+    x[200] = 6.0
+    s = summarize(x)
+    assert s.n_events == 1 and s.olmo_flags == 1 and s.diverged_at is None
