@@ -1,0 +1,740 @@
+"""Training corpora: the built-in synthetic language, text files and hub datasets.
+
+:func:`load_corpus` turns a corpus spec into train and validation token arrays
+(:class:`TokenSplits`); :func:`validation_windows` cuts the validation array into
+fixed windows for perplexity; :func:`check_length` says early when a corpus is too
+small for the context length.
+
+Corpus specs
+------------
+``"builtin"``
+    :func:`generate_builtin_text` with the run's seed (stream 0) for training and a
+    second stream of the same seed (stream 1) for validation, so validation
+    sentences are new sentences of the same language.
+``<path>``
+    A UTF-8 text file or a directory. A file named ``train.txt`` or ``*.train.*``
+    with a sibling ``valid.txt`` / ``validation.txt`` (``*.valid.*`` /
+    ``*.validation.*``) is read as that pair, and so is a directory holding such a
+    pair. Any other file is split: the last ``valid_fraction`` of its tokens
+    validate.
+``"hf:<dataset id>[:<config>]"``
+    ``datasets.load_dataset(id, config)``, its ``train`` and ``validation`` splits
+    (``valid``/``val``/``dev`` accepted; without one, the last ``valid_fraction`` of
+    train). Needs network access or a cached copy.
+
+Documents and end-of-text ids
+-----------------------------
+Text is cut into paragraphs at whitespace-only lines. Those lines are dropped,
+newlines inside a paragraph stay, and every paragraph is followed by one
+end-of-text id (the eos takes the place of the newline that ended the paragraph).
+Cutting at blank lines rather than at every newline keeps hard-wrapped text in one
+piece. In WikiText blank lines surround the headings, so a document is a heading or
+the paragraph lines of one section (the newlines between those paragraphs stay):
+1160 documents in ``valid.txt``. With the byte tokenizer a file that ends in a
+newline gives exactly ``file bytes - bytes of whitespace-only lines (newlines
+included)`` tokens. Hub dataset rows are documents as they are (one trailing
+newline removed, blank rows dropped).
+
+The built-in language
+---------------------
+A fixed lexicon (the same for every seed; the seed only picks the sentences) of
+1945 pronounceable pseudo-words built from onset + vowel + coda syllables:
+
+========================  =====  =========================================================
+class                     count  form
+========================  =====  =========================================================
+determiners               6 + 6  one syllable; six go with singular nouns, six with plural
+nouns                     900    2-3 syllables; plural adds ``-s`` after a vowel, else ``-en``
+verbs                     500    stem ending in a consonant; ``-a`` after a singular
+                                 subject, ``-on`` after a plural one (agreement)
+adjectives                350    2 syllables + ``-ic`` / ``-al`` / ``-ous``
+adverbs                   150    2 syllables + ``-ly``
+prepositions              20     1-2 syllables
+subordinators             10     1-2 syllables, introduce a subordinate clause
+coordinators              3      1 syllable
+========================  =====  =========================================================
+
+Within each class word frequencies are Zipfian, ``p(rank k) ~ 1 / (k + 2.7) ** 1.1``.
+Sentences come from this probabilistic grammar::
+
+    S      -> Clause [", " Sub Clause (p .25) | ", " Coord Clause (p .10)] "."
+    Clause -> NP_subj VP
+    NP     -> Det_num Adj{0: .50, 1: .35, 2: .15} N_num [PP (p .2, top-level NPs only)]
+    PP     -> Prep NP                   (the inner NP has no PP)
+    VP     -> V_agree NP [Adv (p .25)]  (p .7)
+            | V_agree PP [Adv (p .25)]  (p .3)
+
+``num`` is plural with p .35; the determiner set and the noun suffix follow it, and
+the verb suffix agrees with the subject's number even when adjectives and a PP
+stand between them. Semantic preferences make wider context pay off: every noun
+has 4 preferred verbs and 3 preferred adjectives, every verb 4 preferred object
+nouns and 1 preferred preposition, taken with p .6 / .6 / .5 / .7 instead of a
+Zipf draw; every paragraph (3-8 sentences) has a topic of 8 nouns from which
+35 % of its nouns come. Sentences start with a capital letter and end with a full
+stop; paragraphs are single lines separated by a blank line.
+
+Measured on 2,000,000 characters (seed 0): 41 distinct characters, character
+unigram entropy 4.10 bits, plug-in entropy of the next character given the
+previous 3 characters 2.06 bits (2.64 bits for the same characters shuffled,
+which carries the same small-sample bias), about 3.2 bits per word-level unit.
+Generation takes about 0.6 s for 2 M characters on one core.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stso_env.errors import ConfigError, DataError
+from stso_env.train.tokenizer import Tokenizer, forced_hub_offline, hub_offline_reason
+
+log = logging.getLogger(__name__)
+
+# Bump when the text-to-token rules or the built-in generator change, so cached
+# token arrays made under the old rules are never reused.
+CORPUS_FORMAT_VERSION = 1
+BUILTIN_GENERATOR_VERSION = 1
+
+_TRAIN_NAMES = ("train",)
+_VALID_NAMES = ("valid", "validation")
+_HF_VALID_SPLITS = ("validation", "valid", "val", "dev")
+
+_LEXICON_SEED = 20240611
+# Syllable parts; the empty onset and the repeated empty coda make open syllables
+# and vowel-initial words common, so words stay pronounceable.
+# fmt: off
+_ONSETS = ("", "b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
+           "br", "dr", "gl", "kr", "pl", "st", "tr", "sh", "th", "ch")
+_VOWELS = ("a", "e", "i", "o", "u", "ai", "ei", "ou", "oa", "ia")
+_CODAS = ("", "", "", "n", "r", "l", "s", "m", "k", "nd", "rt", "sk")
+# fmt: on
+_VOWEL_LETTERS = frozenset("aeiou")
+
+# Random numbers are drawn in blocks of this many; every draw site owns its own
+# generator, so text for a seed is a prefix of the text for a longer request.
+_BLOCK = 1 << 15
+
+
+@dataclass
+class TokenSplits:
+    """Train and validation token ids of one corpus under one tokenizer.
+
+    Attributes:
+        train: 1-D token ids (uint16 when the vocabulary fits, else int32).
+        valid: 1-D token ids, same dtype.
+        source: Human description of where the text came from.
+        tokenizer_spec: ``Tokenizer.spec`` of the tokenizer used.
+        fingerprint: sha256 hex over the source identity (file contents, seed and
+            sizes, or dataset id) and the tokenizer spec; keys caches and config hashes.
+    """
+
+    train: np.ndarray
+    valid: np.ndarray
+    source: str
+    tokenizer_spec: str
+    fingerprint: str
+
+
+# --------------------------------------------------------------------------- lexicon
+
+
+@dataclass(frozen=True)
+class _Lexicon:
+    det_sing: tuple[str, ...]
+    det_plur: tuple[str, ...]
+    noun_sing: tuple[str, ...]
+    noun_plur: tuple[str, ...]
+    verb_sing: tuple[str, ...]
+    verb_plur: tuple[str, ...]
+    adjectives: tuple[str, ...]
+    adverbs: tuple[str, ...]
+    prepositions: tuple[str, ...]
+    subordinators: tuple[str, ...]
+    coordinators: tuple[str, ...]
+    noun_verbs: tuple[tuple[int, ...], ...]
+    noun_adjs: tuple[tuple[int, ...], ...]
+    verb_objs: tuple[tuple[int, ...], ...]
+    verb_prep: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        """Number of lexemes (inflected forms of one noun or verb count once)."""
+        return (
+            len(self.det_sing)
+            + len(self.det_plur)
+            + len(self.noun_sing)
+            + len(self.verb_sing)
+            + len(self.adjectives)
+            + len(self.adverbs)
+            + len(self.prepositions)
+            + len(self.subordinators)
+            + len(self.coordinators)
+        )
+
+
+@functools.lru_cache(maxsize=1)
+def _lexicon() -> _Lexicon:
+    """Build the fixed lexicon; every surface form is unique across all classes."""
+    rng = np.random.default_rng(_LEXICON_SEED)
+    taken: set[str] = set()
+
+    def syllable(coda: bool | None = None) -> str:
+        onset = _ONSETS[int(rng.integers(len(_ONSETS)))]
+        vowel = _VOWELS[int(rng.integers(len(_VOWELS)))]
+        codas = [c for c in _CODAS if c] if coda else ([""] if coda is False else list(_CODAS))
+        return onset + vowel + codas[int(rng.integers(len(codas)))]
+
+    def make(count: int, syllables: Sequence[int], forms, last_coda: bool | None = None) -> list[str]:
+        stems: list[str] = []
+        while len(stems) < count:
+            n_syl = syllables[int(rng.integers(len(syllables)))]
+            parts = [syllable() for _ in range(n_syl - 1)] + [syllable(last_coda)]
+            stem = "".join(parts)
+            surface = forms(stem)
+            if len(stem) < 2 or any(s in taken for s in surface) or len(set(surface)) != len(surface):
+                continue
+            taken.update(surface)
+            stems.append(stem)
+        return stems
+
+    def plain(stem: str) -> tuple[str, ...]:
+        return (stem,)
+
+    def noun_plural(stem: str) -> str:
+        return stem + ("s" if stem[-1] in _VOWEL_LETTERS else "en")
+
+    det_sing = make(6, [1], plain, last_coda=False)
+    det_plur = make(6, [1], plain, last_coda=True)
+    coordinators = make(3, [1], plain)
+    subordinators = make(10, [1, 2], plain)
+    prepositions = make(20, [1, 2], plain)
+    nouns = make(900, [2, 2, 3], lambda s: (s, noun_plural(s)))
+    verbs = make(500, [2], lambda s: (s + "a", s + "on"), last_coda=True)
+    adjectives: list[str] = []
+    while len(adjectives) < 350:
+        suffix = ("ic", "al", "ous")[int(rng.integers(3))]
+        adjectives += [s + suffix for s in make(1, [2], lambda s, x=suffix: (s + x,))]
+    adverbs = [s + "ly" for s in make(150, [2], lambda s: (s + "ly",))]
+
+    def prefs(rows: int, k: int, high: int) -> tuple[tuple[int, ...], ...]:
+        return tuple(tuple(int(x) for x in rng.choice(high, size=k, replace=False)) for _ in range(rows))
+
+    return _Lexicon(
+        det_sing=tuple(det_sing),
+        det_plur=tuple(det_plur),
+        noun_sing=tuple(nouns),
+        noun_plur=tuple(noun_plural(s) for s in nouns),
+        verb_sing=tuple(s + "a" for s in verbs),
+        verb_plur=tuple(s + "on" for s in verbs),
+        adjectives=tuple(adjectives),
+        adverbs=tuple(adverbs),
+        prepositions=tuple(prepositions),
+        subordinators=tuple(subordinators),
+        coordinators=tuple(coordinators),
+        noun_verbs=prefs(len(nouns), 4, len(verbs)),
+        noun_adjs=prefs(len(nouns), 3, len(adjectives)),
+        verb_objs=prefs(len(verbs), 4, len(nouns)),
+        verb_prep=tuple(int(x) for x in rng.integers(len(prepositions), size=len(verbs))),
+    )
+
+
+def _zipf_cdf(n: int) -> np.ndarray:
+    weights = 1.0 / (np.arange(n) + 2.7) ** 1.1
+    return np.cumsum(weights / weights.sum())
+
+
+def _zipf_stream(rng: np.random.Generator, n: int) -> Iterator[int]:
+    cdf = _zipf_cdf(n)
+    while True:
+        idx = np.searchsorted(cdf, rng.random(_BLOCK), side="right")
+        yield from np.minimum(idx, n - 1).tolist()
+
+
+def _uniform_stream(rng: np.random.Generator) -> Iterator[float]:
+    while True:
+        yield from rng.random(_BLOCK).tolist()
+
+
+# ------------------------------------------------------------------------- generator
+
+
+def generate_builtin_text(seed: int, n_chars: int, *, stream: int = 0) -> str:
+    """Generate ``n_chars`` characters of the built-in synthetic language.
+
+    The grammar, lexicon and measured entropies are in the module docstring.
+
+    Args:
+        seed: Picks the sentences; the same seed gives the same text in any process
+            on any platform (numpy's PCG64 through ``SeedSequence([seed, stream])``).
+        n_chars: Exact length of the returned text; the last sentence may be cut.
+        stream: Independent text streams of one seed; the loader trains on stream 0
+            and validates on stream 1.
+
+    Returns:
+        Paragraphs of sentences, separated by blank lines. A shorter request gives
+        a prefix of a longer one.
+    """
+    if n_chars < 0:
+        raise ConfigError(f"n_chars must be >= 0, got {n_chars}")
+    lex = _lexicon()
+    children = np.random.SeedSequence([int(seed), int(stream)]).spawn(10)
+    rngs = [np.random.default_rng(child) for child in children]
+    unif = _uniform_stream(rngs[0]).__next__
+    z_noun = _zipf_stream(rngs[1], len(lex.noun_sing)).__next__
+    z_verb = _zipf_stream(rngs[2], len(lex.verb_sing)).__next__
+    z_adj = _zipf_stream(rngs[3], len(lex.adjectives)).__next__
+    z_adv = _zipf_stream(rngs[4], len(lex.adverbs)).__next__
+    z_prep = _zipf_stream(rngs[5], len(lex.prepositions)).__next__
+    z_det = _zipf_stream(rngs[6], len(lex.det_sing)).__next__
+    z_sub = _zipf_stream(rngs[7], len(lex.subordinators)).__next__
+    z_coord = _zipf_stream(rngs[8], len(lex.coordinators)).__next__
+    z_topic = _zipf_stream(rngs[9], len(lex.noun_sing)).__next__
+
+    noun_sing, noun_plur = lex.noun_sing, lex.noun_plur
+    verb_sing, verb_plur = lex.verb_sing, lex.verb_plur
+    det_sing, det_plur = lex.det_sing, lex.det_plur
+    adjectives, adverbs, preps = lex.adjectives, lex.adverbs, lex.prepositions
+    noun_verbs, noun_adjs, verb_objs, verb_prep = lex.noun_verbs, lex.noun_adjs, lex.verb_objs, lex.verb_prep
+
+    def noun_phrase(out: list[str], noun: int, pp: bool) -> bool:
+        """Append an NP headed by ``noun``; return whether it is plural."""
+        plural = unif() < 0.35
+        out.append(det_plur[z_det()] if plural else det_sing[z_det()])
+        u = unif()
+        n_adj = 0 if u < 0.5 else (1 if u < 0.85 else 2)
+        for _ in range(n_adj):
+            out.append(adjectives[noun_adjs[noun][int(unif() * 3)]] if unif() < 0.6 else adjectives[z_adj()])
+        out.append(noun_plur[noun] if plural else noun_sing[noun])
+        if pp and unif() < 0.2:
+            out.append(preps[z_prep()])
+            noun_phrase(out, pick_noun(), False)
+        return plural
+
+    topic: list[int] = []
+
+    def pick_noun() -> int:
+        return topic[int(unif() * 8)] if unif() < 0.35 else z_noun()
+
+    def clause(out: list[str]) -> None:
+        subject = pick_noun()
+        plural = noun_phrase(out, subject, True)
+        verb = noun_verbs[subject][int(unif() * 4)] if unif() < 0.6 else z_verb()
+        out.append(verb_plur[verb] if plural else verb_sing[verb])
+        if unif() < 0.7:
+            obj = verb_objs[verb][int(unif() * 4)] if unif() < 0.5 else pick_noun()
+            noun_phrase(out, obj, True)
+        else:
+            out.append(preps[verb_prep[verb]] if unif() < 0.7 else preps[z_prep()])
+            noun_phrase(out, pick_noun(), False)
+        if unif() < 0.25:
+            out.append(adverbs[z_adv()])
+
+    paragraphs: list[str] = []
+    total = 0
+    while total < n_chars:
+        topic[:] = [z_topic() for _ in range(8)]
+        sentences: list[str] = []
+        for _ in range(3 + int(unif() * 6)):
+            words: list[str] = []
+            clause(words)
+            u = unif()
+            if u < 0.35:
+                words[-1] += ","
+                words.append(lex.subordinators[z_sub()] if u < 0.25 else lex.coordinators[z_coord()])
+                clause(words)
+            sentence = " ".join(words)
+            sentences.append(sentence[0].upper() + sentence[1:] + ".")
+        paragraph = " ".join(sentences)
+        paragraphs.append(paragraph)
+        total += len(paragraph) + 2
+    return "\n\n".join(paragraphs)[:n_chars]
+
+
+# ------------------------------------------------------------------ text -> tokens
+
+
+def split_documents(text: str) -> list[str]:
+    """Cut ``text`` into paragraphs at whitespace-only lines (see module docstring)."""
+    docs: list[str] = []
+    current: list[str] = []
+    for line in text.split("\n"):
+        if line.strip():
+            current.append(line)
+        elif current:
+            docs.append("\n".join(current))
+            current = []
+    if current:
+        docs.append("\n".join(current))
+    return docs
+
+
+def _token_dtype(tokenizer: Tokenizer) -> type[np.integer]:
+    return np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
+
+
+def tokenize_documents(docs: Sequence[str], tokenizer: Tokenizer) -> np.ndarray:
+    """Encode ``docs`` and join them into one array, an eos id after each document."""
+    dtype = _token_dtype(tokenizer)
+    eos = np.array([tokenizer.eos_id], dtype=dtype)
+    pieces: list[np.ndarray] = []
+    for ids in tokenizer.encode_batch(docs):
+        pieces.append(ids.astype(dtype, copy=False))
+        pieces.append(eos)
+    if not pieces:
+        return np.zeros(0, dtype=dtype)
+    return np.concatenate(pieces)
+
+
+def _split_tail(tokens: np.ndarray, valid_fraction: float, what: str) -> tuple[np.ndarray, np.ndarray]:
+    n_valid = max(1, round(len(tokens) * valid_fraction))
+    if len(tokens) - n_valid < 1:
+        raise DataError(
+            f"{what} has only {len(tokens)} tokens, too few to split off a validation part "
+            f"(valid_fraction {valid_fraction}); use a larger text"
+        )
+    return tokens[:-n_valid].copy(), tokens[-n_valid:].copy()
+
+
+# ------------------------------------------------------------------------- sources
+
+# A source is known before any tokenizing (identity for the fingerprint, a human
+# description) and tokenized only on a cache miss (the producer).
+_Producer = Callable[[Tokenizer], tuple[np.ndarray, np.ndarray]]
+_Source = tuple[dict[str, Any], str, _Producer]
+
+
+def _read_text(path: Path) -> tuple[str, str]:
+    """Return the text of ``path`` and the sha256 of its bytes; DataError if unusable."""
+    if not path.exists():
+        raise DataError(
+            f"corpus file {str(path)!r} does not exist; give an existing text file, "
+            f"a folder with train.txt and valid.txt, 'builtin' or 'hf:<dataset id>'"
+        )
+    if not path.is_file():
+        raise DataError(f"corpus path {str(path)!r} is not a regular file")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read corpus file {str(path)!r}: {exc}") from exc
+    if not raw:
+        raise DataError(f"corpus file {str(path)!r} is empty")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"corpus file {str(path)!r} is not UTF-8 text: invalid byte 0x{raw[exc.start]:02x} at "
+            f"offset {exc.start}; convert it to UTF-8 (e.g. iconv -t utf-8)"
+        ) from exc
+    return text, hashlib.sha256(raw).hexdigest()
+
+
+def _sibling_valid(path: Path) -> Path | None:
+    """Return the validation file paired with a train file, or None."""
+    name = path.name
+    candidates: list[str] = []
+    stem, dot, ext = name.partition(".")
+    if stem.lower() in _TRAIN_NAMES and dot:
+        candidates += [v + dot + ext for v in _VALID_NAMES]
+    parts = name.split(".")
+    for i, part in enumerate(parts[1:-1], start=1):  # "*.train.*"
+        if part.lower() in _TRAIN_NAMES:
+            candidates += [".".join(parts[:i] + [v] + parts[i + 1 :]) for v in _VALID_NAMES]
+    for cand in candidates:
+        if (path.parent / cand).is_file():
+            return path.parent / cand
+    return None
+
+
+def _pair_in_dir(directory: Path, spec: str) -> tuple[Path, Path]:
+    for train in sorted(directory.iterdir()):
+        if train.is_file():
+            valid = _sibling_valid(train)
+            if valid is not None:
+                return train, valid
+    raise DataError(
+        f"corpus folder {str(directory)!r} holds no train/validation pair (looked for train.txt with "
+        f"valid.txt or validation.txt, or *.train.* with *.valid.*); give a single text file instead "
+        f"(spec {spec!r})"
+    )
+
+
+def _file_source(spec: str, path: Path, valid_fraction: float) -> _Source:
+    """Return (identity, description, producer) for a file or folder corpus."""
+    if path.is_dir():
+        train_path, valid_path = _pair_in_dir(path, spec)
+    else:
+        train_path, valid_path = path, (_sibling_valid(path) if path.is_file() else None)
+    train_text, train_hash = _read_text(train_path)
+    if valid_path is not None:
+        valid_text, valid_hash = _read_text(valid_path)
+        identity = {"kind": "file-pair", "train_sha256": train_hash, "valid_sha256": valid_hash}
+        description = f"{train_path.resolve()} (validation: {valid_path.name})"
+    else:
+        valid_text, valid_hash = "", ""
+        identity = {"kind": "file", "sha256": train_hash, "valid_fraction": valid_fraction}
+        description = f"{train_path.resolve()} (last {valid_fraction:g} of tokens validate)"
+
+    def produce(tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+        train_docs = split_documents(train_text)
+        if not train_docs:
+            raise DataError(f"corpus file {str(train_path)!r} holds only whitespace")
+        train = tokenize_documents(train_docs, tokenizer)
+        if valid_path is None:
+            return _split_tail(train, valid_fraction, f"corpus file {str(train_path)!r}")
+        valid_docs = split_documents(valid_text)
+        if not valid_docs:
+            raise DataError(f"corpus file {str(valid_path)!r} holds only whitespace")
+        return train, tokenize_documents(valid_docs, tokenizer)
+
+    return identity, description, produce
+
+
+def _builtin_source(seed: int, builtin_chars: int, valid_fraction: float) -> _Source:
+    n_valid = max(1, int(builtin_chars * valid_fraction))
+    identity = {
+        "kind": "builtin",
+        "generator": BUILTIN_GENERATOR_VERSION,
+        "seed": int(seed),
+        "train_chars": int(builtin_chars),
+        "valid_chars": n_valid,
+    }
+    description = (
+        f"builtin synthetic language v{BUILTIN_GENERATOR_VERSION} (seed {seed}, "
+        f"{builtin_chars} train chars, {n_valid} validation chars)"
+    )
+
+    def produce(tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+        train = generate_builtin_text(seed, builtin_chars, stream=0)
+        valid = generate_builtin_text(seed, n_valid, stream=1)
+        return (
+            tokenize_documents(split_documents(train), tokenizer),
+            tokenize_documents(split_documents(valid), tokenizer),
+        )
+
+    return identity, description, produce
+
+
+_HF_ADVICE = (
+    "it needs network access or a local copy; use --corpus builtin or the path of a local "
+    "text file (e.g. /work/shared/data/wikitext-2/train.txt)"
+)
+
+
+def _hf_source(spec: str, valid_fraction: float) -> _Source:
+    body = spec[len("hf:") :].strip()
+    name, _, config = body.partition(":")
+    name, config = name.strip(), config.strip() or None
+    if not name:
+        raise DataError(f"corpus spec {spec!r} names no dataset; write hf:<dataset id>[:<config>]")
+    label = f"{name}" + (f" ({config})" if config else "")
+    import datasets
+
+    reason = hub_offline_reason()
+    try:
+        if reason is None:
+            dsd = datasets.load_dataset(name, config)
+        else:
+            with forced_hub_offline():
+                dsd = datasets.load_dataset(name, config)
+    except Exception as exc:
+        # datasets reports "not available" through many unrelated exception types
+        # (ConnectionError, FileNotFoundError, ValueError, hub HTTP errors).
+        why = f"the hub is unreachable ({reason}) and no cached copy exists" if reason else str(exc)
+        raise DataError(f"hub dataset {label} (spec {spec!r}) cannot be loaded: {why}; {_HF_ADVICE}") from exc
+    if "train" not in dsd:
+        raise DataError(f"hub dataset {label} has no 'train' split (splits: {sorted(dsd)})")
+    valid_split = next((s for s in _HF_VALID_SPLITS if s in dsd), None)
+
+    def column(split: str) -> list[str]:
+        ds = dsd[split]
+        string_cols = [
+            c for c, f in ds.features.items() if getattr(f, "dtype", None) in ("string", "large_string")
+        ]
+        col = "text" if "text" in ds.column_names else (string_cols[0] if string_cols else None)
+        if col is None:
+            raise DataError(
+                f"hub dataset {label} split {split!r} has no text column (columns: {ds.column_names})"
+            )
+        return [row.removesuffix("\n") for row in ds[col] if row and row.strip()]
+
+    identity = {
+        "kind": "hf",
+        "dataset": name,
+        "config": config,
+        "valid_split": valid_split,
+        "valid_fraction": None if valid_split else valid_fraction,
+        "fingerprints": {s: getattr(dsd[s], "_fingerprint", None) for s in sorted(dsd)},
+    }
+    description = f"hub dataset {label}, splits train/{valid_split or f'last {valid_fraction:g} of train'}"
+
+    def produce(tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+        train = tokenize_documents(column("train"), tokenizer)
+        if valid_split is None:
+            return _split_tail(train, valid_fraction, f"hub dataset {label}")
+        return train, tokenize_documents(column(valid_split), tokenizer)
+
+    return identity, description, produce
+
+
+# -------------------------------------------------------------------------- cache
+
+
+def default_cache_dir() -> Path:
+    """``$STSO_CACHE/tokens`` if ``STSO_CACHE`` is set, else ``~/.cache/stso/tokens``."""
+    root = os.environ.get("STSO_CACHE")
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "stso") / "tokens"
+
+
+def _cache_paths(cache_dir: Path, fingerprint: str) -> tuple[Path, Path]:
+    return cache_dir / f"{fingerprint}.train.npy", cache_dir / f"{fingerprint}.valid.npy"
+
+
+def _read_cached(path: Path, vocab_size: int) -> np.ndarray | None:
+    if not path.is_file():
+        return None
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        log.warning("ignoring unreadable token cache %s: %s", path, exc)
+        return None
+    if arr.ndim != 1 or arr.dtype.kind not in "iu" or arr.size == 0 or int(arr.max()) >= vocab_size:
+        log.warning("ignoring token cache %s: not a 1-D array of ids below %d", path, vocab_size)
+        return None
+    return arr
+
+
+def _write_cached(path: Path, arr: np.ndarray) -> None:
+    """Write atomically so a reader never sees half a file; a failure only warns."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as fh:
+            np.save(fh, arr, allow_pickle=False)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("cannot write token cache %s (%s); continuing without it", path, exc)
+        tmp.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- API
+
+
+def load_corpus(
+    spec: str,
+    tokenizer: Tokenizer,
+    *,
+    seed: int = 0,
+    builtin_chars: int = 2_000_000,
+    valid_fraction: float = 0.05,
+    cache_dir: str | Path | None = None,
+) -> TokenSplits:
+    """Load and tokenize a corpus (forms in the module docstring).
+
+    Args:
+        spec: ``"builtin"``, a path to a text file or folder, or
+            ``"hf:<dataset id>[:<config>]"``.
+        tokenizer: Tokenizer to encode with; its eos id separates documents.
+        seed: Seed of the built-in text (ignored for other corpora).
+        builtin_chars: Characters of built-in training text; validation gets
+            ``builtin_chars * valid_fraction`` more from an independent stream.
+        valid_fraction: Share of tokens held out when a corpus has no validation
+            part of its own; in (0, 0.5].
+        cache_dir: Folder for cached token arrays, keyed by fingerprint (default
+            :func:`default_cache_dir`).
+
+    Returns:
+        The train and validation token arrays with their provenance.
+
+    Raises:
+        DataError: missing, empty, non-UTF-8 or too small inputs, an unknown spec,
+            or a hub dataset that cannot be fetched; the message names the spec or file.
+    """
+    if not 0.0 < valid_fraction <= 0.5:
+        raise ConfigError(f"valid_fraction must be in (0, 0.5], got {valid_fraction}")
+    if builtin_chars < 1:
+        raise ConfigError(f"builtin_chars must be >= 1, got {builtin_chars}")
+    text = spec.strip()
+    if text.lower() == "builtin":
+        identity, description, produce = _builtin_source(seed, builtin_chars, valid_fraction)
+    elif text.startswith("hf:"):
+        identity, description, produce = _hf_source(text, valid_fraction)
+    elif text:
+        identity, description, produce = _file_source(spec, Path(text).expanduser(), valid_fraction)
+    else:
+        raise DataError("corpus spec is empty; use 'builtin', a text file path or 'hf:<dataset id>'")
+
+    key = {
+        "format": CORPUS_FORMAT_VERSION,
+        "source": identity,
+        "tokenizer": tokenizer.spec,
+        "vocab_size": tokenizer.vocab_size,
+    }
+    fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    train_path, valid_path = _cache_paths(cache, fingerprint)
+
+    train = _read_cached(train_path, tokenizer.vocab_size)
+    valid = _read_cached(valid_path, tokenizer.vocab_size) if train is not None else None
+    if train is None or valid is None:
+        t0 = time.perf_counter()
+        train, valid = produce(tokenizer)
+        log.info("tokenized %s with %s in %.1f s", description, tokenizer.spec, time.perf_counter() - t0)
+        _write_cached(train_path, train)
+        _write_cached(valid_path, valid)
+    else:
+        log.info("token cache hit for %s (%s)", description, fingerprint[:12])
+    return TokenSplits(
+        train=train, valid=valid, source=description, tokenizer_spec=tokenizer.spec, fingerprint=fingerprint
+    )
+
+
+def check_length(splits: TokenSplits, seq_len: int) -> None:
+    """Raise DataError unless both splits hold at least one ``seq_len + 1`` window.
+
+    A training step reads ``seq_len + 1`` consecutive tokens (inputs plus shifted
+    targets), and perplexity needs at least one validation window of that size.
+    """
+    need = seq_len + 1
+    for name, arr in (("train", splits.train), ("validation", splits.valid)):
+        if len(arr) < need:
+            raise DataError(
+                f"corpus {splits.source}: the {name} split has {len(arr)} tokens but seq_len {seq_len} "
+                f"needs at least {need}; use a larger corpus, a smaller seq_len"
+                + (", or a larger valid_fraction" if name == "validation" else "")
+            )
+
+
+def validation_windows(tokens: np.ndarray, seq_len: int, max_windows: int | None = None) -> np.ndarray:
+    """Cut ``tokens`` into non-overlapping ``(n, seq_len + 1)`` windows for perplexity.
+
+    Window ``i`` starts at ``i * seq_len``; consecutive windows share one boundary
+    token, so every token after the first is a target exactly once. With
+    ``max_windows`` smaller than the number available, evenly spaced windows are
+    kept (a fixed choice, so evaluations stay comparable across runs).
+    """
+    if seq_len < 1:
+        raise ConfigError(f"seq_len must be >= 1, got {seq_len}")
+    if max_windows is not None and max_windows < 1:
+        raise ConfigError(f"max_windows must be >= 1 or None, got {max_windows}")
+    tokens = np.asarray(tokens).reshape(-1)
+    n = (len(tokens) - 1) // seq_len
+    if n < 1:
+        raise DataError(
+            f"validation split has {len(tokens)} tokens, fewer than one window of seq_len + 1 = "
+            f"{seq_len + 1}; use a larger corpus or validation fraction, or a smaller seq_len"
+        )
+    starts = np.arange(n) * seq_len
+    if max_windows is not None and max_windows < n:
+        starts = starts[np.unique(np.linspace(0, n - 1, max_windows).round().astype(np.int64))]
+    return tokens[starts[:, None] + np.arange(seq_len + 1)]
