@@ -68,6 +68,8 @@ class DataConfig:
                              range=(8, 1_048_576))
     batch_size: int = _f(8, "sequences per optimizer step", range=(1, 1_000_000))
     builtin_chars: int = _f(2_000_000, "characters of built-in corpus to generate", range=(10_000, 10**9))
+    corpus_seed: int = _f(0, "seed of the built-in corpus text (kept apart from the run seed so runs with "
+                          "different seeds train on the same language)", range=(0, 2**32 - 1))
     valid_fraction: float = _f(0.05, "fraction held out for validation when no split is given",
                                range=(0.001, 0.5))
     reorder_block: int = _f(64, "sequences shuffled by one data-reorder intervention", range=(2, 10**7))

@@ -2,8 +2,15 @@ from __future__ import annotations
 
 import pytest
 
-from stso_env.config import (CONFIG_DIR, TrainConfig, apply_overrides, config_hash, describe, load_config,
-                             to_dict)
+from stso_env.config import (
+    CONFIG_DIR,
+    TrainConfig,
+    apply_overrides,
+    config_hash,
+    describe,
+    load_config,
+    to_dict,
+)
 from stso_env.errors import ConfigError
 
 

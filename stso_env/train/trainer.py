@@ -1,0 +1,478 @@
+"""The GPT-2 pre-training loop, one optimizer step at a time, with exact resumable state.
+
+:class:`Trainer` owns a transformers ``GPT2LMHeadModel``, an AdamW optimizer,
+a warm-up + cosine ``LambdaLR`` schedule, a :class:`WindowSampler`, a
+:class:`Scenario` (injected noise) and the *knobs* that interventions turn.
+``train_step()`` runs one optimizer step and returns a :class:`StepStats`.
+
+Determinism contract: the whole state (``state_dict()``) holds the model,
+optimizer, scheduler, python/numpy/torch/cuda RNGs, the sampler (seed,
+permutation, offset, epoch), the knobs, the clip-policy state and the global
+step; ``load_state_dict`` in a fresh process and the same calls give the same
+parameters and losses bit for bit on CPU. ``assets/state_schema_v1.yaml``
+documents every field.
+
+Knobs (see :class:`Knobs`): ``lr_scale`` and ``wd_scale`` multiply the
+scheduled LR and the configured weight decay; ``clip_policy`` selects off /
+ZClip / ARC / SPAM clipping (:mod:`stso_env.train.clipping`); the one-shot
+requests ``momentum_reset`` (zero Adam's first moment), ``reorder`` (shuffle
+the next block of windows) and ``skip_batch`` (draw the next batch, measure its
+loss, do not update) apply to the next step only.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from stso_env.config import TrainConfig, config_hash, to_dict
+from stso_env.errors import CheckpointError, ConfigError
+from stso_env.monitor.activations import activation_summary
+from stso_env.train.clipping import CLIP_POLICIES, ZClip, arc_combine, spam_clip_
+from stso_env.train.corpus import TokenSplits, check_length, load_corpus, validation_windows
+from stso_env.train.presets import PRESETS, build_model, count_parameters, flops_per_token
+from stso_env.train.sampler import WindowSampler
+from stso_env.train.scenario import load_scenario
+from stso_env.train.tokenizer import build_tokenizer
+
+STATE_SCHEMA_VERSION = 1
+
+
+@dataclass
+class Knobs:
+    """What interventions turn. Persistent knobs stay until changed; one-shots apply to one step."""
+
+    lr_scale: float = 1.0
+    wd_scale: float = 1.0
+    clip_policy: str = "off"
+    momentum_reset: bool = False
+    reorder: bool = False
+    skip_batch: bool = False
+
+    def validate(self) -> None:
+        if self.clip_policy not in CLIP_POLICIES:
+            raise ConfigError(f"knobs.clip_policy: {self.clip_policy!r} is not a clip policy; choose one of "
+                              f"{', '.join(CLIP_POLICIES)}")
+        for name in ("lr_scale", "wd_scale"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"knobs.{name}: {v!r} must be a finite positive multiplier")
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step did. ``loss`` is the mean token loss of the batch as trained."""
+
+    step: int
+    loss: float
+    clean_loss: float  # mean over sequences untouched by scenario noise (NaN if none)
+    seq_loss_mean: float
+    seq_loss_var: float
+    grad_norm: float  # total norm before any clipping
+    grad_norm_clipped: float  # total norm as applied
+    clip_bound: float  # effective bound of this step (inf when nothing bounded it)
+    clipped: bool
+    lr: float
+    weight_decay: float
+    clip_policy: str
+    tokens: int
+    flops: float
+    skipped: bool
+    momentum_reset: bool
+    reordered: bool
+    nonfinite: bool
+    noise: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class WarmupCosine:
+    """LR factor: linear warm-up to 1, cosine down to ``min_ratio``; a picklable-free plain object.
+
+    ``LambdaLR.state_dict`` stores this object's ``__dict__`` (plain numbers), so
+    the schedule itself is saved with the state.
+    """
+
+    def __init__(self, warmup: int, total: int, min_ratio: float) -> None:
+        self.warmup, self.total, self.min_ratio = int(warmup), int(total), float(min_ratio)
+
+    def __call__(self, step: int) -> float:
+        if self.warmup and step < self.warmup:
+            return (step + 1) / self.warmup
+        span = max(1, self.total - self.warmup)
+        t = min(1.0, (step - self.warmup) / span)
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+_SPLITS_CACHE: dict[tuple, TokenSplits] = {}
+
+
+def load_splits(cfg: TrainConfig) -> TokenSplits:
+    """Token splits for ``cfg.data``, memoised per process: envs reset and fork often, and the
+    arrays are never written to, so every trainer of a process can share them."""
+    d = cfg.data
+    key = (d.corpus, d.tokenizer, d.corpus_seed, d.builtin_chars, d.valid_fraction)
+    if key not in _SPLITS_CACHE:
+        if len(_SPLITS_CACHE) >= 4:
+            _SPLITS_CACHE.pop(next(iter(_SPLITS_CACHE)))
+        _SPLITS_CACHE[key] = load_corpus(d.corpus, build_tokenizer(d.tokenizer), seed=d.corpus_seed,
+                                         builtin_chars=d.builtin_chars, valid_fraction=d.valid_fraction)
+    return _SPLITS_CACHE[key]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' was asked for but torch sees no CUDA device; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def capture_rng() -> dict[str, Any]:
+    """Global RNG states: python, numpy, torch CPU and every CUDA device."""
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    np.random.set_state(_as_tuple(state["numpy"]))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x: Any) -> Any:
+    if isinstance(x, list):
+        return tuple(_as_tuple(v) for v in x)
+    return x
+
+
+class Trainer:
+    """One GPT-2 pre-training run.
+
+    Args:
+        cfg: the run's :class:`~stso_env.config.TrainConfig`.
+        splits: pre-loaded token splits (forks share them); loaded from ``cfg.data`` when None.
+    """
+
+    def __init__(self, cfg: TrainConfig, *, splits: TokenSplits | None = None) -> None:
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.tokenizer = build_tokenizer(cfg.data.tokenizer)
+        self.splits = splits if splits is not None else load_splits(cfg)
+        self.seq_len = cfg.data.seq_len or PRESETS[cfg.model.preset].n_positions
+        check_length(self.splits, self.seq_len)
+        self.scenario = load_scenario(cfg.scenario)
+        # Scenario noise has its own seed stream, so two runs that differ only in their
+        # scenario see the same data order and the same init.
+        self.noise_seed = int(np.random.default_rng([cfg.seed, 7]).integers(2**31))
+
+        # Seed everything, then build: model init draws from the torch RNG.
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(
+            cfg.model.preset, self.tokenizer.vocab_size, pretrained=cfg.model.pretrained,
+            dropout=cfg.model.dropout, attn_implementation=cfg.model.attn_implementation,
+            n_positions=max(self.seq_len, PRESETS[cfg.model.preset].n_positions),
+        ).to(self.device)
+        self.model.train()
+        self.n_params = count_parameters(self.model)
+        self.flops_per_token = flops_per_token(self.model, self.seq_len)
+
+        decay, no_decay = [], []
+        for _name, p in self.model.named_parameters():
+            (decay if p.dim() >= 2 else no_decay).append(p)
+        self.params = decay + no_decay
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=True,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, WarmupCosine(o.warmup_steps, o.decay_steps or cfg.steps, o.min_lr_ratio))
+        self.sampler = WindowSampler(self.splits.train, self.seq_len, cfg.data.batch_size, cfg.seed)
+        self.knobs = Knobs()
+        self.zclip = ZClip(cfg.clip.zclip_alpha, cfg.clip.zclip_z_thresh, cfg.clip.zclip_warmup)
+        self.global_step = 0
+        self.ema = {"loss": None, "grad_norm": None}
+        self._probe: torch.Tensor | None = None
+        self.config_hash = config_hash(cfg)
+        #: Called before the trainer changes any tensor or array of its state in place (an
+        #: optimizer step, a momentum reset, a reorder, a load): an overlapped checkpoint
+        #: snapshot (``CheckpointStore.save(..., overlap=True)``) registers its barrier here.
+        self.mutation_barriers: list[Callable[[], Any]] = []
+
+    def _barrier(self) -> None:
+        for fn in self.mutation_barriers:
+            fn()
+
+    # ------------------------------------------------------------------ interventions
+
+    def set_knobs(self, **changes: Any) -> None:
+        """Change knobs by name (``lr_scale``, ``wd_scale``, ``clip_policy``, ``momentum_reset``, ...)."""
+        for k, v in changes.items():
+            if not hasattr(self.knobs, k):
+                raise ConfigError(f"knobs.{k}: unknown knob; allowed: {', '.join(asdict(self.knobs))}")
+            setattr(self.knobs, k, v)
+        self.knobs.validate()
+
+    # ------------------------------------------------------------------ data
+
+    @property
+    def probe_batch(self) -> torch.Tensor:
+        """A fixed held-out batch (the first validation windows): the env's reward probe."""
+        if self._probe is None:
+            w = validation_windows(self.splits.valid, self.seq_len,
+                                   self.cfg.probe_batches * self.cfg.data.batch_size)
+            self._probe = torch.from_numpy(w.astype(np.int64)).to(self.device)
+        return self._probe
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+
+    def _seq_losses(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            logits = self.model(input_ids=inputs, use_cache=False).logits
+        tok = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+        return tok.view(labels.shape).mean(1)
+
+    # ------------------------------------------------------------------ the step
+
+    def train_step(self) -> StepStats:
+        """Run one optimizer step (or a skipped one) and return what happened."""
+        t0 = time.perf_counter()
+        cfg, k = self.cfg, self.knobs
+        step = self.global_step
+
+        # One-shot interventions act before the batch is drawn.
+        if k.momentum_reset or k.reorder:
+            self._barrier()
+        did_reset = bool(k.momentum_reset)
+        if did_reset:
+            for state in self.optimizer.state.values():
+                if "exp_avg" in state:
+                    state["exp_avg"].zero_()
+        did_reorder = bool(k.reorder)
+        if did_reorder:
+            self.sampler.reorder(cfg.data.reorder_block)
+        skip = bool(k.skip_batch)
+        k.momentum_reset = k.reorder = k.skip_batch = False
+
+        window = self.sampler.next_batch()
+        inputs, labels = window[:, :-1], window[:, 1:]
+        inputs, labels, loss_mult, lr_mult, noise = self.scenario.apply(
+            self.noise_seed, step, inputs, labels, self.tokenizer.vocab_size)
+        corrupted = self._corrupted_rows(inputs, labels, window)
+        inputs, labels = inputs.to(self.device), labels.to(self.device)
+
+        sched_lr = self.scheduler.get_last_lr()
+        lr = sched_lr[0] * k.lr_scale * lr_mult
+        wd = cfg.optim.weight_decay * k.wd_scale
+        tokens = inputs.numel()
+
+        if skip:
+            with torch.no_grad():
+                seq_losses = self._seq_losses(inputs, labels)
+            stats = self._finish(step, seq_losses, corrupted, math.nan, math.nan, math.inf, False, lr, wd,
+                                 tokens, 2.0 * self.flops_per_token / 6.0 * tokens, True, did_reset,
+                                 did_reorder, False, noise, t0)
+            self.scheduler.step()
+            return stats
+
+        seq_losses, grad_norm, applied_norm, bound = self._backward(inputs, labels, loss_mult)
+        nonfinite = not (math.isfinite(grad_norm) and torch.isfinite(seq_losses).all())
+        if not nonfinite:
+            for group, base_lr in zip(self.optimizer.param_groups, sched_lr):
+                group["lr"] = base_lr * k.lr_scale * lr_mult
+            self.optimizer.param_groups[0]["weight_decay"] = wd
+            self._barrier()
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return self._finish(step, seq_losses, corrupted, grad_norm, applied_norm, bound,
+                            applied_norm < grad_norm * (1 - 1e-6), lr, wd, tokens,
+                            self.flops_per_token * tokens, False, did_reset, did_reorder, nonfinite, noise, t0)
+
+    def _corrupted_rows(self, inputs: torch.Tensor, labels: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+        return ((inputs != window[:, :-1]) | (labels != window[:, 1:])).any(1)
+
+    def _backward(self, inputs: torch.Tensor, labels: torch.Tensor,
+                  loss_mult: float) -> tuple[torch.Tensor, float, float, float]:
+        """Forward/backward over shards, then clipping. Returns (seq losses, raw norm, applied norm, bound)."""
+        cfg, policy = self.cfg, self.knobs.clip_policy
+        n = cfg.optim.micro_batches
+        if policy == "arc":
+            n = max(n, cfg.clip.arc_shards)
+        n = min(n, inputs.shape[0])
+        shards = torch.arange(inputs.shape[0]).tensor_split(n)
+        seq_losses = torch.empty(inputs.shape[0], device=self.device)
+        rows = []
+        self.optimizer.zero_grad(set_to_none=True)
+        for idx in shards:
+            sl = self._seq_losses(inputs[idx], labels[idx])
+            seq_losses[idx] = sl.detach()
+            # Weight each shard by its share of the batch so accumulated grads equal the full-batch mean.
+            (sl.mean() * (len(idx) / inputs.shape[0]) * loss_mult).backward()
+            if policy == "arc":
+                # ARC compares per-shard mean gradients: undo the batch-share weighting.
+                rows.append(torch.cat([p.grad.reshape(-1) for p in self.params]) * (inputs.shape[0] / len(idx)))
+                self.optimizer.zero_grad(set_to_none=True)
+        bound = math.inf
+        if policy == "arc":
+            stacked = torch.stack(rows)
+            grad_norm = float(torch.linalg.vector_norm(stacked.mean(0)))
+            flat, bound, _ = arc_combine(stacked, cfg.clip.arc_f)
+            offset = 0
+            for p in self.params:
+                p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+                offset += p.numel()
+        else:
+            grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None]))
+        if policy == "spam":
+            spam_clip_(self.params, self.optimizer, cfg.clip.spam_theta)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm_now = float(torch.nn.utils.get_total_norm(grads))
+        if policy == "zclip":
+            thr = self.zclip.threshold(grad_norm)
+            if thr is not None:
+                bound = min(bound, thr)
+        if cfg.optim.max_grad_norm > 0:
+            bound = min(bound, cfg.optim.max_grad_norm)
+        if math.isfinite(bound) and math.isfinite(norm_now) and norm_now > bound:
+            torch.nn.utils.clip_grads_with_norm_(self.params, bound, torch.tensor(norm_now))
+            norm_now = float(torch.nn.utils.get_total_norm(grads))
+        return seq_losses, grad_norm, norm_now, bound
+
+    def _finish(self, step, seq_losses, corrupted, grad_norm, applied, bound, clipped, lr, wd, tokens, flops,
+                skipped, reset, reordered, nonfinite, noise, t0) -> StepStats:
+        sl = seq_losses.detach().float().cpu()
+        clean = sl[~corrupted.cpu()]
+        loss = float(sl.mean())
+        for key, val in (("loss", loss), ("grad_norm", grad_norm)):
+            if math.isfinite(val):
+                prev = self.ema[key]
+                self.ema[key] = val if prev is None else 0.98 * prev + 0.02 * val
+        self.global_step += 1
+        return StepStats(
+            step=step, loss=loss, clean_loss=float(clean.mean()) if len(clean) else math.nan,
+            seq_loss_mean=loss, seq_loss_var=float(sl.var(unbiased=False)), grad_norm=grad_norm,
+            grad_norm_clipped=applied, clip_bound=bound, clipped=bool(clipped), lr=lr, weight_decay=wd,
+            clip_policy=self.knobs.clip_policy, tokens=tokens, flops=float(flops), skipped=skipped,
+            momentum_reset=reset, reordered=reordered, nonfinite=nonfinite, noise=noise,
+            seconds=time.perf_counter() - t0,
+        )
+
+    def train_steps(self, n: int, callback: Callable[[StepStats], None] | None = None) -> list[StepStats]:
+        """Run ``n`` steps; ``callback`` sees each step's stats."""
+        out = []
+        for _ in range(n):
+            s = self.train_step()
+            out.append(s)
+            if callback is not None:
+                callback(s)
+        return out
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self, max_windows: int | None = 64) -> dict[str, float]:
+        """Validation loss and perplexity over up to ``max_windows`` held-out windows."""
+        w = torch.from_numpy(validation_windows(self.splits.valid, self.seq_len, max_windows).astype(np.int64))
+        was = self.model.training
+        self.model.eval()
+        total, count = 0.0, 0
+        try:
+            for chunk in w.split(self.cfg.data.batch_size):
+                chunk = chunk.to(self.device)
+                sl = self._seq_losses(chunk[:, :-1], chunk[:, 1:])
+                total += float(sl.sum()) * self.seq_len
+                count += sl.numel() * self.seq_len
+        finally:
+            self.model.train(was)
+        loss = total / max(count, 1)
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 80.0)), "val_tokens": count}
+
+    @torch.no_grad()
+    def probe_loss(self) -> float:
+        """Mean loss on the fixed probe batch (eval mode, no RNG drawn)."""
+        was = self.model.training
+        self.model.eval()
+        try:
+            p = self.probe_batch
+            return float(self._seq_losses(p[:, :-1], p[:, 1:]).mean())
+        finally:
+            self.model.train(was)
+
+    def activation_summary(self, n_sequences: int = 4) -> list[dict[str, float]]:
+        """Per-layer activation/attention summaries on the first probe sequences."""
+        return activation_summary(self.model, self.probe_batch[:n_sequences, :-1])
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The complete training state (see ``assets/state_schema_v1.yaml``). Tensors are live references."""
+        return {
+            "schema_version": STATE_SCHEMA_VERSION,
+            "global_step": self.global_step,
+            "epoch": self.sampler.epoch,
+            "config": to_dict(self.cfg),
+            "config_hash": self.config_hash,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": capture_rng(),
+            "sampler": self.sampler.state_dict(),
+            "knobs": asdict(self.knobs),
+            "clip": {"zclip": self.zclip.state_dict()},
+            "ema": dict(self.ema),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], *, strict_config: bool = True) -> None:
+        """Restore a state from :meth:`state_dict` (or a checkpoint loaded by :func:`stso_env.cp.load`)."""
+        self._barrier()
+        version = state.get("schema_version")
+        if version != STATE_SCHEMA_VERSION:
+            raise CheckpointError(f"state schema_version {version!r} is not supported (expected "
+                                  f"{STATE_SCHEMA_VERSION})")
+        if strict_config and state.get("config_hash") != self.config_hash:
+            theirs = state.get("config") or {}
+            diffs = _dict_diff(theirs, to_dict(self.cfg))
+            raise CheckpointError(
+                "the checkpoint was written by a different configuration "
+                f"(differences: {'; '.join(diffs[:6]) or 'unknown'}); resume with the same config"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.knobs = Knobs(**state["knobs"])
+        self.knobs.validate()
+        self.zclip.load_state_dict(state["clip"]["zclip"])
+        self.ema = dict(state["ema"])
+        self.global_step = int(state["global_step"])
+        restore_rng(state["rng"])
+
+
+def _dict_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            out += _dict_diff(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} vs {b!r}"]

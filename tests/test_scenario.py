@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from stso_env.errors import ConfigError
+from stso_env.monitor.events import summarize
+from stso_env.train.scenario import SCENARIO_DIR, ScenarioEvent, available_scenarios, load_scenario
+from stso_env.train.trainer import Trainer
+from tests.helpers import tiny_config
+
+
+def test_shipped_scenarios_load_by_name_and_path():
+    assert {"calm", "spiky", "edge"} <= set(available_scenarios())
+    sp = load_scenario("spiky")
+    assert sp.name == "spiky" and len(sp.events) >= 3
+    assert load_scenario(str(SCENARIO_DIR / "edge.yaml")).lr_scale > 1
+
+
+def test_bad_scenarios(tmp_path):
+    with pytest.raises(ConfigError, match="neither a file nor a known scenario; known: calm"):
+        load_scenario("nope")
+    p = tmp_path / "s.yaml"
+    p.write_text("name: x\nevents:\n  - kind: meteor\n    every: 10\n")
+    with pytest.raises(ConfigError, match=r"events\[0\]\.kind: 'meteor' is not allowed"):
+        load_scenario(str(p))
+    p.write_text("name: x\nevents:\n  - kind: lr_shock\n    every: 10\n    rate: 0.1\n")
+    with pytest.raises(ConfigError, match="exactly one of 'every'"):
+        load_scenario(str(p))
+    p.write_text("name: x\nevents:\n  - kind: random_tokens\n    every: 10\n    strength: 2\n")
+    with pytest.raises(ConfigError, match="batch fraction"):
+        load_scenario(str(p))
+
+
+def test_periodic_schedule_is_exact_and_stateless():
+    sc = load_scenario("calm")
+    sc.events = [ScenarioEvent(kind="lr_shock", every=100, start=30, jitter=0, duration=10, strength=2.0)]
+    active = [t for t in range(400) if sc.active(0, t)]
+    assert active == [t for t in range(400) if t >= 30 and (t - 30) % 100 < 10]
+    sc.events[0].jitter = 20
+    a = [t for t in range(1000) if sc.active(5, t)]
+    assert a == [t for t in range(1000) if sc.active(5, t)]  # same answer every time
+    assert len(a) == 100  # 10 bursts x 10 steps, shifted by seeded jitter
+    assert a != [t for t in range(1000) if sc.active(6, t)]
+
+
+def test_random_schedule_rate():
+    sc = load_scenario("calm")
+    sc.events = [ScenarioEvent(kind="grad_scale", rate=0.05, duration=1, strength=3.0)]
+    hits = sum(bool(sc.active(1, t)) for t in range(4000))
+    assert 150 < hits < 250  # Binomial(4000, 0.05): mean 200, sd 14
+
+
+def test_batch_effects():
+    sc = load_scenario("calm")
+    w = torch.arange(8 * 17).view(8, 17) % 50
+    x, y = w[:, :-1], w[:, 1:]
+    for kind, rows in (("random_tokens", 8), ("repeated_ngram", 4), ("shuffled_labels", 4)):
+        sc.events = [ScenarioEvent(kind=kind, every=10, duration=1, strength=1.0 if rows == 8 else 0.5)]
+        x2, y2, lm, lr, kinds = sc.apply(3, 0, x, y, 257)
+        changed = ((x2 != x) | (y2 != y)).any(1)
+        assert kinds == [kind] and int(changed.sum()) == rows and lm == 1.0 and lr == 1.0
+        if kind == "shuffled_labels":
+            assert torch.equal(x2, x) and torch.equal(y2.sort(1).values, y.sort(1).values)
+        if kind == "repeated_ngram":
+            r = int(np.flatnonzero(changed.numpy())[0])
+            assert torch.equal(x2[r, :4], x2[r, 4:8])
+    assert torch.equal(x, w[:, :-1])  # input untouched
+    sc.events = [ScenarioEvent(kind="lr_shock", every=10, duration=1, strength=3.0)]
+    assert sc.apply(0, 0, x, y, 257)[3] == 3.0
+
+
+def test_spiky_produces_clearly_more_spikes_than_calm():
+    """Same seed, same data: count OLMo-rule instability events on the training loss."""
+    counts = {}
+    splits = None
+    for name in ("calm", "spiky"):
+        t = Trainer(tiny_config(scenario=name, steps=600), splits=splits)
+        splits = t.splits
+        stats = t.train_steps(600)
+        s = summarize([x.loss for x in stats], [x.grad_norm for x in stats])
+        counts[name] = s.n_events
+    assert counts["spiky"] >= 2 and counts["spiky"] >= counts["calm"] + 2, counts
