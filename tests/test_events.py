@@ -2,8 +2,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from stso_env.monitor.events import (diverged, llm_foundry_flags, megatron_flags, merge_events,
-                                     olmo_spike_flags, summarize, time_to_recover)
+from stso_env.monitor.events import (
+    diverged,
+    llm_foundry_flags,
+    megatron_flags,
+    merge_events,
+    olmo_spike_flags,
+    summarize,
+    time_to_recover,
+)
 
 
 def series(n=400, seed=0):
@@ -51,3 +58,21 @@ def test_summary():
     x[200] = 6.0
     s = summarize(x)
     assert s.n_events == 1 and s.olmo_flags == 1 and s.diverged_at is None
+
+
+def test_online_tracker_matches_offline_rule_and_counts_waste():
+    from stso_env.monitor.events import EventTracker
+    x = series(600)
+    x[300:305] = 6.0  # a 5-step burst, then back to normal
+    tr = EventTracker(cooldown=20, ema=0.0)
+    out = [tr.update(float(v), 1.0, flops=10.0) for v in x]
+    offline = merge_events(olmo_spike_flags(x, np.ones_like(x)), 20)
+    assert [i for i, o in enumerate(out) if o["new_event"]] == [a for a, _ in offline] == [300]
+    assert tr.n_events == 1
+    # no smoothing: wasted while the loss is above the baseline, i.e. the 5 burst steps
+    assert tr.wasted_steps == 5 and tr.wasted_flops == 50.0 and tr.recovery_times == [5]
+    assert not any(o["diverged"] for o in out)
+    assert tr.update(float("nan"), 1.0, 10.0)["diverged"]
+    tr2 = EventTracker()
+    tr2.load_state_dict(tr.state_dict())
+    assert tr2.update(3.0, 1.0, 1.0) == tr.update(3.0, 1.0, 1.0)

@@ -26,8 +26,13 @@ import torch
 
 
 @torch.no_grad()
-def activation_summary(model: torch.nn.Module, input_ids: torch.Tensor) -> list[dict[str, float]]:
-    """Summaries for every block of ``model`` (a ``GPT2LMHeadModel``) on ``input_ids``."""
+def activation_summary(model: torch.nn.Module, input_ids: torch.Tensor,
+                       labels: torch.Tensor | None = None) -> list[dict[str, float]] | tuple[list, torch.Tensor]:
+    """Summaries for every block of ``model`` (a ``GPT2LMHeadModel``) on ``input_ids``.
+
+    With ``labels`` the same forward pass also gives the per-sequence loss, returned as
+    ``(rows, seq_losses)``: a monitor that needs both pays for one pass.
+    """
     blocks = model.transformer.h
     outs: list[torch.Tensor] = [torch.empty(0)] * len(blocks)
 
@@ -68,4 +73,9 @@ def activation_summary(model: torch.nn.Module, input_ids: torch.Tensor) -> list[
             "act_entropy": float(ent),
             "attn_entropy": attn_ent,
         })
+    if labels is not None:
+        logits = res.logits.float()
+        tok = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                reduction="none")
+        return rows, tok.view(labels.shape).mean(1)
     return rows

@@ -17,8 +17,9 @@ usable on logs as well as live.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -143,3 +144,101 @@ def summarize(loss: Sequence[float], grad_norm: Sequence[float] | None = None, *
         megatron_flags=int(megatron_flags(loss).sum()),
         diverged_at=diverged(loss, factor=divergence_factor),
     )
+
+
+class EventTracker:
+    """Online instability accounting, one call per optimizer step.
+
+    Applies the OLMo-core rule live (loss or grad norm above mean + ``n_sigma``
+    sigma of the previous ``window`` steps), merges flags closer than
+    ``cooldown`` steps into one event, and after each event counts the steps,
+    and their FLOPs, spent above the pre-event baseline until the smoothed loss
+    is back within ``tol`` of it: that is the *wasted* compute of an event
+    (capped at ``max_recovery`` steps so one lasting shift is not charged
+    forever). Divergence is a non-finite loss or a loss above
+    ``divergence_factor`` x the first loss.
+
+    The state is plain numbers and lists (``state_dict``) for checkpoints.
+    """
+
+    def __init__(self, *, window: int = 128, n_sigma: float = 6.0, cooldown: int = 20,
+                 baseline_window: int = 20, tol: float = 0.02, ema: float = 0.9, max_recovery: int = 500,
+                 divergence_factor: float = 3.0) -> None:
+        self.window, self.n_sigma, self.cooldown = window, n_sigma, cooldown
+        self.baseline_window, self.tol, self.ema = baseline_window, tol, ema
+        self.max_recovery, self.divergence_factor = max_recovery, divergence_factor
+        self.losses: list[float] = []
+        self.gnorms: list[float] = []
+        self.step = 0
+        self.n_events = 0
+        self.last_flag = -10**9
+        self.initial_loss: float | None = None
+        self.baseline: float | None = None  # pre-event loss level while recovering
+        self.smoothed: float | None = None
+        self.recovery_start = 0
+        self.recovery_times: list[int] = []
+        self.wasted_flops = 0.0
+        self.wasted_steps = 0
+
+    @staticmethod
+    def _above(hist: list[float], x: float, window: int, n_sigma: float) -> bool:
+        if len(hist) < window:
+            return False
+        if not math.isfinite(x):
+            return True
+        h = np.asarray(hist[-window:])
+        return bool(x > h.mean() + n_sigma * h.std())
+
+    def update(self, loss: float, grad_norm: float | None, flops: float) -> dict[str, Any]:
+        """Account one step; returns ``flag``, ``new_event``, ``recovering``, ``wasted_flops``, ``diverged``.
+
+        ``grad_norm=None`` means not measured (a skipped batch): only the loss is checked.
+        """
+        t = self.step
+        self.step += 1
+        if self.initial_loss is None and math.isfinite(loss):
+            self.initial_loss = loss
+        flag = (self._above(self.losses, loss, self.window, self.n_sigma)
+                or (grad_norm is not None and self._above(self.gnorms, grad_norm, self.window, self.n_sigma)))
+        new_event = flag and t - self.last_flag > self.cooldown
+        if flag:
+            self.last_flag = t
+        if new_event:
+            self.n_events += 1
+            if self.baseline is None:  # a new event inside a recovery keeps the older baseline
+                recent = [x for x in self.losses[-self.baseline_window:]]
+                self.baseline = float(np.mean(recent)) if recent else loss
+                self.smoothed = None
+                self.recovery_start = t
+        wasted = 0.0
+        if self.baseline is not None:
+            v = loss if math.isfinite(loss) else self.smoothed
+            if v is not None:
+                self.smoothed = v if self.smoothed is None else self.ema * self.smoothed + (1 - self.ema) * v
+            recovered = (t > self.recovery_start and self.smoothed is not None
+                         and self.smoothed <= self.baseline * (1 + self.tol))
+            if recovered or t - self.recovery_start >= self.max_recovery:
+                self.recovery_times.append(t - self.recovery_start)
+                self.baseline = None
+            else:
+                wasted = flops
+                self.wasted_steps += 1
+        self.wasted_flops += wasted
+        for hist, x in ((self.losses, loss), (self.gnorms, grad_norm)):
+            if x is not None and math.isfinite(x):
+                hist.append(float(x))
+                if len(hist) > 2 * self.window:
+                    del hist[: len(hist) - self.window]
+        diverged = (not math.isfinite(loss)) or (
+            self.initial_loss is not None and loss > self.divergence_factor * self.initial_loss)
+        return {"flag": flag, "new_event": new_event, "recovering": self.baseline is not None,
+                "wasted_flops": wasted, "diverged": diverged}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, list) else v) for k, v in vars(self).items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            if not hasattr(self, k):
+                raise KeyError(f"EventTracker state has unknown field {k!r}")
+            setattr(self, k, list(v) if isinstance(v, (list, tuple)) else v)
