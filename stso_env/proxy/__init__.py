@@ -1,0 +1,1 @@
+"""Log database of environment transitions (and, next, the proxy world model)."""
