@@ -419,6 +419,13 @@ class Trainer:
         finally:
             self.model.train(was)
 
+    def probe(self) -> tuple[float, list[dict[str, float]]]:
+        """Probe loss and per-layer activation/attention summaries from one eval-mode pass."""
+        p = self.probe_batch
+        with self._autocast():
+            rows, seq_losses = activation_summary(self.model, p[:, :-1], p[:, 1:])
+        return float(seq_losses.mean()), rows
+
     def activation_summary(self, n_sequences: int = 4) -> list[dict[str, float]]:
         """Per-layer activation/attention summaries on the first probe sequences."""
         return activation_summary(self.model, self.probe_batch[:n_sequences, :-1])

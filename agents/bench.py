@@ -1,0 +1,305 @@
+"""Benchmarks: ``make bench`` writes JSON under ``runs/bench/``.
+
+    python -m agents.bench [--only checkpoint|monitor|env] [--out runs/bench] [--quick]
+
+``monitor`` -> ``runs/bench/monitor.json``: ``bare_steps_per_second`` of the
+tiny trainer against ``monitored_steps_per_second`` with the whole monitor on
+(target: at most 10 % slower). ``env`` -> ``runs/bench/env.json``:
+``env_overhead_ratio`` = bare trainer steps/s over the training steps/s inside
+STSO-GPT2-v0 (target at most 1.10). Both alternate the two sides A B B A.
+
+``checkpoint`` -> ``runs/bench/checkpoint.json`` on the ``bench10m`` preset
+(10.8M parameters, byte vocabulary, AdamW state after a warm-up), everything
+measured side by side in one process:
+
+* ``torch_save_bytes`` / ``lossless_bytes`` / ``int8_bytes``: the same full
+  training state written by ``torch.save`` and by ``stso_env.cp`` (lossless and
+  with 8-bit Adam moments);
+* ``sync_save_seconds``: ``torch.save`` of that state to disk, flushed and
+  fsynced (a checkpoint is only a checkpoint once it is durable; the figure
+  without fsync is given too); ``async_blocking_seconds``: mean time the
+  training thread is blocked per save with the background writer in
+  overlapped mode (the tensor copy runs during the next forward/backward, the
+  trainer waits for it before its update; the wait is counted), and
+  ``async_copy_blocking_seconds`` when save() copies everything itself;
+* ``steps_per_second_without_cp`` / ``steps_per_second_with_cp``: the same
+  300 steps from the same state, without checkpoints and with one every 100
+  steps (at steps 50, 150, 250 so every write finishes inside the window),
+  alternated A B B A and averaged;
+* ``int8_final_loss_delta_after_10_restores``: relative difference of the
+  validation loss between a run restored 10 times from int8 checkpoints (every
+  20 steps) and the uninterrupted run (a lossless restore is bit-exact, so the
+  uninterrupted run *is* the lossless path); also after 1 and 5 restores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stso_env import cp
+from stso_env.config import TrainConfig, apply_overrides
+from stso_env.train.trainer import Trainer
+
+TARGETS = {
+    "lossless_ratio": 0.87,
+    "int8_ratio": 0.45,
+    "async_blocking_ratio": 0.10,
+    "checkpoint_slowdown": 0.05,
+    "int8_final_loss_delta_after_10_restores": 0.01,
+}
+
+
+def _cfg(preset: str, steps: int) -> TrainConfig:
+    return apply_overrides(TrainConfig(), {
+        "model.preset": preset, "steps": steps, "scenario": "calm", "device": "cpu",
+        "optim.warmup_steps": 20, "data.builtin_chars": 2_000_000,
+    })
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _torch_save(state: dict, path: Path, fsync: bool) -> None:
+    with open(path, "wb") as fh:
+        torch.save(state, fh)
+        fh.flush()
+        if fsync:
+            os.fsync(fh.fileno())
+
+
+def _clone_state(t: Trainer) -> dict:
+    """A detached copy of the trainer state to rewind to (so A/B runs start identically)."""
+    tmp = Path(tempfile.mkdtemp()) / "s.ptz"
+    cp.save(t.state_dict(), tmp)
+    state = cp.load(tmp)
+    tmp.unlink()
+    return state
+
+
+def bench_checkpoint(out: Path, quick: bool = False) -> dict[str, Any]:
+    preset = "tiny" if quick else "bench10m"
+    window, every, restores, restore_every, warm = (60, 20, 3, 5, 10) if quick else (300, 100, 10, 20, 30)
+    total = warm + 4 * window + restores * restore_every + 100
+    t = Trainer(_cfg(preset, total))
+    print(f"[checkpoint] {preset}: {t.n_params / 1e6:.2f}M parameters; warm-up {warm} steps")
+    t.train_steps(warm)
+    start = _clone_state(t)
+    res: dict[str, Any] = {"preset": preset, "n_params": t.n_params, "torch": torch.__version__,
+                           "python": platform.python_version(), "threads": torch.get_num_threads()}
+
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        state = t.state_dict()
+        sync = [_timed(lambda: _torch_save(state, d / "ts.pt", True)) for _ in range(3)]
+        nosync = [_timed(lambda: _torch_save(state, d / "ts.pt", False)) for _ in range(3)]
+        res["torch_save_bytes"] = (d / "ts.pt").stat().st_size
+        res["sync_save_seconds"] = statistics.median(sync)
+        res["sync_save_seconds_no_fsync"] = statistics.median(nosync)
+        lossless = [_timed(lambda: cp.save(state, d / "l.ptz")) for _ in range(3)]
+        res["lossless_bytes"] = (d / "l.ptz").stat().st_size
+        res["lossless_sync_save_seconds"] = statistics.median(lossless)
+        cp.save(state, d / "q.ptz", quantize="int8")
+        res["int8_bytes"] = (d / "q.ptz").stat().st_size
+        cp.save(state, d / "b.ptz", quantize="bf16")
+        res["bf16_moments_bytes"] = (d / "b.ptz").stat().st_size
+
+        # Blocking time of the background writer, saves spaced so no write is still in flight.
+        # Overlapped mode (the default of the training CLI): the copy runs during the next
+        # forward/backward and the trainer waits only before its update; blocking = the save()
+        # call + that wait. Plain mode copies everything inside save().
+        for mode in ("overlap", "copy"):
+            with cp.CheckpointStore(d / mode, keep=2) as store:
+                t.mutation_barriers.append(store.barrier)
+                blocked = []
+                for _ in range(5):
+                    t.train_steps(3 if quick else 10)
+                    before = store.stats()["total_blocking_seconds"]
+                    store.save(t.global_step, t.state_dict(), overlap=mode == "overlap")
+                    t.train_step()
+                    blocked.append(store.stats()["total_blocking_seconds"] - before)
+                store.wait()
+                t.mutation_barriers.remove(store.barrier)
+                key = "async_blocking_seconds" if mode == "overlap" else "async_copy_blocking_seconds"
+                res[key] = statistics.mean(blocked[1:])  # the first save allocates the buffers
+                res["async_write_seconds"] = store.stats()["total_write_seconds"] / store.stats()["n_written"]
+
+        # Throughput without and with checkpoints, A B B A from the same state.
+        def run(with_cp: bool) -> float:
+            t.load_state_dict(start)
+            with cp.CheckpointStore(d / "tp", keep=2) as store:
+                store.save(0, t.state_dict())  # allocate staging buffers outside the window
+                store.wait()
+                t.mutation_barriers.append(store.barrier)
+                t0 = time.perf_counter()
+                for i in range(window):
+                    t.train_step()
+                    if with_cp and i % every == every // 2:
+                        store.save(t.global_step, t.state_dict(), overlap=True)
+                store.wait()
+                rate = window / (time.perf_counter() - t0)
+                t.mutation_barriers.remove(store.barrier)
+                return rate
+
+        rates = {False: [], True: []}
+        for flag in (False, True, True, False):
+            rates[flag].append(run(flag))
+            print(f"[checkpoint] {'with' if flag else 'without'} checkpoints: {rates[flag][-1]:.2f} steps/s")
+        res["steps_per_second_without_cp"] = statistics.mean(rates[False])
+        res["steps_per_second_with_cp"] = statistics.mean(rates[True])
+        res["checkpoint_every"] = every
+
+        # int8 restores against the uninterrupted (= lossless, bit-exact) run.
+        def val() -> float:
+            return t.evaluate(128)["val_loss"]
+
+        t.load_state_dict(start)
+        ref = {}
+        for r in range(1, restores + 1):
+            t.train_steps(restore_every)
+            if r in (1, 5, restores):
+                ref[r] = val()
+        t.load_state_dict(start)
+        q = {}
+        for r in range(1, restores + 1):
+            t.train_steps(restore_every)
+            cp.save(t.state_dict(), d / "r.ptz", quantize="int8")
+            t.load_state_dict(cp.load(d / "r.ptz"))
+            if r in (1, 5, restores):
+                q[r] = val()
+        for r in sorted(ref):
+            res[f"int8_loss_delta_after_{r}_restores"] = abs(q[r] - ref[r]) / ref[r]
+        res["int8_final_loss_delta_after_10_restores"] = res[f"int8_loss_delta_after_{restores}_restores"]
+        res["lossless_final_val_loss"] = ref[restores]
+        res["int8_final_val_loss"] = q[restores]
+
+    res["lossless_ratio"] = res["lossless_bytes"] / res["torch_save_bytes"]
+    res["int8_ratio"] = res["int8_bytes"] / res["torch_save_bytes"]
+    res["async_blocking_ratio"] = res["async_blocking_seconds"] / res["sync_save_seconds"]
+    res["checkpoint_slowdown"] = 1 - res["steps_per_second_with_cp"] / res["steps_per_second_without_cp"]
+    res["targets"] = TARGETS
+    res["meets_targets"] = {k: res[k] <= v for k, v in TARGETS.items()}
+    _write(out / "checkpoint.json", res)
+    return res
+
+
+def _bare_and(preset: str, steps: int, rounds: int, fn_name: str, make_other: Callable[[], Callable[[], int]],
+              ) -> tuple[float, float]:
+    """Steps/s of a bare trainer and of ``make_other()`` (a callable running some steps, returning how many),
+    alternated A B B A ... over ``rounds`` pairs, each on a fresh identical run."""
+    bare, other = [], []
+    for r in range(rounds):
+        for which in ((False, True) if r % 2 == 0 else (True, False)):
+            if which:
+                run = make_other()
+                t0 = time.perf_counter()
+                n = run()
+                other.append(n / (time.perf_counter() - t0))
+            else:
+                t = Trainer(_cfg(preset, 10_000))
+                t.train_steps(5)  # warm-up outside the window, as the other side does
+                t0 = time.perf_counter()
+                t.train_steps(steps)
+                bare.append(steps / (time.perf_counter() - t0))
+    print(f"[{fn_name}] bare {statistics.mean(bare):.2f} steps/s, other {statistics.mean(other):.2f} steps/s")
+    return statistics.mean(bare), statistics.mean(other)
+
+
+def bench_monitor(out: Path, quick: bool = False) -> dict[str, Any]:
+    """Trainer + monitor (state features, uncertainty index with online forecasters, event accounting,
+    entropy hooks on 2 probe sequences every 5 steps) against the bare trainer, tiny preset."""
+    from stso_env.monitor.monitor import Monitor
+
+    steps, rounds = (60, 1) if quick else (400, 3)
+
+    def make():
+        t = Trainer(_cfg("tiny", 10_000))
+        mon = Monitor(vocab_size=t.tokenizer.vocab_size, budget_steps=10_000)
+        t.train_steps(5)
+
+        def run() -> int:
+            for _ in range(steps):
+                if t.global_step % 5 == 0:
+                    mon.set_layer_stats(t.activation_summary(2))
+                mon.update(t.train_step())
+                if t.global_step % 10 == 0:
+                    mon.observe()
+            return steps
+        return run
+
+    bare, monitored = _bare_and("tiny", steps, rounds, "monitor", make)
+    res = {"preset": "tiny", "steps": steps, "rounds": rounds, "bare_steps_per_second": bare,
+           "monitored_steps_per_second": monitored, "monitor_overhead": bare / monitored - 1,
+           "target_overhead": 0.10}
+    res["meets_target"] = res["monitor_overhead"] <= 0.10
+    _write(out / "monitor.json", res)
+    return res
+
+
+def bench_env(out: Path, quick: bool = False) -> dict[str, Any]:
+    """STSO-GPT2-v0 steps (decision_interval 10, everything on but logging) against bare trainer steps."""
+    from stso_env.envs.gpt2_env import GPT2Env
+
+    steps, rounds = (60, 1) if quick else (400, 3)
+
+    def make():
+        env = GPT2Env(preset="tiny", scenario="calm", decision_interval=10, episode_steps=10_000,
+                      config=_cfg("tiny", 10_000))
+        env.reset(seed=0)
+
+        def run() -> int:
+            for _ in range(steps // 10):
+                env.step([2, 1, 0, 0, 0, 0])
+            return steps
+        return run
+
+    bare, env_rate = _bare_and("tiny", steps, rounds, "env", make)
+    res = {"preset": "tiny", "decision_interval": 10, "steps": steps, "rounds": rounds,
+           "bare_steps_per_second": bare, "env_training_steps_per_second": env_rate,
+           "env_overhead_ratio": bare / env_rate, "target_ratio": 1.10}
+    res["meets_target"] = res["env_overhead_ratio"] <= 1.10
+    _write(out / "env.json", res)
+    return res
+
+
+def _write(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+    for k, v in data.items():
+        if not isinstance(v, dict):
+            print(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}")
+
+
+BENCHES = {"checkpoint": bench_checkpoint, "monitor": bench_monitor, "env": bench_env}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m agents.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", choices=sorted(BENCHES), action="append", help="run only these benchmarks")
+    p.add_argument("--out", default="runs/bench", help="output folder for the JSON files")
+    p.add_argument("--quick", action="store_true", help="tiny preset and few steps (a smoke run, not a result)")
+    args = p.parse_args(argv)
+    for name in args.only or sorted(BENCHES):
+        BENCHES[name](Path(args.out), quick=args.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
