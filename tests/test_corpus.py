@@ -49,9 +49,7 @@ def conditional_entropy_bits(data: np.ndarray, k: int) -> float:
     for i in range(k):
         ctx = ctx * 256 + data[i : len(data) - k + i]
     joint = ctx * 256 + data[k:]
-    return entropy_bits(np.unique(joint, return_counts=True)[1]) - entropy_bits(
-        np.unique(ctx, return_counts=True)[1]
-    )
+    return entropy_bits(np.unique(joint, return_counts=True)[1]) - entropy_bits(np.unique(ctx, return_counts=True)[1])
 
 
 # ------------------------------------------------------------------ built-in text
@@ -108,9 +106,7 @@ def test_builtin_generation_speed() -> None:
 
 
 def test_builtin_load_counts(byte: Tokenizer, tmp_path: Path) -> None:
-    splits = load_corpus(
-        "builtin", byte, seed=5, builtin_chars=30_000, valid_fraction=0.1, cache_dir=tmp_path
-    )
+    splits = load_corpus("builtin", byte, seed=5, builtin_chars=30_000, valid_fraction=0.1, cache_dir=tmp_path)
     train_text = generate_builtin_text(5, 30_000)
     valid_text = generate_builtin_text(5, 3_000, stream=1)
     # Each "\n\n" loses its blank line and the paragraph's newline becomes eos; the

@@ -77,9 +77,7 @@ def test_gpt2_spec_forms_agree(gpt2: Tokenizer) -> None:
     for spec in (str(GPT2_DIR), gpt2.spec):
         other = build_tokenizer(spec)
         assert other.spec == gpt2.spec
-        assert (
-            other.encode("Rebuilt from its spec.").tolist() == gpt2.encode("Rebuilt from its spec.").tolist()
-        )
+        assert other.encode("Rebuilt from its spec.").tolist() == gpt2.encode("Rebuilt from its spec.").tolist()
 
 
 @pytest.mark.parametrize("spec", ["bpe", "gpt2", "sentencepiece:x"])

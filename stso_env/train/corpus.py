@@ -73,11 +73,16 @@ Zipf draw; every paragraph (3-8 sentences) has a topic of 8 nouns from which
 35 % of its nouns come. Sentences start with a capital letter and end with a full
 stop; paragraphs are single lines separated by a blank line.
 
-Measured on 2,000,000 characters (seed 0): 41 distinct characters, character
-unigram entropy 4.10 bits, plug-in entropy of the next character given the
-previous 3 characters 2.06 bits (2.64 bits for the same characters shuffled,
-which carries the same small-sample bias), about 3.2 bits per word-level unit.
-Generation takes about 0.6 s for 2 M characters on one core.
+Measured on 2,000,000 characters (seed 0): 233,725 words, 3335 distinct word
+forms (word unigram entropy 9.0 bits), 8.6 characters per word with its space,
+34 distinct characters. Character unigram entropy 4.27 bits; plug-in entropy of
+the next character given the previous 3 is 1.85 bits, against 4.08 bits for the
+same characters shuffled (at 300,000 characters: 1.85 against 3.57, the shuffled
+copy carrying the same small-sample bias). A 2-layer, 128-wide GPT-2 on bytes
+(batch 16 x 128, AdamW 3e-3, 1500 steps) reaches 1.14 nats = 1.65 bits per
+character on validation text, still falling, versus 2.96 nats for the unigram.
+Generation takes about 0.11 s for 2 M characters (plus 0.04 s once for the
+lexicon) on one core.
 """
 
 from __future__ import annotations
@@ -558,14 +563,10 @@ def _hf_source(spec: str, valid_fraction: float) -> _Source:
 
     def column(split: str) -> list[str]:
         ds = dsd[split]
-        string_cols = [
-            c for c, f in ds.features.items() if getattr(f, "dtype", None) in ("string", "large_string")
-        ]
+        string_cols = [c for c, f in ds.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
         col = "text" if "text" in ds.column_names else (string_cols[0] if string_cols else None)
         if col is None:
-            raise DataError(
-                f"hub dataset {label} split {split!r} has no text column (columns: {ds.column_names})"
-            )
+            raise DataError(f"hub dataset {label} split {split!r} has no text column (columns: {ds.column_names})")
         return [row.removesuffix("\n") for row in ds[col] if row and row.strip()]
 
     identity = {
