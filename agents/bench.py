@@ -20,8 +20,10 @@ measured side by side in one process:
   without fsync is given too); ``async_blocking_seconds``: mean time the
   training thread is blocked per save with the background writer in
   overlapped mode (the tensor copy runs during the next forward/backward, the
-  trainer waits for it before its update; the wait is counted), and
-  ``async_copy_blocking_seconds`` when save() copies everything itself;
+  trainer waits for it before its update; the wait is counted),
+  ``overlap_next_step_extra_seconds`` how much longer the overlapped step
+  takes than a plain one, and ``async_copy_blocking_seconds`` when save()
+  copies everything itself;
 * ``steps_per_second_without_cp`` / ``steps_per_second_with_cp``: the same
   300 steps from the same state, without checkpoints and with one every 100
   steps (at steps 50, 150, 250 so every write finishes inside the window),
@@ -121,20 +123,25 @@ def bench_checkpoint(out: Path, quick: bool = False) -> dict[str, Any]:
         # Overlapped mode (the default of the training CLI): the copy runs during the next
         # forward/backward and the trainer waits only before its update; blocking = the save()
         # call + that wait. Plain mode copies everything inside save().
+        plain = [_timed(t.train_step) for _ in range(3 if quick else 5)]
         for mode in ("overlap", "copy"):
             with cp.CheckpointStore(d / mode, keep=2) as store:
                 t.mutation_barriers.append(store.barrier)
-                blocked = []
+                blocked, next_step = [], []
                 for _ in range(5):
-                    t.train_steps(3 if quick else 10)
+                    store.wait()  # as with a checkpoint every 100 steps, no earlier write is in flight
+                    t.train_steps(2)
                     before = store.stats()["total_blocking_seconds"]
                     store.save(t.global_step, t.state_dict(), overlap=mode == "overlap")
-                    t.train_step()
+                    next_step.append(_timed(t.train_step))
                     blocked.append(store.stats()["total_blocking_seconds"] - before)
                 store.wait()
                 t.mutation_barriers.remove(store.barrier)
                 key = "async_blocking_seconds" if mode == "overlap" else "async_copy_blocking_seconds"
                 res[key] = statistics.mean(blocked[1:])  # the first save allocates the buffers
+                if mode == "overlap":
+                    # the copy shares memory bandwidth with the step it overlaps: report that cost too
+                    res["overlap_next_step_extra_seconds"] = statistics.mean(next_step[1:]) - statistics.median(plain)
                 res["async_write_seconds"] = store.stats()["total_write_seconds"] / store.stats()["n_written"]
 
         # Throughput without and with checkpoints, A B B A from the same state.
@@ -225,6 +232,8 @@ def bench_monitor(out: Path, quick: bool = False) -> dict[str, Any]:
 
     steps, rounds = (60, 1) if quick else (400, 3)
 
+    clock = {"train": 0.0, "monitor": 0.0}
+
     def make():
         t = Trainer(_cfg("tiny", 10_000))
         mon = Monitor(vocab_size=t.tokenizer.vocab_size, budget_steps=10_000)
@@ -232,19 +241,31 @@ def bench_monitor(out: Path, quick: bool = False) -> dict[str, Any]:
 
         def run() -> int:
             for _ in range(steps):
+                t0 = time.perf_counter()
                 if t.global_step % 5 == 0:
                     mon.set_layer_stats(t.activation_summary(2))
-                mon.update(t.train_step())
+                t1 = time.perf_counter()
+                s = t.train_step()
+                t2 = time.perf_counter()
+                mon.update(s)
                 if t.global_step % 10 == 0:
                     mon.observe()
+                t3 = time.perf_counter()
+                clock["train"] += t2 - t1
+                clock["monitor"] += (t1 - t0) + (t3 - t2)
             return steps
         return run
 
     bare, monitored = _bare_and("tiny", steps, rounds, "monitor", make)
     res = {"preset": "tiny", "steps": steps, "rounds": rounds, "bare_steps_per_second": bare,
-           "monitored_steps_per_second": monitored, "monitor_overhead": bare / monitored - 1,
+           "monitored_steps_per_second": monitored, "monitor_overhead_ab": bare / monitored - 1,
+           # A/B rates of separate runs vary by several % on this machine; the time spent inside the
+           # monitor's calls over the training steps of the same runs is the sharper figure
+           "monitor_seconds_per_step": clock["monitor"] / (steps * rounds),
+           "train_seconds_per_step": clock["train"] / (steps * rounds),
            "target_overhead": 0.10}
-    res["meets_target"] = res["monitor_overhead"] <= 0.10
+    res["monitor_overhead"] = clock["monitor"] / clock["train"]
+    res["meets_target"] = res["monitor_overhead"] <= 0.10 and res["monitor_overhead_ab"] <= 0.10
     _write(out / "monitor.json", res)
     return res
 

@@ -76,3 +76,17 @@ def test_online_tracker_matches_offline_rule_and_counts_waste():
     tr2 = EventTracker()
     tr2.load_state_dict(tr.state_dict())
     assert tr2.update(3.0, 1.0, 1.0) == tr.update(3.0, 1.0, 1.0)
+
+
+def test_flops_formula_and_wasted_reasons():
+    from stso_env.monitor.events import EventTracker, training_flops_per_token
+    # GPT-2 small-like numbers: 6*85M + 12*12*1024*768
+    assert training_flops_per_token(85_000_000, 12, 768, 1024) == 6 * 85_000_000 + 12 * 12 * 1024 * 768
+    tr = EventTracker()
+    tr.add_wasted(100.0, "rollback")
+    tr.add_wasted(50.0, "verification")
+    tr.add_wasted(25.0, "rollback")
+    assert tr.wasted_flops == 175.0 and tr.wasted_by_reason == {"rollback": 125.0, "verification": 50.0}
+    tr2 = EventTracker()
+    tr2.load_state_dict(tr.state_dict())
+    assert tr2.wasted_by_reason == tr.wasted_by_reason

@@ -143,3 +143,27 @@ def test_activation_summary(trainer_and_splits):
     assert len(rows) == 2
     for r in rows:
         assert 0.0 < r["act_entropy"] <= 1.0 and 0.0 < r["attn_entropy"] <= 1.0 and r["act_std"] > 0
+
+
+def test_pretrained_local_folder_seeds_the_weights(trainer_and_splits, tmp_path):
+    from stso_env.train.presets import build_model
+    _, splits = trainer_and_splits
+    src = build_model("tiny", 257)
+    src.save_pretrained(tmp_path / "m")
+    t = fresh(splits, model__pretrained=str(tmp_path / "m"))
+    for k, v in src.state_dict().items():
+        assert torch.equal(v, t.model.state_dict()[k]), k
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no config.json"):
+        fresh(splits, model__pretrained=str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match="vocabulary has 257 entries but the tokenizer has 50257"):
+        build_model("tiny", 50257, pretrained=str(tmp_path / "m"))
+
+
+def test_presets_have_the_published_sizes():
+    from stso_env.train.presets import gpt2_config
+    from transformers import GPT2LMHeadModel
+    with torch.device("meta"):  # no memory, just shapes
+        n = {p: sum(x.numel() for x in GPT2LMHeadModel(gpt2_config(p, 50257)).parameters())
+             for p in ("small", "medium", "large")}
+    assert round(n["small"] / 1e6) == 124 and round(n["medium"] / 1e6) == 355 and round(n["large"] / 1e6) == 774

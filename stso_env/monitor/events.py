@@ -24,6 +24,18 @@ from typing import Any
 import numpy as np
 
 
+def training_flops_per_token(n_params: int, n_layer: int, d_model: int, seq_len: int) -> float:
+    """FLOPs of one training token (forward + backward): ``6 N + 12 L T d``.
+
+    ``6 N`` counts the matmuls with the ``N`` non-embedding-lookup parameters
+    (2 forward, 4 backward); ``12 L T d`` is the attention score and value
+    products over a context of ``T`` (Kaplan et al. 2020; PaLM, appendix B). A
+    step's FLOPs are this times the tokens of the batch; an evaluation-only
+    forward pass costs a third of it.
+    """
+    return 6.0 * n_params + 12.0 * n_layer * seq_len * d_model
+
+
 def _rolling_flags(x: np.ndarray, window: int, n_sigma: float) -> np.ndarray:
     """x[t] > mean + n_sigma * std of the previous ``window`` finite values (needs a full window)."""
     flags = np.zeros(len(x), dtype=bool)
@@ -179,6 +191,7 @@ class EventTracker:
         self.recovery_times: list[int] = []
         self.wasted_flops = 0.0
         self.wasted_steps = 0
+        self.wasted_by_reason: dict[str, float] = {}
 
     @staticmethod
     def _above(hist: list[float], x: float, window: int, n_sigma: float) -> bool:
@@ -224,6 +237,8 @@ class EventTracker:
                 wasted = flops
                 self.wasted_steps += 1
         self.wasted_flops += wasted
+        if wasted:
+            self.wasted_by_reason["recovery"] = self.wasted_by_reason.get("recovery", 0.0) + wasted
         for hist, x in ((self.losses, loss), (self.gnorms, grad_norm)):
             if x is not None and math.isfinite(x):
                 hist.append(float(x))
@@ -234,11 +249,18 @@ class EventTracker:
         return {"flag": flag, "new_event": new_event, "recovering": self.baseline is not None,
                 "wasted_flops": wasted, "diverged": diverged}
 
+    def add_wasted(self, flops: float, reason: str) -> None:
+        """Charge compute that produced nothing kept: steps rolled back to a checkpoint (``"rollback"``),
+        branch and verification rollouts (``"verification"``), discarded population members, ..."""
+        self.wasted_flops += flops
+        self.wasted_by_reason[reason] = self.wasted_by_reason.get(reason, 0.0) + flops
+
     def state_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, list) else v) for k, v in vars(self).items()}
+        return {k: (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v)
+                for k, v in vars(self).items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k, v in state.items():
             if not hasattr(self, k):
                 raise KeyError(f"EventTracker state has unknown field {k!r}")
-            setattr(self, k, list(v) if isinstance(v, (list, tuple)) else v)
+            setattr(self, k, list(v) if isinstance(v, (list, tuple)) else dict(v) if isinstance(v, dict) else v)

@@ -532,7 +532,7 @@ def _builtin_source(seed: int, builtin_chars: int, valid_fraction: float) -> _So
 
 _HF_ADVICE = (
     "it needs network access or a local copy; use --corpus builtin or the path of a local "
-    "text file (e.g. /work/shared/data/wikitext-2/train.txt)"
+    "text file (e.g. ../shared/data/wikitext-2/train.txt)"
 )
 
 

@@ -109,7 +109,10 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def flops_per_token(model: GPT2LMHeadModel, seq_len: int) -> float:
-    """Training FLOPs per token: 6 N plus the attention term 12 L T d (Kaplan et al. 2020, PaLM app. B)."""
+    """Training FLOPs per token of ``model`` (see :func:`stso_env.monitor.events.training_flops_per_token`)."""
+    from stso_env.monitor.events import training_flops_per_token
+
     cfg = model.config
-    n = count_parameters(model) - cfg.n_positions * cfg.n_embd  # position embeddings do no matmul
-    return 6.0 * n + 12.0 * cfg.n_layer * seq_len * cfg.n_embd
+    # position embeddings are a lookup, not a matmul: they do no FLOPs
+    return training_flops_per_token(count_parameters(model) - cfg.n_positions * cfg.n_embd, cfg.n_layer,
+                                    cfg.n_embd, seq_len)

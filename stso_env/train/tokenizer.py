@@ -44,7 +44,7 @@ GPT2_FILES = ("vocab.json", "merges.txt")
 SPEC_FORMS = (
     "'byte' (UTF-8 bytes, no files needed), "
     "'gpt2:<dir>' or a directory path holding vocab.json and merges.txt "
-    "(e.g. /work/shared/data/gpt2-tokenizer), "
+    "(e.g. ../shared/data/gpt2-tokenizer), "
     "'hf:<hub id>' (downloads from the Hugging Face hub)"
 )
 
@@ -306,7 +306,7 @@ def _load_hub(spec: str, hub_id: str) -> HFTokenizer:
         why = f"the hub is unreachable ({reason}) and no cached copy exists" if reason else str(exc)
         raise DataError(
             f"tokenizer {spec!r} cannot be loaded: {why}. Use a local folder with vocab.json and "
-            f"merges.txt ('gpt2:<dir>', e.g. gpt2:/work/shared/data/gpt2-tokenizer) or 'byte'."
+            f"merges.txt ('gpt2:<dir>', e.g. gpt2:../shared/data/gpt2-tokenizer) or 'byte'."
         ) from exc
     return HFTokenizer(hf_tok, name=hub_id, spec=f"hf:{hub_id}")
 
