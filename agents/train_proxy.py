@@ -1,0 +1,141 @@
+"""Train, calibrate and evaluate the proxy world model from a log database.
+
+``python -m agents.train_proxy --log-db RUN/log_db.parquet --out runs/proxy``
+
+Split (always by whole runs, never by rows, because rows of one trajectory are
+correlated in time): the *test* set is every row whose episode seed is in
+``--test-seeds`` (default: the largest ~20 % of the distinct seeds), so test
+runs come from seeds never seen in training. The remaining runs are shuffled
+with ``--seed`` and divided into calibration (``--calib-frac``), validation for
+early stopping (``--valid-frac``) and training runs.
+
+Writes ``OUT/proxy.json``, ``OUT/proxy.safetensors`` and ``OUT/proxy_report.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from stso_env.errors import ConfigError, DataError, STSOError
+from stso_env.proxy.calibration import evaluate
+from stso_env.proxy.dataset import ProxyDataset, build_targets
+from stso_env.proxy.logdb import read_log_db
+from stso_env.proxy.model import ProxyConfig, ProxyEnsemble
+
+
+def split_runs(ds: ProxyDataset, test_seeds: Sequence[int] | None, *, calib_frac: float, valid_frac: float,
+               seed: int) -> dict[str, Any]:
+    """Split ``ds`` into train / valid / calib / test by whole runs (see the module docstring).
+
+    Returns the four :class:`ProxyDataset` parts plus ``test_seeds`` and ``valid_is_calib``.
+    """
+    seeds = np.unique(ds.seed)
+    if test_seeds is None:
+        if len(seeds) < 2:
+            raise DataError(f"log db: all runs use seed {seeds.tolist()}; log episodes with at least two seeds "
+                            "(test runs must use seeds not seen in training) or pass --test-seeds")
+        n_test = max(1, int(round(0.2 * len(seeds))))
+        test_seeds = seeds[-n_test:].tolist()
+    unknown = sorted(set(test_seeds) - set(seeds.tolist()))
+    if unknown:
+        raise ConfigError(f"--test-seeds: seeds {unknown} do not occur in the log db (it has {seeds.tolist()})")
+    is_test = np.isin(ds.seed, np.asarray(list(test_seeds)))
+    runs = ds.groups
+    rest_runs = np.unique(runs[~is_test])
+    if len(rest_runs) < 2:
+        raise DataError(f"log db: {len(rest_runs)} run(s) outside the test seeds; need at least 2 "
+                        "(training and calibration runs); log more runs or use fewer --test-seeds")
+    rng = np.random.default_rng(seed)
+    rest_runs = rest_runs[rng.permutation(len(rest_runs))]
+    n_cal = max(1, int(round(calib_frac * len(rest_runs))))
+    n_val = int(round(valid_frac * len(rest_runs)))
+    if len(rest_runs) - n_cal - n_val < 1:
+        n_val = max(0, len(rest_runs) - n_cal - 1)
+    cal_runs = rest_runs[:n_cal]
+    val_runs = rest_runs[n_cal:n_cal + n_val]
+    train_runs = rest_runs[n_cal + n_val:]
+    train = ds.subset(np.isin(runs, train_runs) & ~is_test)
+    calib = ds.subset(np.isin(runs, cal_runs) & ~is_test)
+    # too few runs for a separate validation set: early-stop on the calibration runs (slightly
+    # optimistic intervals, recorded in the report) rather than on training rows
+    valid = ds.subset(np.isin(runs, val_runs) & ~is_test) if n_val else calib
+    return {"train": train, "valid": valid, "calib": calib, "test": ds.subset(is_test),
+            "test_seeds": list(map(int, test_seeds)), "valid_is_calib": not n_val}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m agents.train_proxy", description=__doc__.split("\n\n")[0])
+    p.add_argument("--log-db", required=True, help="log database folder (part-*.parquet) or one Parquet file")
+    p.add_argument("--out", required=True, help="output folder for proxy.json / proxy.safetensors / report")
+    p.add_argument("--horizon", type=int, default=10, help="env steps ahead the targets look (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the split, initialisation and bootstrap")
+    p.add_argument("--test-seeds", type=int, nargs="*", default=None,
+                   help="episode seeds whose runs form the test set (default: largest ~20%% of seeds)")
+    p.add_argument("--calib-frac", type=float, default=0.25, help="fraction of non-test runs for calibration")
+    p.add_argument("--valid-frac", type=float, default=0.15, help="fraction of non-test runs for early stopping")
+    p.add_argument("--epochs", type=int, default=ProxyConfig.epochs, help="maximum training epochs")
+    p.add_argument("--patience", type=int, default=ProxyConfig.patience, help="early-stopping patience (epochs)")
+    p.add_argument("--ensemble", type=int, default=ProxyConfig.ensemble, help="ensemble members")
+    p.add_argument("--hidden", type=int, default=ProxyConfig.hidden, help="hidden width")
+    p.add_argument("--layers", type=int, default=ProxyConfig.layers, help="hidden layers per member")
+    p.add_argument("--lr", type=float, default=ProxyConfig.lr, help="AdamW learning rate")
+    args = p.parse_args(argv)
+    try:
+        for name in ("calib_frac", "valid_frac"):
+            v = getattr(args, name)
+            if not 0.0 <= v < 1.0:
+                raise ConfigError(f"--{name.replace('_', '-')}: must lie in [0, 1), got {v}")
+        path = Path(args.log_db)
+        if not path.exists():
+            raise DataError(f"--log-db {path}: does not exist; pass the log_db.parquet folder of a run")
+        table = read_log_db(path)
+        if table.num_rows == 0:
+            raise DataError(f"--log-db {path}: the log database has no rows; collect episodes first")
+        ds = build_targets(table, args.horizon)
+        parts = split_runs(ds, args.test_seeds, calib_frac=args.calib_frac, valid_frac=args.valid_frac,
+                           seed=args.seed)
+        cfg = ProxyConfig(horizon=args.horizon, hidden=args.hidden, layers=args.layers, ensemble=args.ensemble,
+                          lr=args.lr, epochs=args.epochs, patience=args.patience, seed=args.seed)
+        model = ProxyEnsemble(cfg, state_dim=ds.state.shape[1], nvec=ds.action_nvec, state_names=ds.state_names)
+        t0 = time.perf_counter()
+        with tqdm(total=cfg.epochs, desc="proxy", unit="epoch", file=sys.stderr) as bar:
+            def progress(epoch: int, tl: float, vl: float) -> None:
+                bar.update(1)
+                bar.set_postfix(train=f"{tl:.3f}", valid=f"{vl:.3f}")
+
+            model.fit(parts["train"], parts["valid"], progress=progress)
+        fit_s = time.perf_counter() - t0
+        report = evaluate(model, parts["calib"], parts["test"])
+    except STSOError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    model.save(out)
+    report.update({
+        "horizon": args.horizon, "n_train": len(parts["train"]), "n_valid": len(parts["valid"]),
+        "test_seeds": parts["test_seeds"], "valid_is_calib": parts["valid_is_calib"],
+        "epochs_run": len(model.curve), "fit_seconds": round(fit_s, 2),
+        "best_valid_loss": min(c["valid_loss"] for c in model.curve),
+    })
+    (out / "proxy_report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    auroc = report["divergence_auroc"]
+    print(f"proxy: {len(parts['train'])} train / {len(parts['calib'])} calib / {len(parts['test'])} test rows, "
+          f"{len(model.curve)} epochs in {fit_s:.1f}s")
+    print(f"  loss_at_{args.horizon}: R2 {report['loss_r2']:.3f}  MAE {report['loss_mae']:.4f}")
+    print(f"  divergence: AUROC {'n/a' if auroc is None else f'{auroc:.3f}'}  "
+          f"Brier {report['divergence_brier']:.4f}")
+    print("  coverage: " + "  ".join(f"{k}: {v:.3f}" for k, v in report["coverage"].items()))
+    print(f"  wrote {out / 'proxy.json'}, {out / 'proxy.safetensors'}, {out / 'proxy_report.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

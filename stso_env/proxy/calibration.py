@@ -1,0 +1,136 @@
+"""Split-conformal intervals for the proxy's ``loss_at_n`` and held-out evaluation.
+
+MAPIE 1.6's :class:`~mapie.regression.SplitConformalRegressor` (``prefit=True``)
+wraps the trained ensemble through :class:`LossRegressor`, a minimal
+scikit-learn-style estimator. Log rows of one trajectory are strongly
+correlated in time, so the calibration set must be *whole runs* held out from
+training, and coverage is checked on yet other runs; a row-level split would
+make the residuals look smaller than they are on a new run and under-cover.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from mapie.regression import SplitConformalRegressor
+from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.metrics import mean_absolute_error, r2_score, roc_auc_score
+
+from stso_env.errors import ConfigError, DataError
+from stso_env.proxy.dataset import ProxyDataset
+from stso_env.proxy.model import ProxyEnsemble
+
+CONFIDENCE_LEVELS: tuple[float, ...] = (0.8, 0.9, 0.95)
+
+
+class LossRegressor(RegressorMixin, BaseEstimator):
+    """scikit-learn view of a trained :class:`ProxyEnsemble` predicting ``loss_at_n``.
+
+    ``X`` is ``ProxyDataset.features()``: the state columns followed by the integer
+    MultiDiscrete action columns. ``fit`` does nothing: the model is trained already.
+    """
+
+    def __init__(self, model: ProxyEnsemble | None = None) -> None:
+        self.model = model
+
+    @property
+    def n_features_in_(self) -> int:
+        if self.model is None:
+            raise AttributeError("n_features_in_")
+        return self.model.state_dim + len(self.model.nvec)
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return self.model is not None
+
+    def fit(self, X: np.ndarray, y: np.ndarray | None = None) -> LossRegressor:
+        """No-op (prefit model)."""
+        return self
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """Ensemble-mean ``loss_at_n`` for the rows of ``X``."""
+        if self.model is None:
+            raise ConfigError("LossRegressor.model: no proxy model given")
+        x = np.asarray(X, dtype=np.float32)
+        s = self.model.state_dim
+        if x.ndim != 2 or x.shape[1] != self.n_features_in_:
+            raise DataError(f"X: expected shape (n, {self.n_features_in_}), got {x.shape}")
+        return self.model.predict(x[:, :s], np.rint(x[:, s:]).astype(np.int64))["loss_at_n"].astype(np.float64)
+
+
+def _finite_rows(ds: ProxyDataset) -> np.ndarray:
+    return np.isfinite(ds.loss_at_n)
+
+
+def calibrate(model: ProxyEnsemble, calib: ProxyDataset,
+              levels: tuple[float, ...] = CONFIDENCE_LEVELS) -> SplitConformalRegressor:
+    """Conformalize ``model``'s ``loss_at_n`` on ``calib`` (whole held-out runs)."""
+    ok = _finite_rows(calib)
+    if ok.sum() < 2:
+        raise DataError(f"calibration set: {int(ok.sum())} usable rows; hold out more runs for calibration")
+    reg = SplitConformalRegressor(LossRegressor(model), confidence_level=list(levels), prefit=True)
+    reg.conformalize(calib.features()[ok], calib.loss_at_n[ok].astype(np.float64))
+    return reg
+
+
+def _level_index(calibrator: SplitConformalRegressor, level: float) -> int:
+    # MAPIE 1.6 keeps the levels only as private miscoverage rates alpha = 1 - level
+    levels = [round(1.0 - float(a), 9) for a in calibrator._alphas]
+    for i, lv in enumerate(levels):
+        if math.isclose(float(lv), float(level), abs_tol=1e-9):
+            return i
+    raise ConfigError(f"level: {level} was not calibrated; choose one of {levels}")
+
+
+def conformal_upper(model: ProxyEnsemble, calibrator: SplitConformalRegressor, X: np.ndarray | ProxyDataset,
+                    level: float = 0.9) -> np.ndarray:
+    """Upper end of the conformal ``loss_at_n`` interval at ``level`` (a pessimistic loss for branch scoring).
+
+    ``X`` is a :meth:`ProxyDataset.features` matrix or a :class:`ProxyDataset`. ``model`` must be the
+    ensemble the calibrator wraps (checked, so a retrained model is not paired with stale quantiles).
+    """
+    est = getattr(calibrator, "_estimator", None)
+    if est is not None and getattr(est, "model", model) is not model:
+        raise ConfigError("conformal_upper: the calibrator was fitted for another proxy model; recalibrate")
+    feats = X.features() if isinstance(X, ProxyDataset) else np.asarray(X, dtype=np.float32)
+    i = _level_index(calibrator, level)
+    _, pis = calibrator.predict_interval(feats)
+    return np.asarray(pis[:, 1, i], dtype=np.float64)
+
+
+def evaluate(model: ProxyEnsemble, calib: ProxyDataset, test: ProxyDataset,
+             levels: tuple[float, ...] = CONFIDENCE_LEVELS) -> dict[str, Any]:
+    """Accuracy, divergence discrimination and conformal coverage on held-out ``test`` runs.
+
+    Returns ``loss_r2``, ``loss_mae``, ``divergence_auroc`` (``None`` with
+    ``divergence_auroc_reason`` when ``test`` has one class), ``divergence_brier``,
+    ``coverage`` ({"0.8": ...}) and ``interval_width`` (mean width per level).
+    """
+    if len(test) == 0:
+        raise DataError("test set: empty; hold out runs of at least one seed for testing")
+    calibrator = calibrate(model, calib, levels)
+    ok = _finite_rows(test)
+    pred = model.predict(test.state, test.action)
+    y = test.loss_at_n[ok].astype(np.float64)
+    yhat = pred["loss_at_n"][ok].astype(np.float64)
+    labels = test.diverged_at_n.astype(np.float64)
+    prob = pred["diverged_prob"].astype(np.float64)
+    report: dict[str, Any] = {
+        "n_calib": len(calib), "n_test": len(test),
+        "n_calib_runs": int(len(np.unique(calib.groups))), "n_test_runs": int(len(np.unique(test.groups))),
+        "loss_r2": float(r2_score(y, yhat)) if len(y) > 1 else None,
+        "loss_mae": float(mean_absolute_error(y, yhat)),
+        "divergence_brier": float(np.mean((prob - labels) ** 2)),
+    }
+    if len(np.unique(labels)) < 2:
+        report["divergence_auroc"] = None
+        report["divergence_auroc_reason"] = (f"test runs contain only {'diverged' if labels[0] else 'non-diverged'} "
+                                             "examples; AUROC is undefined")
+    else:
+        report["divergence_auroc"] = float(roc_auc_score(labels, prob))
+    _, pis = calibrator.predict_interval(test.features()[ok])
+    report["coverage"] = {str(lv): float(np.mean((y >= pis[:, 0, i]) & (y <= pis[:, 1, i])))
+                          for i, lv in enumerate(levels)}
+    report["interval_width"] = {str(lv): float(np.mean(pis[:, 1, i] - pis[:, 0, i])) for i, lv in enumerate(levels)}
+    return report

@@ -1,0 +1,285 @@
+"""Proxy world model: a bootstrapped ensemble of MLPs over (state, action).
+
+All ``E`` members live in stacked weight tensors ``(E, in, out)`` and run as one
+batched matrix product, so scoring hundreds of candidate actions is a single
+forward pass (branch scoring calls :meth:`ProxyEnsemble.predict` with ~500
+candidates at a time). Each member sees its own bootstrap resample of the
+training rows; the spread across members is the epistemic uncertainty that
+:meth:`predict` reports as ``*_std``.
+
+Heads per member: ``loss_at_n`` (regression), divergence logit (binary),
+instability risk (regression), recovery time (regression) and the next-state
+*delta* (50-dim regression; predicting the change rather than the state keeps
+the target centred and small). Inputs and regression targets are standardised
+with statistics stored in the module, so a saved model is self-contained.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from stso_env.errors import ConfigError, DataError
+from stso_env.proxy.dataset import ACTION_NVEC, ProxyDataset, action_feature_names, action_one_hot
+
+FORMAT_VERSION = 1
+_N_SCALAR = 4  # loss, divergence logit, risk, recovery
+_REG_SCALARS = (0, 2, 3)  # scalar heads trained by regression (1 is the logit)
+
+
+@dataclass
+class ProxyConfig:
+    """Architecture and training settings of the proxy ensemble."""
+
+    horizon: int = 10
+    hidden: int = 128
+    layers: int = 2
+    ensemble: int = 5
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    epochs: int = 200
+    patience: int = 15
+    batch: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("horizon", "hidden", "layers", "ensemble", "epochs", "batch"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"proxy config {name}: must be an integer >= 1, got {v!r}")
+        if not isinstance(self.patience, int) or self.patience < 0:
+            raise ConfigError(f"proxy config patience: must be an integer >= 0, got {self.patience!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"proxy config lr: must be a positive finite number, got {self.lr!r}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"proxy config weight_decay: must be >= 0, got {self.weight_decay!r}")
+
+
+def _sanitize(x: np.ndarray) -> np.ndarray:
+    # diverged runs log inf/NaN features; map them to large finite values so the
+    # network sees "extreme" instead of poisoning every sum with NaN
+    return np.nan_to_num(np.asarray(x, dtype=np.float32), nan=0.0, posinf=1e6, neginf=-1e6)
+
+
+class ProxyEnsemble(nn.Module):
+    """``E`` MLP members (Linear -> LayerNorm -> GELU) x layers with five heads each."""
+
+    def __init__(self, config: ProxyConfig, state_dim: int = 50, nvec: tuple[int, ...] = ACTION_NVEC,
+                 state_names: list[str] | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.state_dim = int(state_dim)
+        self.nvec = tuple(int(v) for v in nvec)
+        self.state_names = list(state_names) if state_names else [f"f{i}" for i in range(self.state_dim)]
+        self.in_dim = self.state_dim + int(sum(self.nvec))
+        self.out_dim = _N_SCALAR + self.state_dim
+        self.curve: list[dict[str, float]] = []
+        e, h = config.ensemble, config.hidden
+        gen = torch.Generator().manual_seed(config.seed)
+        dims = [self.in_dim] + [h] * config.layers
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        self.ln_w = nn.ParameterList()
+        self.ln_b = nn.ParameterList()
+        for d_in, d_out in zip(dims[:-1], dims[1:]):
+            self.weights.append(nn.Parameter(self._init(e, d_in, d_out, gen)))
+            self.biases.append(nn.Parameter(torch.zeros(e, 1, d_out)))
+            self.ln_w.append(nn.Parameter(torch.ones(e, 1, d_out)))
+            self.ln_b.append(nn.Parameter(torch.zeros(e, 1, d_out)))
+        self.head_w = nn.Parameter(self._init(e, dims[-1], self.out_dim, gen))
+        self.head_b = nn.Parameter(torch.zeros(e, 1, self.out_dim))
+        # normalisation statistics (buffers: saved with the weights, not trained)
+        self.register_buffer("x_mean", torch.zeros(self.in_dim))
+        self.register_buffer("x_std", torch.ones(self.in_dim))
+        self.register_buffer("y_mean", torch.zeros(self.out_dim))
+        self.register_buffer("y_std", torch.ones(self.out_dim))
+
+    @staticmethod
+    def _init(e: int, d_in: int, d_out: int, gen: torch.Generator) -> torch.Tensor:
+        # PyTorch's default Linear init (uniform +-1/sqrt(fan_in)), drawn from our own generator
+        bound = 1.0 / math.sqrt(d_in)
+        return (torch.rand(e, d_in, d_out, generator=gen) * 2 - 1) * bound
+
+    @property
+    def feature_names(self) -> list[str]:
+        return self.state_names + action_feature_names(self.nvec)
+
+    # ---------------------------------------------------------------- forward
+    def _encode(self, state: np.ndarray, action: np.ndarray) -> torch.Tensor:
+        s = _sanitize(state)
+        if s.ndim != 2 or s.shape[1] != self.state_dim:
+            raise DataError(f"state: expected shape (n, {self.state_dim}), got {s.shape}")
+        a = np.asarray(action)
+        if a.shape[0] != s.shape[0]:
+            raise DataError(f"action: {a.shape[0]} rows for {s.shape[0]} states")
+        return torch.from_numpy(np.concatenate([s, action_one_hot(a, self.nvec)], axis=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw standardised outputs ``(E, B, out)`` for unstandardised inputs ``(B, in)`` or ``(E, B, in)``."""
+        z = ((x - self.x_mean) / self.x_std).clamp(-10.0, 10.0)
+        if z.dim() == 2:
+            z = z.unsqueeze(0).expand(self.config.ensemble, -1, -1)
+        for w, b, lw, lb in zip(self.weights, self.biases, self.ln_w, self.ln_b):
+            z = torch.baddbmm(b, z, w)
+            z = nn.functional.layer_norm(z, z.shape[-1:]) * lw + lb
+            z = nn.functional.gelu(z)
+        return torch.baddbmm(self.head_b, z, self.head_w)
+
+    @torch.inference_mode()
+    def predict(self, x: np.ndarray, a: np.ndarray) -> dict[str, np.ndarray]:
+        """Ensemble mean and std of every head for states ``x (n, S)`` and actions ``a (n, D)``.
+
+        Keys: ``loss_at_n``, ``diverged_prob``, ``instability_risk``, ``recovery_time`` (each ``(n,)``),
+        ``next_state`` ``(n, S)``, and the same names with ``_std`` for the spread across members.
+        """
+        xt = self._encode(x, a)
+        out = self(xt) * self.y_std + self.y_mean  # (E, n, out) in target units
+        prob = torch.sigmoid(out[..., 1])
+        nxt = out[..., _N_SCALAR:] + xt[:, : self.state_dim]  # delta -> absolute next state
+        res: dict[str, torch.Tensor] = {"loss_at_n": out[..., 0], "diverged_prob": prob,
+                                        "instability_risk": out[..., 2], "recovery_time": out[..., 3],
+                                        "next_state": nxt}
+        result: dict[str, np.ndarray] = {}
+        for k, v in res.items():
+            result[k] = v.mean(0).numpy()
+            result[k + "_std"] = v.std(0, unbiased=False).numpy()
+        return result
+
+    # ---------------------------------------------------------------- training
+    def _targets(self, ds: ProxyDataset) -> np.ndarray:
+        y = np.zeros((len(ds), self.out_dim), dtype=np.float32)
+        y[:, :_N_SCALAR] = ds.scalar_targets()
+        with np.errstate(invalid="ignore", over="ignore"):
+            y[:, _N_SCALAR:] = ds.next_state.astype(np.float32) - _sanitize(ds.state)
+        y[~np.isfinite(y)] = np.nan  # inf deltas too: NaN is what the statistics and the loss mask skip
+        return y
+
+    def _loss(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean loss per member ``(E,)``: MSE on standardised regression targets + BCE on the logit."""
+        yz = (y - self.y_mean) / self.y_std
+        mask = torch.isfinite(yz)
+        err = torch.where(mask, pred - torch.nan_to_num(yz), torch.zeros(()))
+        sq = err.pow(2)
+        reg = sum(sq[..., i].mean(-1) for i in _REG_SCALARS)
+        state_mask = mask[..., _N_SCALAR:].float()
+        reg = reg + (sq[..., _N_SCALAR:].sum((-1, -2)) / state_mask.sum((-1, -2)).clamp_min(1.0))
+        bce = nn.functional.binary_cross_entropy_with_logits(
+            pred[..., 1], y[..., 1].expand_as(pred[..., 1]), reduction="none").mean(-1)
+        return reg + bce
+
+    def fit(self, train: ProxyDataset, valid: ProxyDataset,
+            progress: Callable[[int, float, float], None] | None = None) -> list[dict[str, float]]:
+        """Train all members on bootstrap resamples of ``train``; early-stop on ``valid`` loss.
+
+        ``progress(epoch, train_loss, valid_loss)`` is called after every epoch. The weights of
+        the best validation epoch are restored. Returns the training curve (also kept in ``curve``).
+        """
+        if len(train) == 0 or len(valid) == 0:
+            raise DataError(f"proxy fit: empty {'train' if len(train) == 0 else 'validation'} set; "
+                            "log more runs or change the split")
+        if train.state.shape[1] != self.state_dim:
+            raise DataError(f"proxy fit: train state has {train.state.shape[1]} features, model expects "
+                            f"{self.state_dim}")
+        cfg = self.config
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        x = self._encode(train.state, train.action)
+        y = torch.from_numpy(self._targets(train))
+        xv = self._encode(valid.state, valid.action)
+        yv = torch.from_numpy(self._targets(valid))
+        with torch.no_grad():
+            self.x_mean.copy_(x.mean(0))
+            self.x_std.copy_(x.std(0).clamp_min(1e-3))
+            ym = torch.nanmean(y, 0)
+            yc = torch.where(torch.isfinite(y), y - ym, torch.zeros(()))
+            ys = (yc.pow(2).sum(0) / torch.isfinite(y).sum(0).clamp_min(1)).sqrt().clamp_min(1e-3)
+            ym[1], ys[1] = 0.0, 1.0  # the divergence column is a 0/1 label for BCE, never standardised
+            self.y_mean.copy_(torch.nan_to_num(ym))
+            self.y_std.copy_(ys)
+        n, e = x.shape[0], cfg.ensemble
+        boot = torch.randint(0, n, (e, n), generator=gen)  # each member's bootstrap resample
+        opt = torch.optim.AdamW(self.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        best, best_state, bad = float("inf"), None, 0
+        self.curve = []
+        for epoch in range(cfg.epochs):
+            self.train()
+            perm = boot.gather(1, torch.argsort(torch.rand(e, n, generator=gen), dim=1))
+            total = 0.0
+            for start in range(0, n, cfg.batch):
+                idx = perm[:, start:start + cfg.batch]  # (E, B): a different batch per member
+                loss = self._loss(self(x[idx]), y[idx]).sum()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * idx.shape[1] / e
+            self.eval()
+            with torch.no_grad():
+                vloss = float(self._loss(self(xv), yv.unsqueeze(0)).mean())
+            tloss = total / n
+            self.curve.append({"epoch": epoch, "train_loss": tloss, "valid_loss": vloss})
+            if progress is not None:
+                progress(epoch, tloss, vloss)
+            if vloss < best - 1e-4:
+                best, bad = vloss, 0
+                best_state = {k: v.detach().clone() for k, v in self.state_dict().items()}
+            else:
+                bad += 1
+                if bad > cfg.patience:
+                    break
+        if best_state is not None:
+            self.load_state_dict(best_state)
+        self.eval()
+        return self.curve
+
+    # ---------------------------------------------------------------- persistence
+    def metadata(self) -> dict[str, Any]:
+        """The JSON-able description written to ``proxy.json``."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "state_names": self.state_names,
+            "feature_names": self.feature_names,
+            "target_names": ["loss_at_n", "diverged_at_n", "instability_risk", "recovery_time", "next_state"],
+            "action_nvec": list(self.nvec),
+            "normalisation": {k: getattr(self, k).tolist() for k in ("x_mean", "x_std", "y_mean", "y_std")},
+            "config": asdict(self.config),
+            "training_curve": self.curve,
+        }
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``proxy.safetensors`` (weights, no pickle) and ``proxy.json`` into ``directory``."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(d / "proxy.safetensors"))
+        (d / "proxy.json").write_text(json.dumps(self.metadata(), indent=1), encoding="utf-8")
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path) -> ProxyEnsemble:
+        """Rebuild a model written by :meth:`save`."""
+        d = Path(directory)
+        meta_path, w_path = d / "proxy.json", d / "proxy.safetensors"
+        for p in (meta_path, w_path):
+            if not p.exists():
+                raise DataError(f"{p}: missing; point to a folder written by ProxyEnsemble.save / agents.train_proxy")
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise DataError(f"{meta_path}: format_version {meta.get('format_version')!r}, this code reads "
+                            f"{FORMAT_VERSION}; retrain the proxy")
+        known = {f.name for f in fields(ProxyConfig)}
+        cfg = ProxyConfig(**{k: v for k, v in meta["config"].items() if k in known})
+        model = cls(cfg, state_dim=len(meta["state_names"]), nvec=tuple(meta["action_nvec"]),
+                    state_names=meta["state_names"])
+        try:
+            model.load_state_dict(load_file(str(w_path)))
+        except RuntimeError as err:
+            raise DataError(f"{w_path}: weights do not match {meta_path} ({err}); re-save the model") from err
+        model.curve = list(meta.get("training_curve", []))
+        model.eval()
+        return model
