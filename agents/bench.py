@@ -1,12 +1,18 @@
 """Benchmarks: ``make bench`` writes JSON under ``runs/bench/``.
 
-    python -m agents.bench [--only checkpoint|monitor|env] [--out runs/bench] [--quick]
+    python -m agents.bench [--only checkpoint|monitor|env|proxy] [--out runs/bench] [--quick]
 
 ``monitor`` -> ``runs/bench/monitor.json``: ``bare_steps_per_second`` of the
 tiny trainer against ``monitored_steps_per_second`` with the whole monitor on
 (target: at most 10 % slower). ``env`` -> ``runs/bench/env.json``:
 ``env_overhead_ratio`` = bare trainer steps/s over the training steps/s inside
 STSO-GPT2-v0 (target at most 1.10). Both alternate the two sides A B B A.
+
+``proxy`` -> ``runs/bench/proxy.json``: ``proxy_env_steps_per_second`` of
+``ProxyVecModel.step_batch`` (STSO-Proxy-v0's batched transition, 1024 states
+per call, default 5 x 2 x 128 ensemble; target >= 10,000) and
+``score_500_candidates_ms``, the median time of one ``ProxyEnsemble.predict``
+call on 500 (state, action) pairs (target <= 50 ms).
 
 ``checkpoint`` -> ``runs/bench/checkpoint.json`` on the ``bench10m`` preset
 (10.8M parameters, byte vocabulary, AdamW state after a warm-up), everything
@@ -296,6 +302,62 @@ def bench_env(out: Path, quick: bool = False) -> dict[str, Any]:
     return res
 
 
+def bench_proxy(out: Path, quick: bool = False) -> dict[str, Any]:
+    """STSO-Proxy-v0's batched transition and candidate scoring, with the default proxy architecture.
+
+    The ensemble is fitted for a few epochs on synthetic rows first: speed depends on the
+    architecture, not on what the weights learned, and a synthetic set keeps the benchmark free of
+    a collection run.
+    """
+    import numpy as np
+
+    from stso_env.envs.proxy_env import ProxyVecModel
+    from stso_env.monitor.monitor import OBSERVATION_NAMES
+    from stso_env.proxy.dataset import ACTION_NVEC, ProxyDataset
+    from stso_env.proxy.model import ProxyConfig, ProxyEnsemble
+
+    batch, candidates, calls = 1024, 500, (20 if quick else 200)
+    rng = np.random.default_rng(0)
+    n, s = 2048, len(OBSERVATION_NAMES)
+
+    def synthetic(rows: int) -> ProxyDataset:
+        state = rng.normal(size=(rows, s)).astype(np.float32)
+        action = np.stack([rng.integers(0, k, rows) for k in ACTION_NVEC], axis=1)
+        return ProxyDataset(state=state, action=action, loss_at_n=state[:, 0] - 0.01 * action[:, 0],
+                            diverged_at_n=(state[:, 1] > 1.5).astype(np.float32),
+                            instability_risk=np.abs(state[:, 2]), recovery_time=np.abs(state[:, 3]),
+                            next_state=state + 0.01 * rng.normal(size=state.shape).astype(np.float32),
+                            run_id=np.array(["synthetic"] * rows), episode=np.zeros(rows, np.int64),
+                            seed=np.zeros(rows, np.int64), horizon=10, state_names=list(OBSERVATION_NAMES))
+
+    cfg = ProxyConfig(epochs=2 if quick else 5, patience=5)
+    model = ProxyEnsemble(cfg, state_dim=s, state_names=list(OBSERVATION_NAMES))
+    t0 = time.perf_counter()
+    model.fit(synthetic(n), synthetic(256))
+    fit_s = time.perf_counter() - t0
+    vec = ProxyVecModel(model)
+    states = rng.uniform(-3, 3, (batch, s)).astype(np.float32)
+    actions = np.stack([rng.integers(0, k, batch) for k in ACTION_NVEC], axis=1)
+    actions[:, 5] = 0
+    vec.step_batch(states, actions)  # warm-up: first call allocates
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        states = vec.step_batch(states, actions)[0]
+    steps_per_s = batch * calls / (time.perf_counter() - t0)
+    cs, ca = states[:candidates], actions[:candidates]
+    model.predict(cs, ca)
+    times = [_timed(lambda: model.predict(cs, ca)) for _ in range(calls)]
+    res = {"ensemble": cfg.ensemble, "hidden": cfg.hidden, "layers": cfg.layers, "fit_seconds": fit_s,
+           "batch": batch, "calls": calls, "threads": torch.get_num_threads(),
+           "proxy_env_steps_per_second": steps_per_s,
+           "score_500_candidates_ms": 1000 * statistics.median(times),
+           "targets": {"proxy_env_steps_per_second": ">= 10000", "score_500_candidates_ms": "<= 50"}}
+    res["meets_targets"] = {"proxy_env_steps_per_second": steps_per_s >= 10_000,
+                            "score_500_candidates_ms": res["score_500_candidates_ms"] <= 50}
+    _write(out / "proxy.json", res)
+    return res
+
+
 def _write(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
@@ -307,7 +369,7 @@ def _write(path: Path, data: dict) -> None:
             print(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}")
 
 
-BENCHES = {"checkpoint": bench_checkpoint, "monitor": bench_monitor, "env": bench_env}
+BENCHES = {"checkpoint": bench_checkpoint, "monitor": bench_monitor, "env": bench_env, "proxy": bench_proxy}
 
 
 def main(argv: list[str] | None = None) -> int:

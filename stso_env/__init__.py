@@ -15,7 +15,7 @@ import gymnasium as gym
 
 __version__ = "0.1.0"
 
-ENV_IDS = {"STSO-GPT2-v0": "stso_env.envs.gpt2_env:GPT2Env"}
+ENV_IDS = {"STSO-GPT2-v0": "stso_env.envs.gpt2_env:GPT2Env", "STSO-Proxy-v0": "stso_env.envs.proxy_env:ProxyEnv"}
 
 for _id, _entry in ENV_IDS.items():
     if _id not in gym.registry:

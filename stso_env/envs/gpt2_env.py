@@ -59,6 +59,15 @@ def decode_action(action: Any) -> dict[str, Any]:
     }
 
 
+def action_mask(allow_skip_batch: bool) -> np.ndarray:
+    """Flat boolean mask, one entry per choice of each action dimension (17 entries); skipping a batch
+    biases the data, so it is only offered when allowed."""
+    mask = np.ones(sum(ACTION_NVEC), dtype=bool)
+    if not allow_skip_batch:
+        mask[-1] = False
+    return mask
+
+
 class GPT2Env(gym.Env):
     """
     ## Description
@@ -251,10 +260,7 @@ class GPT2Env(gym.Env):
 
     def action_masks(self) -> np.ndarray:
         """Flat boolean mask, one entry per choice of each action dimension (17 entries)."""
-        mask = np.ones(sum(ACTION_NVEC), dtype=bool)
-        if not self.allow_skip_batch:
-            mask[-1] = False
-        return mask
+        return action_mask(self.allow_skip_batch)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)

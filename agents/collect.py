@@ -1,0 +1,215 @@
+"""Collect exploratory STSO-GPT2-v0 episodes into a run's log database.
+
+``python -m agents.collect --episodes 8 --run-dir runs/collect [--scenario spiky,calm] [--policy mixed]``
+
+Every env step lands in ``RUN_DIR/log_db.parquet`` through the env's own
+:class:`~stso_env.proxy.logdb.LogDB` (``run_dir=RUN_DIR``), the data the proxy
+world model is trained on (``agents.train_proxy``).
+
+Policies (chosen per episode):
+
+* ``random``: every dimension uniformly over the choices ``env.action_masks()``
+  allows, independently each step;
+* ``perturbed``: the neutral schedule ``[2, 1, 0, 0, 0, 0]``; with probability
+  ``PERTURB_RATE`` per step a random valid action starts and is held for 1 to
+  ``PERTURB_MAX_HOLD`` steps, so the log shows both steady training and the
+  after-effects of a sustained intervention;
+* ``mixed``: ``random`` on even episode numbers, ``perturbed`` on odd ones.
+
+Numbering and resume: episode number ``k`` (the ``episode`` column, counted
+over the whole log) runs with seed ``--seed + k``, scenario
+``scenarios[k % len(scenarios)]`` and, for ``mixed``, the policy of ``k``.
+When the log database already exists, its rows are read and collection
+continues with ``k = max(episode) + 1``; ``--episodes`` is the number of
+episodes *added* by this call. The env counts episodes from its private
+``_episode`` field (-1 before the first reset, +1 per reset); the collector
+sets it to ``k - 1`` before each reset so logged numbers continue the log
+instead of restarting at 0, and checks afterwards that no ``(run_id,
+episode)`` pair was written twice. A log database written with another schema
+is refused before anything runs (exit code 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from stso_env.errors import ConfigError, DataError, STSOError
+
+NEUTRAL = np.array([2, 1, 0, 0, 0, 0], dtype=np.int64)
+PERTURB_RATE = 0.25  # chance per step that a perturbation starts (when none is held)
+PERTURB_MAX_HOLD = 4  # env steps a perturbation is held at most
+POLICIES = ("random", "perturbed", "mixed")
+
+
+def random_valid_action(rng: np.random.Generator, nvec: Sequence[int], mask: np.ndarray) -> np.ndarray:
+    """One action drawn uniformly per dimension over the choices the flat ``mask`` allows."""
+    out = np.zeros(len(nvec), dtype=np.int64)
+    offset = 0
+    for d, n in enumerate(nvec):
+        allowed = np.flatnonzero(mask[offset:offset + n])
+        if allowed.size == 0:
+            raise ConfigError(f"action_masks(): dimension {d} has no allowed choice; the env's mask is broken")
+        out[d] = rng.choice(allowed)
+        offset += n
+    return out
+
+
+class PerturbedSchedule:
+    """The neutral action with random valid perturbations held for a few steps (see the module docstring)."""
+
+    def __init__(self, rng: np.random.Generator, nvec: Sequence[int]) -> None:
+        self.rng = rng
+        self.nvec = tuple(nvec)
+        self._held: np.ndarray | None = None
+        self._left = 0
+
+    def __call__(self, mask: np.ndarray) -> np.ndarray:
+        if self._left <= 0 and self.rng.random() < PERTURB_RATE:
+            self._held = random_valid_action(self.rng, self.nvec, mask)
+            self._left = int(self.rng.integers(1, PERTURB_MAX_HOLD + 1))
+        if self._left > 0 and self._held is not None:
+            self._left -= 1
+            return self._held.copy()
+        return NEUTRAL.copy()
+
+
+def episode_policy(policy: str, k: int) -> str:
+    """The concrete policy of episode number ``k``."""
+    if policy == "mixed":
+        return "random" if k % 2 == 0 else "perturbed"
+    return policy
+
+
+def existing_episodes(log_db: Path) -> tuple[int, int]:
+    """``(next episode number, rows already there)`` of a log database; ``(0, 0)`` when there is none.
+
+    Opening a :class:`LogDB` on the folder runs its schema check, so a database written with
+    another schema raises :class:`DataError` here, before any training starts.
+    """
+    from stso_env.monitor.monitor import OBSERVATION_NAMES
+    from stso_env.proxy.logdb import LogDB, read_log_db
+
+    if not log_db.exists():
+        return 0, 0
+    LogDB(log_db, observation_names=OBSERVATION_NAMES)  # validates only; writes nothing without rows
+    if not any(log_db.glob("part-*.parquet")):
+        return 0, 0
+    table = read_log_db(log_db)
+    if table.num_rows == 0:
+        return 0, 0
+    episodes = table.column("episode").to_numpy()
+    return int(episodes.max()) + 1, int(table.num_rows)
+
+
+def check_no_collisions(log_db: Path) -> None:
+    """Refuse a log where one ``(run_id, episode, env_step)`` occurs twice (episodes were renumbered)."""
+    from stso_env.proxy.logdb import read_log_db
+
+    t = read_log_db(log_db)
+    keys = list(zip(t.column("run_id").to_pylist(), t.column("episode").to_pylist(),
+                    t.column("env_step").to_pylist()))
+    if len(set(keys)) != len(keys):
+        raise DataError(f"{log_db}: some (run_id, episode, env_step) rows occur twice; the episode numbering "
+                        "collided, collect into a new --run-dir")
+
+
+def collect(*, episodes: int, run_dir: Path, scenarios: list[str], corpus: str, seed: int, episode_steps: int,
+            decision_interval: int, policy: str, preset: str = "tiny", builtin_chars: int | None = None,
+            progress: bool = True) -> dict[str, Any]:
+    """Run ``episodes`` new episodes into ``run_dir/log_db.parquet``; returns the summary."""
+    from stso_env.config import TrainConfig, apply_overrides
+    from stso_env.envs.gpt2_env import ACTION_NVEC, GPT2Env
+    from stso_env.proxy.logdb import read_log_db
+
+    log_db = run_dir / "log_db.parquet"
+    first, rows_before = existing_episodes(log_db)
+    config = TrainConfig()
+    if builtin_chars is not None:
+        config = apply_overrides(config, {"data.builtin_chars": builtin_chars})
+    per_episode = max(1, math.ceil((episode_steps - decision_interval) / decision_interval))
+    envs: dict[str, GPT2Env] = {}
+    steps = divergences = 0
+    bar = tqdm(total=episodes * per_episode, desc="collect", unit="step", file=sys.stderr, disable=not progress)
+    try:
+        for k in range(first, first + episodes):
+            scenario = scenarios[k % len(scenarios)]
+            if scenario not in envs:
+                # one env per scenario, all logging into the same run folder
+                envs[scenario] = GPT2Env(preset=preset, scenario=scenario, corpus=corpus,
+                                         decision_interval=decision_interval, episode_steps=episode_steps,
+                                         run_dir=str(run_dir), config=config)
+            env = envs[scenario]
+            env._episode = k - 1  # reset() increments it: the logged episode number is k
+            env.reset(seed=seed + k)
+            rng = np.random.default_rng([seed, k])
+            kind = episode_policy(policy, k)
+            schedule = PerturbedSchedule(rng, ACTION_NVEC)
+            done = False
+            while not done:
+                mask = env.action_masks()
+                action = random_valid_action(rng, ACTION_NVEC, mask) if kind == "random" else schedule(mask)
+                _, _, terminated, truncated, info = env.step(action)
+                steps += 1
+                bar.update(1)
+                divergences += int(info["diverged"])
+                done = terminated or truncated
+            bar.set_postfix(episode=k, divergences=divergences)
+    finally:
+        bar.close()
+        for env in envs.values():
+            env.close()
+    if steps:
+        check_no_collisions(log_db)
+    rows = read_log_db(log_db).num_rows if log_db.exists() and any(log_db.glob("part-*.parquet")) else 0
+    return {"episodes": episodes, "first_episode": first, "env_steps": steps, "rows_before": rows_before,
+            "rows": rows, "divergences": divergences, "log_db": str(log_db)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m agents.collect", description=__doc__.split("\n\n")[0])
+    p.add_argument("--episodes", type=int, required=True, help="episodes to add in this call")
+    p.add_argument("--run-dir", required=True, help="run folder; rows go to RUN_DIR/log_db.parquet")
+    p.add_argument("--scenario", default="spiky", help="scenario name or YAML path; a comma list is cycled")
+    p.add_argument("--corpus", default="builtin", help="corpus (builtin, a text file/folder, hf:...)")
+    p.add_argument("--preset", default="tiny", help="GPT-2 preset (default tiny)")
+    p.add_argument("--seed", type=int, default=0, help="episode k runs with seed SEED + k")
+    p.add_argument("--episode-steps", type=int, default=200, help="optimizer steps per episode")
+    p.add_argument("--decision-interval", type=int, default=10, help="optimizer steps per env step")
+    p.add_argument("--policy", choices=POLICIES, default="mixed", help="exploration policy (default mixed)")
+    p.add_argument("--builtin-chars", type=int, default=None,
+                   help="characters of the built-in corpus (smaller starts faster; default from TrainConfig)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    try:
+        if args.episodes < 1:
+            raise ConfigError(f"--episodes: must be >= 1, got {args.episodes}")
+        if args.decision_interval < 1 or args.episode_steps < 2 * args.decision_interval:
+            raise ConfigError(f"--episode-steps {args.episode_steps} / --decision-interval "
+                              f"{args.decision_interval}: need episode steps >= 2 x decision interval >= 2 "
+                              "(reset runs one window, every logged env step another)")
+        scenarios = [s.strip() for s in args.scenario.split(",") if s.strip()]
+        if not scenarios:
+            raise ConfigError("--scenario: give at least one scenario name, e.g. spiky or spiky,calm")
+        summary = collect(episodes=args.episodes, run_dir=Path(args.run_dir), scenarios=scenarios,
+                          corpus=args.corpus, seed=args.seed, episode_steps=args.episode_steps,
+                          decision_interval=args.decision_interval, policy=args.policy, preset=args.preset,
+                          builtin_chars=args.builtin_chars, progress=not args.no_progress)
+    except STSOError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"collected {summary['episodes']} episodes (numbers {summary['first_episode']}.."
+          f"{summary['first_episode'] + summary['episodes'] - 1}), {summary['env_steps']} env steps, "
+          f"{summary['divergences']} divergences; {summary['log_db']} now has {summary['rows']} rows "
+          f"(was {summary['rows_before']})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

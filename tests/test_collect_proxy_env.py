@@ -1,0 +1,178 @@
+"""Exploratory collection into the log database, and STSO-Proxy-v0 built on a proxy trained from it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import stso_env  # noqa: F401  (registers the envs)
+from agents import collect
+from stso_env.envs.gpt2_env import ACTION_NVEC
+from stso_env.envs.proxy_env import ProxyEnv, ProxyVecModel
+from stso_env.errors import ConfigError, DataError
+from stso_env.proxy.dataset import build_targets
+from stso_env.proxy.logdb import read_log_db
+from stso_env.proxy.model import ProxyConfig, ProxyEnsemble
+
+REPO = Path(__file__).resolve().parent.parent
+# 40 training steps, one window at reset and 3 logged env steps per episode
+TINY_COLLECT = ["--episode-steps", "40", "--decision-interval", "10", "--builtin-chars", "20000",
+                "--scenario", "spiky,calm", "--policy", "mixed", "--seed", "3", "--no-progress"]
+
+
+def run_collect(run_dir: Path, episodes: int) -> subprocess.CompletedProcess:
+    # one thread: on a shared 2-core machine torch's thread pool is many times slower under contention
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "agents.collect", "--episodes", str(episodes),
+                           "--run-dir", str(run_dir), *TINY_COLLECT],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def collected(tmp_path_factory) -> Path:
+    """A run folder after two collect calls of 2 episodes each; the table after the first call is kept."""
+    run_dir = tmp_path_factory.mktemp("collect") / "run"
+    first = run_collect(run_dir, 2)
+    assert first.returncode == 0, first.stderr
+    t1 = read_log_db(run_dir / "log_db.parquet")
+    second = run_collect(run_dir, 2)
+    assert second.returncode == 0, second.stderr
+    (run_dir / "first_rows.txt").write_text(str(t1.num_rows))
+    return run_dir
+
+
+def test_collect_appends_without_collisions(collected: Path):
+    t = read_log_db(collected / "log_db.parquet")
+    first_rows = int((collected / "first_rows.txt").read_text())
+    assert first_rows == 6 and t.num_rows == 12  # 2 episodes x 3 env steps per call
+    ep = np.asarray(t.column("episode").to_pylist())
+    seed = np.asarray(t.column("seed").to_pylist())
+    assert sorted(set(ep.tolist())) == [0, 1, 2, 3]
+    assert np.all(seed == 3 + ep)  # episode k runs with seed --seed + k
+    keys = list(zip(t.column("run_id").to_pylist(), ep.tolist(), t.column("env_step").to_pylist()))
+    assert len(set(keys)) == len(keys)
+    scen = dict(zip(ep.tolist(), t.column("scenario").to_pylist()))
+    assert [scen[k] for k in range(4)] == ["spiky", "calm", "spiky", "calm"]
+    # every executed action respects the mask (skip_batch stays 0) and nothing was overridden
+    actions = np.asarray(t.column("action").to_pylist())
+    assert actions.shape == (12, 6) and not actions[:, 5].any()
+    assert not any(t.column("action_overridden").to_pylist())
+
+
+def test_collect_refuses_other_schema(tmp_path, capsys):
+    db = tmp_path / "run" / "log_db.parquet"
+    db.mkdir(parents=True)
+    pq.write_table(pa.table({"episode": [0], "something_else": [1.0]}), db / "part-00000000000000000001-x.parquet")
+    rc = collect.main(["--episodes", "1", "--run-dir", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "does not match assets/log_schema.json" in err and "new run folder" in err
+
+
+def test_policies_respect_mask():
+    rng = np.random.default_rng(0)
+    mask = np.ones(17, dtype=bool)
+    mask[-1] = False
+    for _ in range(200):
+        assert collect.random_valid_action(rng, ACTION_NVEC, mask)[5] == 0
+    sched = collect.PerturbedSchedule(rng, ACTION_NVEC)
+    acts = np.array([sched(mask) for _ in range(200)])
+    neutral = (acts == collect.NEUTRAL).all(1)
+    assert 0.3 < neutral.mean() < 0.95 and not acts[:, 5].any()
+
+
+@pytest.fixture(scope="module")
+def proxy_dir(collected: Path, tmp_path_factory) -> Path:
+    ds = build_targets(read_log_db(collected / "log_db.parquet"), horizon=2)
+    model = ProxyEnsemble(ProxyConfig(horizon=2, hidden=32, ensemble=3, epochs=30, patience=30, batch=64),
+                          state_dim=ds.state.shape[1], nvec=ds.action_nvec, state_names=ds.state_names)
+    model.fit(ds, ds)
+    return model.save(tmp_path_factory.mktemp("proxy"))
+
+
+def make_proxy_env(proxy_dir: Path, collected: Path, **kw) -> gym.Env:
+    return gym.make("STSO-Proxy-v0", proxy_dir=str(proxy_dir), log_db=str(collected / "log_db.parquet"),
+                    episode_steps=kw.pop("episode_steps", 20), **kw)
+
+
+def test_proxy_env_passes_checkers(proxy_dir: Path, collected: Path):
+    from gymnasium.utils.env_checker import check_env as gym_check
+    from stable_baselines3.common.env_checker import check_env as sb3_check
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the masked-skip override warning when checkers sample skip=1
+        gym_check(make_proxy_env(proxy_dir, collected).unwrapped, skip_render_check=True)
+        sb3_check(ProxyEnv(str(proxy_dir), str(collected / "log_db.parquet"), episode_steps=20), warn=True)
+        gym_check(make_proxy_env(proxy_dir, collected, sample_member=True).unwrapped, skip_render_check=True)
+
+
+def rollout(env: gym.Env, seed: int, n: int = 15):
+    obs, _ = env.reset(seed=seed)
+    rng = np.random.default_rng(seed)
+    states, rewards = [obs], []
+    for _ in range(n):
+        a = rng.integers(0, env.action_space.nvec)
+        a[5] = 0
+        obs, r, term, trunc, _ = env.step(a)
+        states.append(obs)
+        rewards.append(r)
+        if term or trunc:
+            break
+    return np.array(states), np.array(rewards)
+
+
+def test_proxy_env_same_seed_same_trajectory(proxy_dir: Path, collected: Path):
+    for kw in ({}, {"sample_member": True}):
+        a = rollout(make_proxy_env(proxy_dir, collected, **kw), seed=5)
+        b = rollout(make_proxy_env(proxy_dir, collected, **kw), seed=5)
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+        env = make_proxy_env(proxy_dir, collected, **kw)
+        assert np.all(np.abs(a[0]) <= 100) and a[0].dtype == np.float32
+        assert env.observation_space.contains(a[0][-1])
+
+
+def test_batched_path_equals_single_steps(proxy_dir: Path, collected: Path):
+    env = make_proxy_env(proxy_dir, collected).unwrapped
+    vec = ProxyVecModel(str(proxy_dir), nats_per_loss_unit=env.model.nats_per_loss_unit)
+    rng = np.random.default_rng(1)
+    states, actions, singles = [], [], []
+    for seed in range(8):
+        obs, _ = env.reset(seed=seed)
+        a = rng.integers(0, env.action_space.nvec)
+        a[5] = 0
+        nxt, r, term, _, _ = env.step(a)
+        states.append(obs)
+        actions.append(a)
+        singles.append((nxt, r, term))
+    ns, rs, ts = vec.step_batch(np.array(states), np.array(actions))
+    assert ns.shape == (8, 50) and rs.shape == (8,) and ts.dtype == bool
+    for i, (nxt, r, term) in enumerate(singles):
+        np.testing.assert_allclose(ns[i], nxt, rtol=1e-5, atol=1e-5)
+        assert abs(rs[i] - r) < 1e-4 and ts[i] == term
+    # mean next state agrees with ProxyEnsemble.predict, the documented transition
+    pred = vec.model.predict(np.array(states), np.array(actions))
+    np.testing.assert_allclose(ns, np.clip(pred["next_state"], -100, 100), rtol=1e-5, atol=1e-5)
+
+
+def test_proxy_env_masks_and_errors(proxy_dir: Path, collected: Path):
+    env = make_proxy_env(proxy_dir, collected).unwrapped
+    assert env.action_masks().tolist() == [True] * 16 + [False]
+    env.reset(seed=0)
+    with pytest.warns(UserWarning, match="skip_batch is masked"):
+        _, _, _, _, info = env.step([2, 1, 0, 0, 0, 1])
+    assert info["action_overridden"]
+    with pytest.raises(ValueError, match="outside the action space"):
+        env.step([9, 0, 0, 0, 0, 0])
+    with pytest.raises(DataError, match="states"):
+        env.model.step_batch(np.zeros((2, 7)), np.zeros((2, 6), dtype=int))
+    with pytest.raises(ConfigError, match="reward_weights"):
+        make_proxy_env(proxy_dir, collected, reward_weights={"speed": 1.0})
