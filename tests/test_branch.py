@@ -1,0 +1,194 @@
+"""Branch orchestrator: files, collapse rule, FLOP accounting, isolation of the real run, masks, config errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import stso_env  # noqa: F401  (registers the env)
+from stso_env.branch import BranchConfig, BranchOrchestrator, real_score, valid_actions
+from stso_env.envs.gpt2_env import NEUTRAL_ACTION
+from stso_env.errors import ConfigError
+from stso_env.proxy.model import ProxyConfig, ProxyEnsemble
+
+ENV = {"preset": "tiny", "scenario": "spiky", "decision_interval": 5, "episode_steps": 200}
+STEPS = [[1, 1, 1, 0, 0, 0]]  # one window: training steps dominate the runtime on 2 cores
+
+
+def proxy() -> ProxyEnsemble:
+    # untrained on purpose: the orchestrator must work with any proxy
+    return ProxyEnsemble(ProxyConfig(horizon=4, hidden=16, layers=1, ensemble=3, seed=0))
+
+
+def make_env(**kw):
+    env = gym.make("STSO-GPT2-v0", **{**ENV, **kw})
+    env.reset(seed=0)
+    for a in STEPS:
+        env.step(a)
+    return env
+
+
+@pytest.fixture(scope="module")
+def decided(tmp_path_factory):
+    """One decision on a tiny run, with a fork taken before it as the reference for isolation."""
+    out = tmp_path_factory.mktemp("branches")
+    env = make_env()
+    base = env.unwrapped
+    base.snapshot()
+    reference = base.fork()
+    spare = base.fork()  # for the rollback test, so it needs no second reset
+    obs_before, step_before = base._obs.copy(), base.trainer.global_step
+    # use_ray=True: without ray installed this must fall back to the sequential path
+    cfg = BranchConfig(n_candidates=20, top_k=3, verify_steps=10, out_dir=str(out), seed=1, use_ray=True)
+    decision = BranchOrchestrator(cfg, proxy()).decide(env, "run0")
+    yield env, reference, decision, cfg, obs_before, step_before, spare
+    reference.close()
+    spare.close()
+    env.close()
+
+
+def test_decision_files(decided):
+    _, _, d, cfg, _, step, _ = decided
+    assert d.path.name == "decision.json" and d.path.parent.name == str(step)
+    doc = json.loads(d.path.read_text())
+    for key in ("trigger_state", "candidates", "verification", "chosen_action", "reason", "executor"):
+        assert key in doc, key
+    assert len(doc["trigger_state"]["obs"]) == len(doc["trigger_state"]["names"]) == 50
+    assert len(doc["candidates"]) == cfg.n_candidates
+    assert len(doc["verification"]) == cfg.top_k
+    assert doc["executor"] == "sequential"
+    for v in doc["verification"]:
+        cand = json.loads((d.path.parent / f"candidate_{v['id']}.json").read_text())
+        assert cand["action"] == v["action"]
+        lines = (d.path.parent / f"verification_{v['id']}.log").read_text().splitlines()
+        assert len(lines) == v["env_steps"] == 2  # 10 training steps / decision_interval 5
+        for line in lines:
+            assert set(json.loads(line)) == {"global_step", "train_loss", "probe_loss", "reward"}
+    manifest = json.loads((d.path.parent / "seed_manifest.json").read_text())
+    assert manifest["env_seed"] == 0 and len(manifest["fork_ids"]) == cfg.top_k
+    assert manifest["config"]["top_k"] == cfg.top_k
+    assert not list(d.path.parent.glob("*.tmp"))
+
+
+def test_chosen_is_best_verified(decided):
+    _, _, d, cfg, _, _, _ = decided
+    scores = [real_score({**v, "probe_loss": v["probe_loss"] if v["probe_loss"] is not None else math.nan}, cfg)
+              for v in d.verification]
+    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+    assert d.chosen_action == d.verification[best]["action"]
+    # proxy table is sorted best first and the verified ones are its head
+    table = [c["score"] for c in d.candidates]
+    assert table == sorted(table, reverse=True)
+    assert [v["action"] for v in d.verification] == [c["action"] for c in d.candidates[: cfg.top_k]]
+
+
+def test_verification_flops_are_wasted(decided):
+    env, _, d, _, _, _, _ = decided
+    wasted = env.unwrapped.monitor.events.wasted_by_reason
+    assert wasted["verification"] > 0
+    assert wasted["verification"] == pytest.approx(sum(v["flops"] for v in d.verification))
+    assert d.wasted_flops == pytest.approx(wasted["verification"])
+
+
+def test_real_run_untouched(decided):
+    env, reference, d, _, obs_before, step_before, _ = decided
+    base = env.unwrapped
+    assert base.trainer.global_step == step_before and d.restored_from is None
+    np.testing.assert_array_equal(base._obs, obs_before)
+    a = np.asarray(d.chosen_action)
+    obs_real, r_real, *_ = env.step(a)
+    obs_ref, r_ref, *_ = reference.step(a)
+    np.testing.assert_array_equal(obs_real, obs_ref)
+    assert r_real == r_ref
+
+
+def test_candidates_respect_mask(decided):
+    _, _, d, _, _, _, _ = decided
+    assert all(c["action"][5] == 0 for c in d.candidates)
+    mask = np.ones(17, dtype=bool)
+    assert len(valid_actions(mask)) == 384
+    mask[-1] = False
+    grid = valid_actions(mask)
+    assert len(grid) == 192 and not grid[:, 5].any()
+
+
+def test_bandit_distinct_and_masked():
+    orch = BranchOrchestrator(BranchConfig(n_candidates=30, top_k=2), proxy())
+    mask = np.ones(17, dtype=bool)
+    mask[-1] = False
+    rows, method = orch.candidates(np.zeros(50, np.float32), mask, np.random.default_rng(0))
+    assert method.startswith("ucb-bandit")
+    actions = [tuple(r["action"]) for r in rows]
+    assert len(actions) == len(set(actions)) == 30
+    assert tuple(NEUTRAL_ACTION) in actions and all(a[5] == 0 for a in actions)
+
+
+def test_rollback_charges_flops(decided, tmp_path):
+    base = decided[-1]
+    sid = base.snapshot()
+    base.step(STEPS[0])
+    base.step(STEPS[0])
+    cfg = BranchConfig(delta=10, n_candidates=5, top_k=1, verify_steps=5, out_dir=str(tmp_path))
+    d = BranchOrchestrator(cfg, proxy()).decide(base, "rb")
+    assert d.restored_from == sid and base.trainer.global_step == sid
+    wasted = base.monitor.events.wasted_by_reason
+    assert wasted["rollback"] > 0 and wasted["verification"] > 0
+    assert d.path.parent.name == str(sid + 10) and "rolled back" in d.reason
+
+
+@pytest.mark.parametrize("kw", [
+    {"n_candidates": 0}, {"top_k": 0}, {"top_k": 30, "n_candidates": 20}, {"verify_steps": 0},
+    {"delta": -1}, {"alpha": -1.0}, {"beta": math.nan}, {"conformal_level": 1.0}, {"horizon": 0},
+    {"n_candidates": 1000}, {"use_ray": "yes"}, {"out_dir": ""}, {"alpha": 0, "beta": 0, "gamma": 0},
+])
+def test_bad_config(kw):
+    field = next(iter(kw))
+    with pytest.raises(ConfigError, match=field if field != "alpha" or len(kw) == 1 else "alpha"):
+        BranchConfig(**kw)
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ConfigError, match="horizon"):
+        BranchOrchestrator(BranchConfig(horizon=7), proxy())
+    with pytest.raises(ConfigError, match="proxy"):
+        BranchOrchestrator(BranchConfig(), object())  # type: ignore[arg-type]
+    orch = BranchOrchestrator(BranchConfig(n_candidates=5, top_k=1, out_dir=str(tmp_path)), proxy())
+    with pytest.raises(ConfigError, match="run_name"):
+        orch.decide(gym.make("STSO-GPT2-v0", **ENV), "../x")
+
+
+def test_ray_requested_without_ray_runs_sequentially(decided):
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("ray is installed; this checks the fallback when it is not")
+    d = decided[2]
+    assert d.executor == "sequential" and "Ray was requested" in d.reason
+
+
+class _FakeCalibrator:
+    """Stands in for MAPIE's SplitConformalRegressor: upper bound = lr_change column * 10 (level 0.9)."""
+
+    _alphas = [0.1]
+
+    def predict_interval(self, feats):
+        upper = feats[:, 50] * 10.0
+        return upper, np.stack([upper - 1, upper], axis=1)[:, :, None]
+
+
+def test_score_uses_conformal_upper_bound():
+    cfg = BranchConfig(n_candidates=4, top_k=1, beta=0.0, gamma=0.0)
+    orch = BranchOrchestrator(cfg, proxy(), calibrator=_FakeCalibrator())
+    actions = np.array([[a, 1, 0, 0, 0, 0] for a in range(4)])
+    rows = orch.score(np.zeros(50, np.float32), actions)
+    assert [r["loss_upper"] for r in rows] == [0.0, 10.0, 20.0, 30.0]
+    assert [r["score"] for r in rows] == [-0.0, -10.0, -20.0, -30.0]
+    with pytest.raises(ConfigError, match="level"):
+        BranchOrchestrator(BranchConfig(conformal_level=0.8), proxy(), _FakeCalibrator()).score(
+            np.zeros(50, np.float32), actions)
