@@ -1,4 +1,5 @@
 # Set-up is part of every target: a fresh clone needs only `make train` or `make test`.
+# The `distributed` extra (ray) is installed too, so the suite covers the parallel verification path.
 # torch is installed first, pinned, because a bare `torch` requirement would pull a
 # multi-GB CUDA build; constraints.txt keeps every later pip call on that build.
 PYTHON ?= python3
@@ -12,7 +13,7 @@ PIP    := $(VPY) -m pip install --disable-pip-version-check -q
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) -c constraints.txt -e '.[dev]'
+	$(PIP) -c constraints.txt -e '.[dev,distributed]'
 	@touch $(STAMP)
 
 venv: $(STAMP)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+from dataclasses import asdict
 
 import gymnasium as gym
 import numpy as np
@@ -42,8 +44,7 @@ def decided(tmp_path_factory):
     reference = base.fork()
     spare = base.fork()  # for the rollback test, so it needs no second reset
     obs_before, step_before = base._obs.copy(), base.trainer.global_step
-    # use_ray=True: without ray installed this must fall back to the sequential path
-    cfg = BranchConfig(n_candidates=20, top_k=3, verify_steps=10, out_dir=str(out), seed=1, use_ray=True)
+    cfg = BranchConfig(n_candidates=20, top_k=3, verify_steps=10, out_dir=str(out), seed=1)
     decision = BranchOrchestrator(cfg, proxy()).decide(env, "run0")
     yield env, reference, decision, cfg, obs_before, step_before, spare
     reference.close()
@@ -161,15 +162,34 @@ def test_bad_arguments(tmp_path):
         orch.decide(gym.make("STSO-GPT2-v0", **ENV), "../x")
 
 
-def test_ray_requested_without_ray_runs_sequentially(decided):
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("ray is installed; this checks the fallback when it is not")
-    d = decided[2]
+def test_ray_requested_without_ray_runs_sequentially(decided, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)  # makes `import ray` fail, as without the extra
+    _, reference, _, cfg, *_ = decided
+    fork = reference.fork()
+    cfg2 = BranchConfig(**{**asdict(cfg), "use_ray": True, "out_dir": str(tmp_path), "top_k": 2})
+    d = BranchOrchestrator(cfg2, proxy()).decide(fork, "run-noray")
+    fork.close()
     assert d.executor == "sequential" and "Ray was requested" in d.reason
+
+
+def test_ray_path_on_a_local_two_cpu_ray_matches_sequential(decided, tmp_path):
+    """Verification as Ray tasks (the `distributed` extra) gives the same outcomes as in-process forks."""
+    ray = pytest.importorskip("ray", reason="the Ray path needs the `distributed` extra (make test installs it)")
+    _, reference, _, cfg, *_ = decided
+    results = {}
+    for use_ray in (False, True):
+        fork = reference.fork()
+        c = BranchConfig(**{**asdict(cfg), "use_ray": use_ray, "out_dir": str(tmp_path / str(use_ray)),
+                            "top_k": 2})
+        d = BranchOrchestrator(c, proxy()).decide(fork, "run-ray")
+        fork.close()
+        results[use_ray] = d
+    assert results[True].executor == "ray" and results[False].executor == "sequential"
+    assert ray.is_initialized() and ray.cluster_resources().get("CPU") == 2.0
+    assert results[True].verification == results[False].verification
+    assert results[True].chosen_action == results[False].chosen_action
+    assert results[True].wasted_flops == results[False].wasted_flops > 0
+    ray.shutdown()
 
 
 class _FakeCalibrator:
