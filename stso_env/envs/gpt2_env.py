@@ -360,7 +360,7 @@ class GPT2Env(gym.Env):
         terminated = bool(diverged)
         truncated = bool(not terminated and tr.global_step >= self.episode_steps)
         self._done = terminated or truncated
-        reading = mon._last
+        reading = mon.latest
         info = {
             "global_step": tr.global_step, "train_loss": last.loss, "probe_loss": self._probe,
             "uncertainty_index": reading["index"], "trigger": reading["trigger"],

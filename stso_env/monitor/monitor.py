@@ -63,7 +63,6 @@ class Monitor:
         self._layers: dict[str, float] = {k: math.nan for k in BASE_FEATURES if "entropy" in k}
         self._prev: dict[str, float] | None = None
         self._ema: dict[str, float] | None = None
-        self.last_reading: Any = None
         # z-scores, index and trigger of the latest step, kept as plain data so a restored
         # monitor can produce an observation before its next step
         self._last: dict[str, Any] = {"z": {n: 0.0 for n in self.index.component_names}, "index": 0.0,
@@ -93,7 +92,6 @@ class Monitor:
             attention_entropy=_finite_or_none(self._layers["attn_entropy_mean"]),
             activation_entropy=_finite_or_none(self._layers["act_entropy_mean"]),
         )
-        self.last_reading = reading
         self._last = {"z": dict(reading.z), "index": float(reading.index), "trigger": bool(reading.trigger)}
         self._window.append({
             "loss": s.loss, "grad_norm": s.grad_norm, "lr": s.lr, "weight_decay": s.weight_decay,
@@ -101,6 +99,11 @@ class Monitor:
             "batch_loss_mean": s.seq_loss_mean, "batch_loss_var": s.seq_loss_var,
         })
         return {**ev, "index": reading.index, "trigger": reading.trigger, "fired": reading.fired}
+
+    @property
+    def latest(self) -> dict[str, Any]:
+        """Index, trigger and component z-scores of the latest step (plain data, survives a restore)."""
+        return {"z": dict(self._last["z"]), "index": self._last["index"], "trigger": self._last["trigger"]}
 
     # ------------------------------------------------------------------ observation
 
@@ -180,7 +183,6 @@ class Monitor:
         self.global_step = int(state["global_step"])
         self._last = {"z": dict(state["last"]["z"]), "index": float(state["last"]["index"]),
                       "trigger": bool(state["last"]["trigger"])}
-        self.last_reading = None
 
 
 def _finite_or_none(x: float) -> float | None:

@@ -97,7 +97,7 @@ class StepStats:
 
 
 class WarmupCosine:
-    """LR factor: linear warm-up to 1, cosine down to ``min_ratio``; a picklable-free plain object.
+    """LR factor: linear warm-up to 1, cosine down to ``min_ratio``.
 
     ``LambdaLR.state_dict`` stores this object's ``__dict__`` (plain numbers), so
     the schedule itself is saved with the state.
