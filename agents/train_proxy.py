@@ -93,48 +93,61 @@ def main(argv: Sequence[str] | None = None) -> int:
             v = getattr(args, name)
             if not 0.0 <= v < 1.0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must lie in [0, 1), got {v}")
-        path = Path(args.log_db)
-        if not path.exists():
-            raise DataError(f"--log-db {path}: does not exist; pass the log_db.parquet folder of a run")
-        table = read_log_db(path)
-        if table.num_rows == 0:
-            raise DataError(f"--log-db {path}: the log database has no rows; collect episodes first")
-        ds = build_targets(table, args.horizon)
-        parts = split_runs(ds, args.test_seeds, calib_frac=args.calib_frac, valid_frac=args.valid_frac,
-                           seed=args.seed)
         cfg = ProxyConfig(horizon=args.horizon, hidden=args.hidden, layers=args.layers, ensemble=args.ensemble,
                           lr=args.lr, epochs=args.epochs, patience=args.patience, seed=args.seed)
-        model = ProxyEnsemble(cfg, state_dim=ds.state.shape[1], nvec=ds.action_nvec, state_names=ds.state_names)
-        t0 = time.perf_counter()
-        with tqdm(total=cfg.epochs, desc="proxy", unit="epoch", file=sys.stderr) as bar:
-            def progress(epoch: int, tl: float, vl: float) -> None:
-                bar.update(1)
-                bar.set_postfix(train=f"{tl:.3f}", valid=f"{vl:.3f}")
-
-            model.fit(parts["train"], parts["valid"], progress=progress)
-        fit_s = time.perf_counter() - t0
-        report = evaluate(model, parts["calib"], parts["test"])
+        report = fit_proxy(Path(args.log_db), Path(args.out), cfg, test_seeds=args.test_seeds,
+                           calib_frac=args.calib_frac, valid_frac=args.valid_frac)
     except STSOError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out = Path(args.out)
+    print_report(report, Path(args.out))
+    return 0
+
+
+def fit_proxy(log_db: Path, out: Path, cfg: ProxyConfig, *, test_seeds: Sequence[int] | None = None,
+              calib_frac: float = 0.25, valid_frac: float = 0.15, progress: bool = True) -> dict[str, Any]:
+    """Split ``log_db`` by runs, fit ``cfg``'s ensemble with early stopping, calibrate and evaluate it,
+    and write ``proxy.json``, ``proxy.safetensors`` and ``proxy_report.json`` to ``out``; returns the report."""
+    if not log_db.exists():
+        raise DataError(f"--log-db {log_db}: does not exist; pass the log_db.parquet folder of a run")
+    table = read_log_db(log_db)
+    if table.num_rows == 0:
+        raise DataError(f"--log-db {log_db}: the log database has no rows; collect episodes first")
+    ds = build_targets(table, cfg.horizon)
+    parts = split_runs(ds, test_seeds, calib_frac=calib_frac, valid_frac=valid_frac, seed=cfg.seed)
+    model = ProxyEnsemble(cfg, state_dim=ds.state.shape[1], nvec=ds.action_nvec, state_names=ds.state_names)
+    t0 = time.perf_counter()
+    with tqdm(total=cfg.epochs, desc="proxy", unit="epoch", file=sys.stderr, disable=not progress) as bar:
+        def on_epoch(epoch: int, tl: float, vl: float) -> None:
+            bar.update(1)
+            bar.set_postfix(train=f"{tl:.3f}", valid=f"{vl:.3f}")
+
+        model.fit(parts["train"], parts["valid"], progress=on_epoch)
+    fit_s = time.perf_counter() - t0
+    report = evaluate(model, parts["calib"], parts["test"])
     model.save(out)
     report.update({
-        "horizon": args.horizon, "n_train": len(parts["train"]), "n_valid": len(parts["valid"]),
+        "horizon": cfg.horizon, "n_train": len(parts["train"]), "n_valid": len(parts["valid"]),
+        "n_train_runs": int(len(np.unique(parts["train"].groups))),
         "test_seeds": parts["test_seeds"], "valid_is_calib": parts["valid_is_calib"],
         "epochs_run": len(model.curve), "fit_seconds": round(fit_s, 2),
         "best_valid_loss": min(c["valid_loss"] for c in model.curve),
     })
     (out / "proxy_report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    return report
+
+
+def print_report(report: dict[str, Any], out: Path) -> None:
+    """One short summary of a :func:`fit_proxy` report on stdout."""
     auroc = report["divergence_auroc"]
-    print(f"proxy: {len(parts['train'])} train / {len(parts['calib'])} calib / {len(parts['test'])} test rows, "
-          f"{len(model.curve)} epochs in {fit_s:.1f}s")
-    print(f"  loss_at_{args.horizon}: R2 {report['loss_r2']:.3f}  MAE {report['loss_mae']:.4f}")
+    print(f"proxy: {report['n_train']} train / {report['n_calib']} calib / {report['n_test']} test rows, "
+          f"{report['epochs_run']} epochs in {report['fit_seconds']:.1f}s")
+    r2 = report["loss_r2"]
+    print(f"  loss_at_{report['horizon']}: R2 {'n/a' if r2 is None else f'{r2:.3f}'}  MAE {report['loss_mae']:.4f}")
     print(f"  divergence: AUROC {'n/a' if auroc is None else f'{auroc:.3f}'}  "
           f"Brier {report['divergence_brier']:.4f}")
     print("  coverage: " + "  ".join(f"{k}: {v:.3f}" for k, v in report["coverage"].items()))
     print(f"  wrote {out / 'proxy.json'}, {out / 'proxy.safetensors'}, {out / 'proxy_report.json'}")
-    return 0
 
 
 if __name__ == "__main__":

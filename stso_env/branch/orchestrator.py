@@ -30,6 +30,8 @@ One :meth:`BranchOrchestrator.decide` call does, on a reset ``STSO-GPT2-v0`` env
    divergence. The real score uses the same weights on these numbers; a
    divergence is the worst possible score. Every training FLOP of the forks is
    charged as wasted (reason ``"verification"``).
+   With ``verify=False`` (the proxy-only ablation) nothing is verified and the
+   proxy's best candidate is returned; ``decision.json`` is still written.
 5. **Collapse**: the verified candidate with the best real score is returned
    (ties go to the better proxy rank). The caller steps the real env with it.
 
@@ -53,6 +55,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +77,7 @@ class BranchConfig:
     delta: int = 0  # roll back to a snapshot at least this many training steps old (0: branch from now)
     n_candidates: int = 200  # proxy-scored candidate actions (all valid ones when fewer)
     top_k: int = 5  # candidates verified by real rollouts in forks
+    verify: bool = True  # False: apply the proxy's best candidate without real rollouts (ablation)
     verify_steps: int = 50  # training steps per verification rollout (rounded up to whole env steps)
     horizon: int | None = None  # proxy horizon N in env steps; None: the proxy's own (must match it)
     alpha: float = 1.0  # weight of -E[loss@N]
@@ -112,6 +116,8 @@ class BranchConfig:
         lv = self.conformal_level
         if isinstance(lv, bool) or not isinstance(lv, (int, float)) or not 0 < lv < 1:
             raise ConfigError(f"branch config conformal_level: must be in (0, 1), e.g. 0.9, got {lv!r}")
+        if not isinstance(self.verify, bool):
+            raise ConfigError(f"branch config verify: must be true or false, got {self.verify!r}")
         if not isinstance(self.use_ray, bool):
             raise ConfigError(f"branch config use_ray: must be true or false, got {self.use_ray!r}")
         if not isinstance(self.out_dir, (str, os.PathLike)) or not str(self.out_dir):
@@ -347,13 +353,16 @@ class BranchOrchestrator:
         # 1. rollback to a snapshot at least delta steps old
         restored_from: int | None = None
         rollback_flops = 0.0
+        restore_seconds = 0.0
         if cfg.delta > 0 and base._store is not None:
             base._store.wait()
             old = [s for s in base._store.list() if s <= trigger_step - cfg.delta]
             if old:
                 restored_from = max(old)
                 flops_before = float(base._total_flops)
+                t_restore = time.perf_counter()
                 base.restore(restored_from)
+                restore_seconds = time.perf_counter() - t_restore
                 # charged after the restore: the restore rewinds the event tracker too
                 rollback_flops = max(0.0, flops_before - float(base._total_flops))
                 events = base.monitor.events
@@ -365,9 +374,12 @@ class BranchOrchestrator:
         rows, method = self.candidates(state, base.action_masks(), rng)
         top = rows[: cfg.top_k]
 
-        # 4. verification in forks
+        # 4. verification in forks (none in the proxy-only ablation)
         env_steps = max(1, math.ceil(cfg.verify_steps / base.decision_interval))
-        outcomes, executor = self._verify(base, [r["action"] for r in top], env_steps)
+        if cfg.verify:
+            outcomes, executor = self._verify(base, [r["action"] for r in top], env_steps)
+        else:
+            top, outcomes, executor = [], [], "none"
         verification = []
         for r, out in zip(top, outcomes):
             s = real_score(out, cfg)
@@ -381,9 +393,16 @@ class BranchOrchestrator:
         events.add_wasted(verify_flops, "verification")
 
         # 5. collapse: best real score, ties to the better proxy rank (verification is in rank order)
-        best = max(range(len(verification)), key=lambda i: (verification[i]["_score"], -i))
-        chosen = verification[best]
-        if math.isfinite(chosen["_score"]):
+        if verification:
+            best = max(range(len(verification)), key=lambda i: (verification[i]["_score"], -i))
+            chosen = verification[best]
+        else:
+            chosen = {"id": rows[0]["id"], "action": rows[0]["action"], "_score": math.nan}
+        if not cfg.verify:
+            reason = (f"candidate {chosen['id']} {self._describe(chosen['action'])} had the best proxy score "
+                      f"{rows[0]['score']:.4f} of {len(rows)} candidates ({method}); applied without "
+                      "verification (verify=False)")
+        elif math.isfinite(chosen["_score"]):
             reason = (f"candidate {chosen['id']} {self._describe(chosen['action'])} had the best verified score "
                       f"{chosen['_score']:.4f} of {len(verification)} real rollouts of {env_steps} env steps "
                       f"(probe loss {chosen['probe_loss']:.4f}, {chosen['instability_events']} instability events, "
@@ -397,7 +416,7 @@ class BranchOrchestrator:
                        f"({rollback_flops:.3g} FLOPs charged as rollback)")
         elif cfg.delta > 0:
             reason += f"; no snapshot was at least {cfg.delta} steps old, so the branch started from the current step"
-        if cfg.use_ray and executor != "ray":
+        if cfg.use_ray and cfg.verify and executor != "ray":
             reason += "; Ray was requested but is not installed, so verification ran sequentially"
 
         # files
@@ -437,7 +456,7 @@ class BranchOrchestrator:
         return BranchDecision(step=trigger_step, chosen_action=list(chosen["action"]), candidates=table,
                               verification=verification, reason=reason, path=path,
                               wasted_flops=verify_flops + rollback_flops, restored_from=restored_from,
-                              executor=executor)
+                              executor=executor, extra={"restore_seconds": restore_seconds})
 
     @staticmethod
     def _describe(action: list[int]) -> str:

@@ -67,8 +67,11 @@ def calibrate(model: ProxyEnsemble, calib: ProxyDataset,
               levels: tuple[float, ...] = CONFIDENCE_LEVELS) -> SplitConformalRegressor:
     """Conformalize ``model``'s ``loss_at_n`` on ``calib`` (whole held-out runs)."""
     ok = _finite_rows(calib)
-    if ok.sum() < 2:
-        raise DataError(f"calibration set: {int(ok.sum())} usable rows; hold out more runs for calibration")
+    # split conformal needs more than 1/(1-level) scores for its highest level (20 for 0.95)
+    need = max(2, math.floor(1.0 / (1.0 - max(levels)) + 1e-9) + 1)
+    if ok.sum() < need:
+        raise DataError(f"calibration set: {int(ok.sum())} usable rows; conformal level {max(levels)} needs at "
+                        f"least {need}; collect more or longer episodes, or raise the calibration fraction")
     reg = SplitConformalRegressor(LossRegressor(model), confidence_level=list(levels), prefit=True)
     reg.conformalize(calib.features()[ok], calib.loss_at_n[ok].astype(np.float64))
     return reg

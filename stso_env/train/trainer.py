@@ -217,6 +217,13 @@ class Trainer:
         #: optimizer step, a momentum reset, a reorder, a load): an overlapped checkpoint
         #: snapshot (``CheckpointStore.save(..., overlap=True)``) registers its barrier here.
         self.mutation_barriers: list[Callable[[], Any]] = []
+        #: Per-step hooks of controllers that act inside a window (SPAM's resets and LR warm-up,
+        #: hypergradient descent). ``pre_step_hooks`` run at the start of ``train_step`` and may
+        #: turn knobs; ``pre_update_hooks`` run after the backward pass and clipping, with the
+        #: gradients in ``p.grad``, before the LR is set and the optimizer steps. Hooks are not
+        #: part of the saved state: their owners keep their own.
+        self.pre_step_hooks: list[Callable[[Trainer], Any]] = []
+        self.pre_update_hooks: list[Callable[[Trainer], Any]] = []
 
     def _barrier(self) -> None:
         for fn in self.mutation_barriers:
@@ -259,6 +266,8 @@ class Trainer:
         t0 = time.perf_counter()
         cfg, k = self.cfg, self.knobs
         step = self.global_step
+        for hook in self.pre_step_hooks:
+            hook(self)
 
         # One-shot interventions act before the batch is drawn.
         if k.momentum_reset or k.reorder:
@@ -297,6 +306,10 @@ class Trainer:
 
         seq_losses, grad_norm, applied_norm, bound = self._backward(inputs, labels, loss_mult)
         nonfinite = not (math.isfinite(grad_norm) and torch.isfinite(seq_losses).all())
+        if not nonfinite and self.pre_update_hooks:
+            for hook in self.pre_update_hooks:
+                hook(self)
+            lr = sched_lr[0] * k.lr_scale * lr_mult
         if not nonfinite:
             for group, base_lr in zip(self.optimizer.param_groups, sched_lr):
                 group["lr"] = base_lr * k.lr_scale * lr_mult

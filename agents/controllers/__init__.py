@@ -1,0 +1,66 @@
+"""Controllers of a GPT-2 pre-training run, behind one interface (:mod:`agents.controllers.base`).
+
+| name             | method                                                                  | module          |
+|------------------|-------------------------------------------------------------------------|-----------------|
+| ``fixed``        | the configured schedule, untouched (the neutral action)                 | schedules       |
+| ``rule``         | ablation A: fixed rules on the uncertainty index                        | schedules       |
+| ``zclip``        | ZClip adaptive gradient clipping throughout                             | clipping        |
+| ``arc``          | Adaptive Robust Clipping over micro-batch shards throughout             | clipping        |
+| ``spam``         | SPAM: periodic momentum resets + LR warm-up + spike-aware clipping      | spam            |
+| ``hd``           | Adam-HD hypergradient descent on the learning rate                      | hypergradient   |
+| ``pbt``          | population based training over forks (exploit / explore)                | pbt             |
+| ``stso``         | the branch orchestrator on index triggers (full method, ablation C)     | branching       |
+| ``proxy_only``   | ablation B: the proxy's best candidate, no verification                 | branching       |
+| ``single_trigger``| ablation D: full method triggered by loss volatility alone             | branching       |
+| ``policy``       | a learned policy loaded from ``policy.zip``                             | learned         |
+
+``make_controller(name, ...)`` builds one by name; methods that need a proxy
+artefact or a policy file get ``proxy_dir`` / ``policy_path``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any
+
+from agents.controllers.base import Controller
+
+CONTROLLERS: dict[str, tuple[str, str]] = {
+    "fixed": ("agents.controllers.schedules", "FixedSchedule"),
+    "rule": ("agents.controllers.schedules", "RuleBased"),
+    "zclip": ("agents.controllers.clipping", "ZClipController"),
+    "arc": ("agents.controllers.clipping", "ARCController"),
+    "spam": ("agents.controllers.spam", "SPAMController"),
+    "hd": ("agents.controllers.hypergradient", "AdamHD"),
+    "pbt": ("agents.controllers.pbt", "PBT"),
+    "stso": ("agents.controllers.branching", "BranchController"),
+    "proxy_only": ("agents.controllers.branching", "ProxyOnly"),
+    "single_trigger": ("agents.controllers.branching", "SingleIndicator"),
+    "policy": ("agents.controllers.learned", "LearnedPolicy"),
+}
+
+
+def controller_class(name: str) -> type[Controller]:
+    """The class registered under ``name``; an unknown name is a clear error."""
+    if name not in CONTROLLERS:
+        raise ValueError(f"controller {name!r} is unknown; choose from {', '.join(CONTROLLERS)}")
+    module, cls = CONTROLLERS[name]
+    return getattr(importlib.import_module(module), cls)
+
+
+def make_controller(name: str, *, settings: dict[str, Any] | None = None, **resources: Any) -> Controller:
+    """Build controller ``name`` with its ``settings`` (constructor keywords) and whichever of the
+    shared ``resources`` (``proxy_dir``, ``policy_path``, ``branch_dir``) its constructor takes."""
+    cls = controller_class(name)
+    params = inspect.signature(cls.__init__).parameters
+    kwargs = {k: v for k, v in resources.items() if k in params and v is not None}
+    settings = dict(settings or {})
+    unknown = sorted(k for k in settings if k not in params)
+    if unknown:
+        allowed = [p for p in params if p not in ("self", "proxy_dir", "policy_path", "branch_dir")]
+        raise ValueError(f"controller {name!r}: unknown setting(s) {unknown}; allowed: {allowed}")
+    return cls(**kwargs, **settings)
+
+
+__all__ = ["CONTROLLERS", "Controller", "controller_class", "make_controller"]

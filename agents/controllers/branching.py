@@ -1,0 +1,164 @@
+"""Branch-simulation controllers: the full STSO method and its ablations B and D.
+
+* :class:`BranchController` (``stso``, ablation C = the full method): when the
+  monitor's uncertainty-index trigger is on (``info["trigger"]``) and no decision
+  was taken in the last ``cooldown_windows`` env steps, run one
+  :meth:`~stso_env.branch.BranchOrchestrator.decide`: proxy-score
+  ``n_candidates`` actions from the grid, verify the ``top_k`` best in forks for
+  ``verify_steps`` training steps, apply the best verified one. The chosen
+  action is then *held* for as many env steps as it was verified for (what was
+  verified is what runs); afterwards the controller sends the neutral LR change
+  and no one-shot interventions, but keeps the chosen weight decay and clip
+  policy, which are persistent settings the verification found better.
+* :class:`ProxyOnly` (``proxy_only``, ablation B): the same trigger and proxy
+  scoring, but the proxy's best candidate is applied without verification.
+* :class:`SingleIndicator` (``single_trigger``, ablation D): the full method,
+  triggered by a single indicator, the loss-volatility z-score
+  (``u_loss_volatility``) above the index threshold ``tau``, instead of the
+  combined index.
+
+Accounting: verification and rollback FLOPs (``BranchDecision.wasted_flops``)
+are training outside the kept main run: they go to ``extra_flops`` (the
+orchestrator has already charged them as wasted in the run's event tracker),
+the proxy scoring time of each decision to ``proxy_ms``, snapshot and restore
+time to ``io_seconds``. Decisions are written under
+``<branch_dir>/<run_name>/<step>/``.
+
+Defaults are scaled to tiny runs of a few hundred to a few thousand steps:
+``top_k=3`` forks of ``verify_steps=20`` steps cost 60 training steps per
+decision, and ``cooldown_windows=10`` limits decisions to one per 100 steps at
+the default decision interval.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agents.controllers.base import Controller
+from stso_env.branch import BranchConfig, BranchOrchestrator
+from stso_env.envs.gpt2_env import NEUTRAL_ACTION
+from stso_env.monitor.monitor import OBSERVATION_NAMES
+from stso_env.proxy.model import ProxyEnsemble
+
+LOSS_VOLATILITY = OBSERVATION_NAMES.index("u_loss_volatility")
+
+
+class _TimedOrchestrator(BranchOrchestrator):
+    """Records the wall time of each proxy candidate search (the proxy's share of a decision)."""
+
+    last_ms = 0.0
+
+    def candidates(self, state, mask, rng):  # type: ignore[override]
+        t0 = time.perf_counter()
+        out = super().candidates(state, mask, rng)
+        self.last_ms = (time.perf_counter() - t0) * 1e3
+        return out
+
+
+class BranchController(Controller):
+    """The full STSO method: index trigger -> proxy-scored candidates -> verified top-K -> apply the best.
+
+    Args:
+        proxy_dir: folder of a trained proxy (``agents.train_proxy`` / ``agents.train_controller``).
+        branch_dir: where decision folders go (``<branch_dir>/<run_name>/<step>/``).
+        n_candidates, top_k, verify_steps, delta, alpha, beta, gamma, k_std: :class:`BranchConfig` fields.
+        cooldown_windows: env steps after a decision before the next may start.
+        snapshot_every: env steps between snapshots when ``delta > 0`` (rollback needs them).
+    """
+
+    name = "stso"
+    verify = True
+
+    def __init__(self, proxy_dir: str | Path, branch_dir: str | Path = "branches", *, n_candidates: int = 200,
+                 top_k: int = 3, verify_steps: int = 20, delta: int = 0, alpha: float = 1.0, beta: float = 0.5,
+                 gamma: float = 0.1, k_std: float = 1.0, cooldown_windows: int = 10, snapshot_every: int = 5) -> None:
+        super().__init__()
+        if cooldown_windows < 0 or snapshot_every < 1:
+            raise ValueError(f"cooldown_windows={cooldown_windows} must be >= 0 and snapshot_every={snapshot_every} "
+                             ">= 1")
+        self.proxy_dir = Path(proxy_dir)
+        self.proxy = ProxyEnsemble.load(self.proxy_dir)
+        self.config = BranchConfig(delta=delta, n_candidates=n_candidates, top_k=top_k, verify_steps=verify_steps,
+                                   verify=self.verify, alpha=alpha, beta=beta, gamma=gamma, k_std=k_std,
+                                   out_dir=str(branch_dir))
+        self.orchestrator = _TimedOrchestrator(self.config, self.proxy)
+        self.cooldown_windows = cooldown_windows
+        self.snapshot_every = snapshot_every
+        self._held: list[int] | None = None
+        self._hold_left = 0
+        self._persistent = list(NEUTRAL_ACTION)
+        self._since = 10**9
+        self._windows = 0
+
+    def reset(self, env, *, seed: int, run_name: str) -> None:
+        super().reset(env, seed=seed, run_name=run_name)
+        self.config.seed = int(seed)
+        self._held, self._hold_left = None, 0
+        self._persistent = list(NEUTRAL_ACTION)
+        self._since = 10**9
+        self._windows = 0
+
+    def triggered(self, obs: np.ndarray, info: dict[str, Any]) -> bool:
+        """Whether this window starts a branch decision (the combined index's trigger)."""
+        return bool(info.get("trigger", False))
+
+    def act(self, obs: np.ndarray, info: dict[str, Any]) -> np.ndarray:
+        self._windows += 1
+        self._since += 1
+        if self.config.delta > 0 and self._windows % self.snapshot_every == 0:
+            with self.timed_io():
+                self.base.snapshot()
+        if self._hold_left > 0:
+            self._hold_left -= 1
+            return np.asarray(self._held, dtype=np.int64)
+        if self.triggered(obs, info) and self._since > self.cooldown_windows:
+            t0 = time.perf_counter()
+            decision = self.orchestrator.decide(self.env, self.run_name)
+            self.branch_invocations += 1
+            self.proxy_ms.append(self.orchestrator.last_ms)
+            self.extra_flops += float(decision.wasted_flops)
+            # restore time is checkpoint I/O; the rest of the decision is compute
+            self.io_seconds += float(decision.extra.get("restore_seconds", 0.0))
+            self._since = 0
+            chosen = [int(a) for a in decision.chosen_action]
+            hold = max(1, int(np.ceil(self.config.verify_steps / self.base.decision_interval))) \
+                if self.verify else 1
+            self._held, self._hold_left = chosen, hold - 1
+            # persistent settings (weight decay, clip policy) stay; LR change and one-shots do not
+            self._persistent = [NEUTRAL_ACTION[0], chosen[1], chosen[2], 0, 0, 0]
+            self.record("branch", chosen, decision.reason + f" [decision took {time.perf_counter() - t0:.2f}s]")
+            return np.asarray(chosen, dtype=np.int64)
+        return np.asarray(self._persistent, dtype=np.int64)
+
+    def describe(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return {**super().describe(), "proxy_dir": str(self.proxy_dir), "branch": asdict(self.config),
+                "cooldown_windows": self.cooldown_windows, "trigger": "uncertainty index (combined)"}
+
+
+class ProxyOnly(BranchController):
+    """Ablation B: the proxy's best candidate is applied without verification (no forks)."""
+
+    name = "proxy_only"
+    verify = False
+
+
+class SingleIndicator(BranchController):
+    """Ablation D: the full method, triggered by the loss-volatility z-score alone (> ``tau``)."""
+
+    name = "single_trigger"
+
+    def reset(self, env, *, seed: int, run_name: str) -> None:
+        super().reset(env, seed=seed, run_name=run_name)
+        self.tau = float(self.base.uncertainty_config.tau)
+
+    def triggered(self, obs: np.ndarray, info: dict[str, Any]) -> bool:
+        return bool(float(obs[LOSS_VOLATILITY]) > self.tau)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "trigger": "u_loss_volatility > tau"}

@@ -1,0 +1,427 @@
+"""Learn a controller for a GPT-2 pre-training run, then test it on held-out real runs.
+
+``python -m agents.train_controller`` (what ``make train`` runs) does, by default
+(``--algo model_based``):
+
+1. **collect** real STSO-GPT2-v0 episodes (tiny preset, built-in corpus, the
+   ``spiky`` scenario) with exploratory policies into ``RUN/log_db.parquet``;
+2. **fit the proxy** world model on them (ensemble of MLPs, early stopping,
+   split by whole runs, MAPIE conformal calibration) into ``RUN/proxy/``;
+3. **train MaskablePPO** (sb3-contrib) in STSO-Proxy-v0, the proxy as an env,
+   with action masks, TensorBoard logs in ``RUN/tb/`` and a
+   ``MaskableEvalCallback`` on a separate proxy env;
+4. **evaluate** the saved ``RUN/policy.zip`` on real episodes whose seeds were
+   never collected, against the fixed schedule, with ``agents.evaluate`` (same
+   FLOPs budget, Welch t-tests, figures) into ``RUN/eval/``;
+5. write ``RUN/report.md`` and ``RUN/config.yaml`` (the resolved settings).
+
+``--algo ppo`` and ``--algo maskable_ppo`` are model-free: the policy learns
+directly in ``--env`` (STSO-GPT2-v0 by default: real training runs, slow), or in
+STSO-Proxy-v0, in which case steps 1-2 run first. ``model_based`` is
+MaskablePPO in STSO-Proxy-v0.
+
+Every setting lives in :class:`ControllerTrainConfig` (YAML through
+``--config``, strict about unknown keys); the flags override it. Run folders are
+named ``{env}__{algo}__{seed}__{time}`` unless ``--run-name`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import yaml
+
+from stso_env.config import _f, describe, from_dict, load_yaml, to_dict
+from stso_env.errors import ConfigError, STSOError
+
+ALGOS = ("model_based", "maskable_ppo", "ppo")
+ENVS = ("STSO-GPT2-v0", "STSO-Proxy-v0")
+
+
+# ---------------------------------------------------------------------- settings
+
+
+@dataclass
+class CollectSettings:
+    """Real episodes logged for the proxy (step 1)."""
+
+    episodes: int = _f(12, "real episodes to collect", range=(2, 100_000))
+    episode_steps: int = _f(300, "optimizer steps per collected episode", range=(2, 10**9))
+    policy: str = _f("mixed", "exploration policy of agents.collect", choices=("random", "perturbed", "mixed"))
+
+
+@dataclass
+class ProxySettings:
+    """The proxy world model (step 2)."""
+
+    horizon: int = _f(5, "env steps ahead the proxy's loss/risk targets look", range=(1, 10_000))
+    ensemble: int = _f(5, "ensemble members", range=(1, 64))
+    hidden: int = _f(128, "hidden width", range=(4, 8192))
+    epochs: int = _f(200, "maximum training epochs (early stopping ends sooner)", range=(1, 100_000))
+
+
+@dataclass
+class RLSettings:
+    """The policy learner (step 3); PPO hyper-parameters are Stable-Baselines3's names."""
+
+    algo: str = _f("model_based", "model_based (MaskablePPO in STSO-Proxy-v0), maskable_ppo or ppo",
+                   choices=ALGOS)
+    env: str = _f("STSO-Proxy-v0", "training env for maskable_ppo/ppo (model_based always uses the proxy)",
+                  choices=ENVS)
+    total_timesteps: int = _f(30_000, "env steps of policy learning", range=(1, 10**10))
+    n_envs: int = _f(4, "parallel copies of the proxy env (the real env always uses 1)", range=(1, 256))
+    n_steps: int = _f(256, "rollout length per env between updates", range=(2, 10**7))
+    batch_size: int = _f(256, "minibatch size", range=(2, 10**7))
+    n_epochs: int = _f(10, "optimisation epochs per update", range=(1, 1000))
+    learning_rate: float = _f(3e-4, "Adam learning rate of the policy", range=(1e-8, 1.0))
+    gamma: float = _f(0.95, "discount factor", range=(0.0, 1.0))
+    ent_coef: float = _f(0.01, "entropy bonus", range=(0.0, 10.0))
+    proxy_episode_steps: int = _f(30, "env steps per STSO-Proxy-v0 episode", range=(1, 10**7))
+    eval_freq: int = _f(2_000, "env steps between MaskableEvalCallback evaluations", range=(1, 10**10))
+
+
+@dataclass
+class EvalSettings:
+    """The held-out real evaluation (step 4, through agents.evaluate)."""
+
+    seeds: int = _f(3, "held-out real episodes per controller", range=(1, 1000))
+    seed_offset: int = _f(100_000, "first evaluation seed (collection uses seed .. seed + episodes)",
+                          range=(0, 2**31 - 1))
+    steps: int = _f(600, "optimizer steps per evaluation episode", range=(1, 10**9))
+    controllers: list[str] = _f(["fixed", "policy"], "controllers compared ('policy' is the learned one)")
+
+
+@dataclass
+class ControllerTrainConfig:
+    """Everything ``agents.train_controller`` does; ``configs/controller/*.yaml`` hold presets."""
+
+    run_name: str | None = _f(None, "run folder name under runs/; None: {env}__{algo}__{seed}__{time}")
+    runs_dir: str = _f("runs", "parent folder of run folders")
+    seed: int = _f(0, "seed of collection, proxy, policy and the held-out evaluation", range=(0, 2**31 - 1))
+    preset: str = _f("tiny", "GPT-2 preset of the real runs", choices=("tiny", "bench10m", "small", "medium",
+                                                                      "large"))
+    scenario: str = _f("spiky", "scenario of the real runs (name or YAML path)")
+    corpus: str = _f("builtin", "corpus of the real runs (builtin, a text file/folder, hf:...)")
+    decision_interval: int = _f(10, "optimizer steps per env step", range=(1, 10**6))
+    collect: CollectSettings = field(default_factory=CollectSettings)
+    proxy: ProxySettings = field(default_factory=ProxySettings)
+    rl: RLSettings = field(default_factory=RLSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+
+    def validate(self, source: str = "<config>") -> None:
+        if self.rl.algo == "model_based" and self.rl.env != "STSO-Proxy-v0":
+            raise ConfigError(f"{source}: rl.env: model_based learns in STSO-Proxy-v0, got {self.rl.env}; "
+                              "use --algo maskable_ppo or ppo to learn in the real env")
+        if self.collect.episode_steps < 2 * self.decision_interval:
+            raise ConfigError(f"{source}: collect.episode_steps: {self.collect.episode_steps} must be at least "
+                              f"2 x decision_interval = {2 * self.decision_interval}")
+        if self.eval.steps % self.decision_interval:
+            raise ConfigError(f"{source}: eval.steps: {self.eval.steps} must be a multiple of decision_interval "
+                              f"{self.decision_interval}")
+        if self.rl.batch_size > self.rl.n_steps * self.rl.n_envs:
+            raise ConfigError(f"{source}: rl.batch_size: {self.rl.batch_size} is more than one rollout "
+                              f"(n_steps x n_envs = {self.rl.n_steps * self.rl.n_envs}); lower it")
+        if "policy" not in self.eval.controllers or "fixed" not in self.eval.controllers:
+            raise ConfigError(f"{source}: eval.controllers: {self.eval.controllers} must include 'policy' and "
+                              "'fixed' (the learned policy is judged against the fixed schedule)")
+
+    @property
+    def uses_proxy(self) -> bool:
+        return self.rl.env == "STSO-Proxy-v0"
+
+
+def build_config(args: argparse.Namespace) -> ControllerTrainConfig:
+    """Defaults <- ``--config`` YAML <- flags, validated strictly."""
+    data: dict[str, Any] = load_yaml(args.config) if args.config else {}
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{args.config}: top level must be a mapping")
+    source = str(args.config or "<defaults>")
+    flags = {"seed": args.seed, "run_name": args.run_name, "scenario": args.scenario, "corpus": args.corpus,
+             "rl.algo": args.algo, "rl.env": args.env, "rl.total_timesteps": args.total_timesteps,
+             "collect.episodes": args.episodes, "eval.seeds": args.eval_seeds, "eval.steps": args.eval_steps}
+    if args.algo in ("maskable_ppo", "ppo") and args.env is None and "env" not in data.get("rl", {}):
+        flags["rl.env"] = "STSO-GPT2-v0"  # model-free means the real env unless told otherwise
+    for dotted, value in flags.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+        source = f"{source} + flags"
+    return from_dict(ControllerTrainConfig, data, source=source)
+
+
+# ---------------------------------------------------------------------- steps
+
+
+def collect_episodes(cfg: ControllerTrainConfig, run: Path, progress: bool) -> dict[str, Any]:
+    from agents.collect import collect
+
+    return collect(episodes=cfg.collect.episodes, run_dir=run, scenarios=[cfg.scenario], corpus=cfg.corpus,
+                   seed=cfg.seed, episode_steps=cfg.collect.episode_steps, decision_interval=cfg.decision_interval,
+                   policy=cfg.collect.policy, preset=cfg.preset, progress=progress)
+
+
+def fit_world_model(cfg: ControllerTrainConfig, run: Path, progress: bool) -> dict[str, Any]:
+    from agents.train_proxy import fit_proxy
+    from stso_env.proxy.model import ProxyConfig
+
+    pcfg = ProxyConfig(horizon=cfg.proxy.horizon, ensemble=cfg.proxy.ensemble, hidden=cfg.proxy.hidden,
+                       epochs=cfg.proxy.epochs, seed=cfg.seed)
+    return fit_proxy(run / "log_db.parquet", run / "proxy", pcfg, progress=progress)
+
+
+def make_training_env(cfg: ControllerTrainConfig, run: Path, *, for_eval: bool = False):
+    """The vectorised env the policy learns in (a Monitor wrapper records episode returns for TensorBoard)."""
+    import gymnasium as gym
+    from stable_baselines3.common.env_util import make_vec_env
+
+    import stso_env  # noqa: F401  (registers the envs)
+
+    if cfg.uses_proxy:
+        kwargs = {"proxy_dir": str(run / "proxy"), "log_db": str(run / "log_db.parquet"),
+                  "episode_steps": cfg.rl.proxy_episode_steps, "sample_member": True}
+        n_envs = 1 if for_eval else cfg.rl.n_envs
+    else:
+        kwargs = {"preset": cfg.preset, "scenario": cfg.scenario, "corpus": cfg.corpus,
+                  "decision_interval": cfg.decision_interval, "episode_steps": cfg.collect.episode_steps}
+        n_envs = 1
+    seed = cfg.seed + (10_000 if for_eval else 0)
+    return make_vec_env(lambda: gym.make(cfg.rl.env, **kwargs), n_envs=n_envs, seed=seed)
+
+
+def learn_policy(cfg: ControllerTrainConfig, run: Path, progress: bool) -> dict[str, Any]:
+    """Step 3: PPO or MaskablePPO; saves ``run/policy.zip`` and returns the learning curve."""
+    from sb3_contrib import MaskablePPO
+    from sb3_contrib.common.maskable.callbacks import MaskableEvalCallback
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.callbacks import EvalCallback
+
+    masked = cfg.rl.algo in ("model_based", "maskable_ppo")
+    env = make_training_env(cfg, run)
+    eval_env = make_training_env(cfg, run, for_eval=True)
+    algo_cls = MaskablePPO if masked else PPO
+    n_steps = cfg.rl.n_steps
+    model = algo_cls("MlpPolicy", env, n_steps=n_steps, batch_size=cfg.rl.batch_size, n_epochs=cfg.rl.n_epochs,
+                     learning_rate=cfg.rl.learning_rate, gamma=cfg.rl.gamma, ent_coef=cfg.rl.ent_coef,
+                     seed=cfg.seed, device="cpu", tensorboard_log=str(run / "tb"), verbose=0)
+    # Plain EvalCallback ignores action masks; MaskableEvalCallback passes them.
+    cb_cls = MaskableEvalCallback if masked else EvalCallback
+    eval_every = max(1, cfg.rl.eval_freq // env.num_envs)
+    callback = cb_cls(eval_env, n_eval_episodes=5 if cfg.uses_proxy else 1, eval_freq=eval_every,
+                      log_path=str(run / "rl_eval"), best_model_save_path=None, deterministic=True, verbose=0)
+    t0 = time.perf_counter()
+    model.learn(total_timesteps=cfg.rl.total_timesteps, callback=callback, progress_bar=progress,
+                tb_log_name=f"{cfg.rl.algo}")
+    seconds = time.perf_counter() - t0
+    model.save(str(run / "policy.zip"))
+    env.close()
+    eval_env.close()
+    curve = {"timesteps": [int(t) for t in getattr(callback, "evaluations_timesteps", [])],
+             "mean_reward": [float(np.mean(r)) for r in getattr(callback, "evaluations_results", [])]}
+    return {"algo": cfg.rl.algo, "env": cfg.rl.env, "timesteps": int(model.num_timesteps), "seconds": seconds,
+            "curve": curve, "policy": str(run / "policy.zip")}
+
+
+def evaluate_policy_real(cfg: ControllerTrainConfig, run: Path, progress: bool) -> dict[str, Any]:
+    """Step 4: the learned policy and the baselines on held-out real episodes (``agents.evaluate``)."""
+    from agents.evaluate import main as evaluate_main
+
+    argv = ["--controllers", ",".join(cfg.eval.controllers), "--seeds", str(cfg.eval.seeds),
+            "--seed-offset", str(cfg.eval.seed_offset + cfg.seed), "--scenario", cfg.scenario,
+            "--corpus", cfg.corpus, "--preset", cfg.preset, "--steps", str(cfg.eval.steps),
+            "--decision-interval", str(cfg.decision_interval), "--policy", str(run / "policy.zip"),
+            "--out", str(run / "eval")]
+    if cfg.uses_proxy:
+        argv += ["--proxy", str(run / "proxy")]
+    if not progress:
+        argv.append("--no-progress")
+    try:
+        return evaluate_main(argv)
+    except SystemExit as exc:  # the harness reports bad input by exiting with its message
+        raise STSOError(f"evaluation failed: {exc}") from None
+
+
+# ---------------------------------------------------------------------- report
+
+
+def learning_curve_figure(curve: dict[str, list], path: Path) -> Path | None:
+    if not curve["timesteps"]:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(curve["timesteps"], curve["mean_reward"], marker="o")
+    ax.set_xlabel("env steps")
+    ax.set_ylabel("mean episode return (eval env)")
+    ax.set_title("policy learning curve")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def write_report(cfg: ControllerTrainConfig, run: Path, parts: dict[str, Any]) -> Path:
+    """``run/report.md``: what ran, the proxy's accuracy, the learning curve and the held-out comparison."""
+    lines = [f"# Controller training: `{run.name}`", "",
+             f"Algorithm **{cfg.rl.algo}** in **{cfg.rl.env}**; real runs: preset `{cfg.preset}`, scenario "
+             f"`{cfg.scenario}`, corpus `{cfg.corpus}`, seed {cfg.seed}. Settings: `config.yaml`.", ""]
+    times = parts["seconds"]
+    lines += ["## Time", "", "| step | seconds |", "| --- | --- |"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in times.items()] + [""]
+    if "collect" in parts:
+        c = parts["collect"]
+        lines += ["## 1. Collection", "",
+                  f"{c['episodes']} real episodes, {c['env_steps']} env steps, {c['divergences']} divergences, "
+                  f"into `log_db.parquet` ({c['rows']} rows).", ""]
+    if "proxy" in parts:
+        p = parts["proxy"]
+        cov = ", ".join(f"{k}: {_fmt(v)}" for k, v in p["coverage"].items())
+        lines += ["## 2. Proxy world model", "",
+                  f"Horizon {p['horizon']} env steps; {p['n_train']} training rows ({p['n_train_runs']} runs), "
+                  f"{p['n_calib_runs']} calibration runs, {p['n_test_runs']} test runs (seeds never trained on).",
+                  "", f"- loss@N: R² {_fmt(p['loss_r2'])}, MAE {_fmt(p['loss_mae'], 4)}",
+                  f"- divergence: AUROC {_fmt(p['divergence_auroc'])}, Brier {_fmt(p['divergence_brier'], 4)}",
+                  f"- conformal coverage (nominal -> empirical): {cov}", "",
+                  "Full report: `proxy/proxy_report.json`.", ""]
+    rl = parts["rl"]
+    lines += ["## 3. Policy learning", "",
+              f"{rl['timesteps']} env steps in {rl['seconds']:.1f} s; policy saved to `policy.zip`; TensorBoard "
+              "logs in `tb/` (`tensorboard --logdir " + str(run / "tb") + "`).", ""]
+    if rl["curve"]["timesteps"]:
+        lines += [f"Evaluation return: first {rl['curve']['mean_reward'][0]:.3f}, last "
+                  f"{rl['curve']['mean_reward'][-1]:.3f}, best {max(rl['curve']['mean_reward']):.3f}.", "",
+                  "![learning curve](figures/learning_curve.png)", ""]
+    ev = parts["eval"]
+    lines += ["## 4. Held-out real episodes", "",
+              f"{cfg.eval.seeds} seeds from {cfg.eval.seed_offset + cfg.seed} (never collected), {cfg.eval.steps} "
+              "optimizer steps each, the same FLOPs budget for every controller. Full report: `eval/report.md`.",
+              "", "| controller | final val ppl | events / 100k steps | wasted FLOPs | total FLOPs |",
+              "| --- | --- | --- | --- | --- |"]
+    for name, block in ev["controllers"].items():
+        s = block["summary"]
+
+        def m(key: str, digits: int = 3, s: dict[str, Any] = s) -> str:
+            v = s.get(key, {})
+            return f"{_fmt(v.get('mean'), digits)}" if isinstance(v, dict) else "n/a"
+        lines.append(f"| {name} | {m('final_val_ppl')} | {m('instability_events_per_100k_steps', 1)} | "
+                     f"{m('wasted_flops_fraction', 4)} | {m('total_flops', 0)} |")
+    lines.append("")
+    test = ev.get("tests", {}).get("policy", {})
+    ppl = test.get("final_val_ppl", {}) if isinstance(test, dict) else {}
+    if ppl:
+        better = ppl.get("mean_a") is not None and ppl.get("mean_b") is not None and ppl["mean_a"] < ppl["mean_b"]
+        pval = ppl.get("p")
+        lines += [f"Learned policy vs fixed schedule, final validation perplexity: "
+                  f"{_fmt(ppl.get('mean_a'))} vs {_fmt(ppl.get('mean_b'))} (Welch p = {_fmt(pval)}). "
+                  + ("The policy is better and the difference is significant at 0.05." if better and pval is not None
+                     and pval < 0.05 else "The policy is **not** significantly better than the fixed schedule "
+                     "on these seeds."), ""]
+    lines += ["Figures (from the evaluation): ![loss curves](eval/figures/loss_curves.png)", ""]
+    path = run / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    settings = "\n".join(f"  {k} = {d}: {h}" for k, d, h in describe(ControllerTrainConfig))
+    p = argparse.ArgumentParser(
+        prog="python -m agents.train_controller", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Settings (YAML keys for --config; flags override them):\n" + settings)
+    p.add_argument("--algo", choices=ALGOS, default=None,
+                   help="model_based (default): collect real episodes, fit the proxy, MaskablePPO in "
+                        "STSO-Proxy-v0; maskable_ppo / ppo: model-free in --env")
+    p.add_argument("--env", choices=ENVS, default=None,
+                   help="env the policy learns in (default: STSO-Proxy-v0 for model_based, STSO-GPT2-v0 for the "
+                        "model-free algorithms)")
+    p.add_argument("--total-timesteps", type=int, default=None,
+                   help="env steps of policy learning (rl.total_timesteps)")
+    p.add_argument("--config", default=None, help="YAML file of ControllerTrainConfig settings")
+    p.add_argument("--seed", type=int, default=None, help="seed of everything (held-out eval seeds are offset)")
+    p.add_argument("--run-name", default=None,
+                   help="run folder name under runs/ (default {env}__{algo}__{seed}__{time})")
+    p.add_argument("--scenario", default=None, help="scenario of the real runs (default spiky)")
+    p.add_argument("--corpus", default=None, help="corpus of the real runs (default builtin)")
+    p.add_argument("--episodes", type=int, default=None, help="real episodes to collect (collect.episodes)")
+    p.add_argument("--eval-seeds", type=int, default=None, help="held-out real episodes per controller")
+    p.add_argument("--eval-steps", type=int, default=None, help="optimizer steps per evaluation episode")
+    p.add_argument("--overwrite", action="store_true", help="reuse an existing run folder (its files are replaced)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    progress = not args.no_progress
+    try:
+        cfg = build_config(args)
+        name = cfg.run_name or f"{cfg.rl.env}__{cfg.rl.algo}__{cfg.seed}__{int(time.time())}"
+        if any(s in name for s in ("/", "\\")) or name in (".", ".."):
+            raise ConfigError(f"--run-name {name!r}: must be a plain folder name")
+        run = Path(cfg.runs_dir) / name
+        if run.exists() and any(run.iterdir()) and not args.overwrite:
+            raise ConfigError(f"run folder {run} exists and is not empty; choose another --run-name or pass "
+                              "--overwrite")
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+        print(f"run folder: {run}", file=sys.stderr)
+        parts: dict[str, Any] = {"seconds": {}}
+        t_all = time.perf_counter()
+        if cfg.uses_proxy:
+            t0 = time.perf_counter()
+            if args.overwrite and (run / "log_db.parquet").exists():
+                import shutil
+
+                shutil.rmtree(run / "log_db.parquet")
+            parts["collect"] = collect_episodes(cfg, run, progress)
+            parts["seconds"]["collect"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            parts["proxy"] = fit_world_model(cfg, run, progress)
+            parts["seconds"]["proxy"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        parts["rl"] = learn_policy(cfg, run, progress)
+        parts["seconds"]["policy"] = time.perf_counter() - t0
+        learning_curve_figure(parts["rl"]["curve"], run / "figures" / "learning_curve.png")
+        t0 = time.perf_counter()
+        parts["eval"] = evaluate_policy_real(cfg, run, progress)
+        parts["seconds"]["evaluation"] = time.perf_counter() - t0
+        parts["seconds"]["total"] = time.perf_counter() - t_all
+        report = write_report(cfg, run, parts)
+        (run / "summary.json").write_text(json.dumps(
+            {k: v for k, v in parts.items() if k != "eval"}, indent=1, default=str), encoding="utf-8")
+    except STSOError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"done in {parts['seconds']['total']:.0f}s: {run / 'policy.zip'}, {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

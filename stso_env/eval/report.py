@@ -1,0 +1,225 @@
+"""``report.md`` of an evaluation, rendered from the ``results.json`` dict.
+
+:func:`render_report` is a pure function (results dict -> markdown string);
+:func:`write_report` writes it atomically. :func:`write_json_atomic` is the
+JSON writer the harness uses for ``results.json`` and ``curves.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from stso_env.eval.stats import M1_EVENTS_DROP, M1_WASTED_DROP, M2_ALPHA, METRICS
+
+#: Settings shown first in the settings table (the rest follow in key order).
+_SETTING_ORDER = ("controllers", "seeds", "seed_list", "scenario", "corpus", "preset", "tokenizer", "steps",
+                  "decision_interval", "budget_flops")
+
+
+def json_ready(obj: Any) -> Any:
+    """``obj`` with non-finite floats as None, paths as strings and tuples as lists (strict JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {str(k): json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        return json_ready(obj.item())
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    return str(obj)  # anything else a controller describes itself with (enums, dataclasses, ...)
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` via a temp file in the same folder and ``os.replace`` (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json_atomic(path: Path, obj: Any) -> Path:
+    """Strict JSON (no NaN) of :func:`json_ready` ``(obj)``, written atomically."""
+    return write_text_atomic(path, json.dumps(json_ready(obj), indent=2, allow_nan=False) + "\n")
+
+
+# ---------------------------------------------------------------------- formatting
+
+
+def fmt(x: Any, digits: int = 4) -> str:
+    """A number in ``digits`` significant digits; "n/a" for None."""
+    if x is None:
+        return "n/a"
+    if isinstance(x, bool):
+        return str(x)
+    if isinstance(x, int):
+        return str(x)
+    if isinstance(x, float):
+        if not math.isfinite(x):
+            return "n/a"
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def fmt_pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:+.1f} %"
+
+
+def fmt_summary(s: Mapping[str, Any]) -> str:
+    """``mean ± half-width`` of a summary cell (the CI is symmetric), ``mean`` alone when n < 2."""
+    m, ci = s.get("mean"), s.get("ci95")
+    if m is None:
+        return "n/a"
+    cell = fmt(m) if ci is None else f"{fmt(m)} ± {fmt((ci[1] - ci[0]) / 2, 2)}"
+    if s.get("n_dropped"):
+        cell += f" ({s['n_dropped']} dropped)"
+    return cell
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
+            *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+# ---------------------------------------------------------------------- sections
+
+
+def _settings_section(settings: Mapping[str, Any]) -> list[str]:
+    shown_apart = ("versions", "controller_settings", "controller_setup", "accounting")
+    keys = [k for k in _SETTING_ORDER if k in settings] + sorted(
+        k for k in settings if k not in _SETTING_ORDER and k not in shown_apart)
+    rows = [[f"`{k}`", f"`{json.dumps(json_ready(settings[k]))}`" if not isinstance(settings[k], str)
+             else f"`{settings[k]}`"] for k in keys]
+    lines = ["## Settings", "", *_table(["setting", "value"], rows), ""]
+    if settings.get("controller_settings"):
+        lines += ["Controller settings:", "", "```json", json.dumps(json_ready(settings["controller_settings"]),
+                                                                    indent=2), "```", ""]
+    if settings.get("controller_setup"):
+        lines += ["Controller setup (main-run share, main-run schedule, the controller's own description):", "",
+                  "```json", json.dumps(json_ready(settings["controller_setup"]), indent=2), "```", ""]
+    if settings.get("versions"):
+        lines += ["Versions: " + ", ".join(f"{k} {v}" for k, v in settings["versions"].items()), ""]
+    return lines
+
+
+def _metrics_section(controllers: Mapping[str, Any]) -> list[str]:
+    header = ["controller", "n"] + [f"`{m}`" for m in METRICS]
+    rows = []
+    for name, c in controllers.items():
+        summ = c.get("summary", {})
+        rows.append([f"**{name}**", str(len(c.get("seeds", [])))]
+                    + [fmt_summary(summ.get(m, {})) for m in METRICS])
+    lines = ["## Metrics", "", "Mean over seeds ± half-width of the 95 % t-interval (no interval with one seed). "
+             "Lower is better for every metric.", "", *_table(header, rows), ""]
+    diverged = {n: sum(bool(s.get("diverged")) for s in c.get("seeds", [])) for n, c in controllers.items()}
+    if any(diverged.values()):
+        lines += ["Diverged runs (their perplexity is undefined and dropped from the means): "
+                  + ", ".join(f"{n}: {d}" for n, d in diverged.items() if d), ""]
+    return lines
+
+
+def _tests_section(results: Mapping[str, Any]) -> list[str]:
+    tests = results.get("tests") or {}
+    lines = ["## Welch t-tests against `fixed`", ""]
+    if not tests:
+        lines += [results.get("tests_note") or "No tests: the fixed schedule was not evaluated.", ""]
+        return lines
+    rows = []
+    for name, t in tests.items():
+        for metric, key in (("final_val_ppl", "final_val_ppl"), ("instability_events_per_100k_steps",
+                                                                  "instability_events")):
+            w = t[key]
+            rows.append([f"**{name}**", f"`{metric}`", fmt(w["mean_a"]), fmt(w["mean_b"]), f"{w['n_a']}/{w['n_b']}",
+                         fmt(w["t"], 3), fmt(w["df"], 3), fmt(w["p"], 3), w.get("reason") or ""])
+    lines += ["Two-sided Welch t-test, controller (a) against fixed (b); df by Welch–Satterthwaite.", "",
+              *_table(["controller", "metric", "mean a", "mean fixed", "n a/b", "t", "df", "p", "note"], rows), ""]
+    return lines
+
+
+def _verdict(holds: bool) -> str:
+    return "**holds**" if holds else "**does not hold**"
+
+
+def _criteria_lines(block: Mapping[str, Any], method: str) -> list[str]:
+    ref = block["reference"]
+    m1, m2 = block["M1"], block["M2"]
+    m1_line = (f"- M1 vs `{ref}` {_verdict(m1['holds'])}: instability events per 100k steps "
+               f"{fmt(m1['events_mean'])} vs {fmt(m1['events_mean_ref'])} ({fmt_pct(m1['events_change'])}, "
+               f"needs <= -{100 * M1_EVENTS_DROP:.0f} %); wasted FLOPs fraction {fmt(m1['wasted_mean'])} vs "
+               f"{fmt(m1['wasted_mean_ref'])} ({fmt_pct(m1['wasted_change'])}, needs <= -{100 * M1_WASTED_DROP:.0f} %)")
+    if m1.get("reason"):
+        m1_line += f"; {m1['reason']}"
+    m2_line = (f"- M2 vs `{ref}` {_verdict(m2['holds'])}: final validation perplexity {fmt(m2['ppl_mean'])} vs "
+               f"{fmt(m2['ppl_mean_ref'])} ({fmt_pct(m2['ppl_change'])}), Welch p = {fmt(m2['p'], 3)} "
+               f"(needs lower and p < {M2_ALPHA})")
+    if m2.get("reason"):
+        m2_line += f"; {m2['reason']}"
+    return [m1_line, m2_line]
+
+
+def _criteria_section(criteria: Mapping[str, Any] | None) -> list[str]:
+    lines = ["## Success criteria", ""]
+    if not criteria:
+        return lines + ["Not assessed.", ""]
+    method = criteria.get("method", "stso")
+    lines += [f"For `{method}`: **M1** = instability events down by at least {100 * M1_EVENTS_DROP:.0f} % and "
+              f"wasted FLOPs fraction down by at least {100 * M1_WASTED_DROP:.0f} % (relative change of the means); "
+              f"**M2** = final validation perplexity lower with Welch p < {M2_ALPHA}.", ""]
+    if criteria.get("against_reference"):
+        lines += _criteria_lines(criteria["against_reference"], method)
+    if criteria.get("against_best_baseline"):
+        lines += [f"- Best single baseline (lowest mean perplexity apart from `{method}` and "
+                  f"`{criteria.get('reference', 'fixed')}`): `{criteria['best_baseline']}`"]
+        lines += _criteria_lines(criteria["against_best_baseline"], method)
+    if criteria.get("note"):
+        lines += [f"- Note: {criteria['note']}"]
+    return lines + [""]
+
+
+def _figures_section(figures: Mapping[str, str] | None) -> list[str]:
+    if not figures:
+        return []
+    lines = ["## Figures", ""]
+    for name, rel in figures.items():
+        lines += [f"![{name}]({rel})", ""]
+    return lines
+
+
+def render_report(results: Mapping[str, Any]) -> str:
+    """The markdown report of a ``results.json`` dict: settings, metrics table (mean ± CI per controller),
+    Welch tests against ``fixed``, success criteria and links to the figures (``results["figures"]``,
+    paths relative to the report)."""
+    settings = results.get("settings", {})
+    title = settings.get("eval_name") or "Evaluation"
+    lines = [f"# {title}", ""]
+    if results.get("complete") is False:
+        lines += ["**Incomplete**: not every (controller, seed) run has finished.", ""]
+    if settings.get("accounting"):
+        lines += ["## Accounting", "", str(settings["accounting"]), ""]
+    lines += _settings_section(settings)
+    lines += _metrics_section(results.get("controllers", {}))
+    lines += _tests_section(results)
+    lines += _criteria_section(results.get("criteria"))
+    lines += _figures_section(results.get("figures"))
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(results: Mapping[str, Any], path: Path) -> Path:
+    """Render ``results`` and write it to ``path`` atomically."""
+    return write_text_atomic(Path(path), render_report(results))
