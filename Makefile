@@ -18,10 +18,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
-# The main job on defaults that need nothing outside this repository.
+# The main job on defaults that need nothing outside this repository: collect real tiny runs
+# (built-in corpus, spiky scenario), fit the proxy, learn a MaskablePPO controller in
+# STSO-Proxy-v0 and test it on held-out real runs against the fixed schedule.
 train: $(STAMP)
-	$(VPY) -m stso_env.train --preset tiny --steps 2000 --scenario spiky --corpus builtin \
-		--checkpoint-every 500 --eval-every 500 --run-dir runs/train-tiny-spiky
+	$(VPY) -m agents.train_controller --run-name train-controller --overwrite
 
 test: $(STAMP)
 	$(VPY) -m pytest -q tests

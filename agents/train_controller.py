@@ -111,6 +111,8 @@ class ControllerTrainConfig:
     scenario: str = _f("spiky", "scenario of the real runs (name or YAML path)")
     corpus: str = _f("builtin", "corpus of the real runs (builtin, a text file/folder, hf:...)")
     decision_interval: int = _f(10, "optimizer steps per env step", range=(1, 10**6))
+    builtin_chars: int | None = _f(None, "characters of the built-in corpus (None: the TrainConfig default)",
+                                   range=(10_000, 10**9))
     collect: CollectSettings = field(default_factory=CollectSettings)
     proxy: ProxySettings = field(default_factory=ProxySettings)
     rl: RLSettings = field(default_factory=RLSettings)
@@ -171,7 +173,8 @@ def collect_episodes(cfg: ControllerTrainConfig, run: Path, progress: bool) -> d
 
     return collect(episodes=cfg.collect.episodes, run_dir=run, scenarios=[cfg.scenario], corpus=cfg.corpus,
                    seed=cfg.seed, episode_steps=cfg.collect.episode_steps, decision_interval=cfg.decision_interval,
-                   policy=cfg.collect.policy, preset=cfg.preset, progress=progress)
+                   policy=cfg.collect.policy, preset=cfg.preset, builtin_chars=cfg.builtin_chars,
+                   progress=progress)
 
 
 def fit_world_model(cfg: ControllerTrainConfig, run: Path, progress: bool) -> dict[str, Any]:
@@ -197,6 +200,10 @@ def make_training_env(cfg: ControllerTrainConfig, run: Path, *, for_eval: bool =
     else:
         kwargs = {"preset": cfg.preset, "scenario": cfg.scenario, "corpus": cfg.corpus,
                   "decision_interval": cfg.decision_interval, "episode_steps": cfg.collect.episode_steps}
+        if cfg.builtin_chars is not None:
+            from stso_env.config import TrainConfig, apply_overrides
+
+            kwargs["config"] = apply_overrides(TrainConfig(), {"data.builtin_chars": cfg.builtin_chars})
         n_envs = 1
     seed = cfg.seed + (10_000 if for_eval else 0)
     return make_vec_env(lambda: gym.make(cfg.rl.env, **kwargs), n_envs=n_envs, seed=seed)
@@ -246,6 +253,8 @@ def evaluate_policy_real(cfg: ControllerTrainConfig, run: Path, progress: bool) 
             "--out", str(run / "eval")]
     if cfg.uses_proxy:
         argv += ["--proxy", str(run / "proxy")]
+    if cfg.builtin_chars is not None:
+        argv += ["--builtin-chars", str(cfg.builtin_chars)]
     if not progress:
         argv.append("--no-progress")
     try:

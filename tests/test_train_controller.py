@@ -1,0 +1,77 @@
+"""agents.train_controller: settings, errors, and one whole run end to end in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from agents.train_controller import ControllerTrainConfig, build_config, parse_args
+from stso_env.config import from_dict
+from stso_env.errors import ConfigError
+
+from tests.conftest import REPO
+
+TINY = {
+    "builtin_chars": 200_000,
+    "collect": {"episodes": 10, "episode_steps": 150},
+    "proxy": {"horizon": 2, "epochs": 15, "ensemble": 2, "hidden": 32},
+    "rl": {"total_timesteps": 256, "n_steps": 64, "batch_size": 64, "eval_freq": 128, "n_envs": 2},
+    "eval": {"seeds": 2, "steps": 30},
+}
+
+
+def test_flags_override_yaml_and_bad_keys_are_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"rl": {"total_timesteps": 100}, "seed": 4}))
+    cfg = build_config(parse_args(["--config", str(path), "--total-timesteps", "999"]))
+    assert cfg.rl.total_timesteps == 999 and cfg.seed == 4 and cfg.rl.algo == "model_based"
+    # model-free algorithms learn in the real env unless told otherwise
+    assert build_config(parse_args(["--algo", "ppo"])).rl.env == "STSO-GPT2-v0"
+    path.write_text(yaml.safe_dump({"rl": {"total_timestep": 100}}))
+    with pytest.raises(ConfigError, match=r"rl\.total_timestep: unknown key"):
+        build_config(parse_args(["--config", str(path)]))
+    with pytest.raises(ConfigError, match="model_based learns in STSO-Proxy-v0"):
+        build_config(parse_args(["--algo", "model_based", "--env", "STSO-GPT2-v0"]))
+    with pytest.raises(ConfigError, match="must include 'policy' and 'fixed'"):
+        from_dict(ControllerTrainConfig, {"eval": {"controllers": ["fixed"]}})
+
+
+def test_help_explains_every_option():
+    out = subprocess.run([sys.executable, "-m", "agents.train_controller", "--help"], cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout
+    for flag in ("--algo", "--env", "--total-timesteps", "--config", "--seed", "model_based", "rl.n_steps"):
+        assert flag in out, flag
+
+
+@pytest.mark.slow
+def test_end_to_end_tiny(tmp_path):
+    cfg = dict(TINY, runs_dir=str(tmp_path))
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "agents.train_controller", "--config", str(path), "--run-name",
+                           "e2e", "--no-progress"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "e2e"
+    for name in ("policy.zip", "config.yaml", "report.md", "proxy/proxy.json", "proxy/proxy.safetensors",
+                 "proxy/proxy_report.json", "figures/learning_curve.png", "eval/results.json",
+                 "eval/figures/loss_curves.png", "eval/figures/uncertainty_timeline.png"):
+        assert (run / name).is_file(), name
+    assert list((run / "tb").rglob("events.out.tfevents.*")), "no TensorBoard event file"
+    # the resolved config is complete and loads back strictly
+    resolved = from_dict(ControllerTrainConfig, yaml.safe_load((run / "config.yaml").read_text()))
+    assert resolved.collect.episodes == 10 and resolved.rl.total_timesteps == 256
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert set(results["controllers"]) == {"fixed", "policy"}
+    assert len(results["controllers"]["policy"]["seeds"]) == 2
+    report = (run / "report.md").read_text()
+    assert "## 4. Held-out real episodes" in report and "| policy |" in report
+    # a second run into the same folder is refused without --overwrite, and nothing is lost
+    before = (run / "policy.zip").read_bytes()
+    again = subprocess.run([sys.executable, "-m", "agents.train_controller", "--config", str(path), "--run-name",
+                            "e2e", "--no-progress"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    assert (run / "policy.zip").read_bytes() == before
