@@ -9,7 +9,9 @@ runs come from seeds never seen in training. The remaining runs are shuffled
 with ``--seed`` and divided into calibration (``--calib-frac``), validation for
 early stopping (``--valid-frac``) and training runs.
 
-Writes ``OUT/proxy.json``, ``OUT/proxy.safetensors`` and ``OUT/proxy_report.json``.
+Writes ``OUT/proxy.json``, ``OUT/proxy.safetensors``, ``OUT/calibration.json``
+(the conformal quantiles of ``loss_at_n`` and ``instability_risk``, fitted on the
+calibration runs) and ``OUT/proxy_report.json``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from stso_env.errors import ConfigError, DataError, STSOError
-from stso_env.proxy.calibration import evaluate
+from stso_env.proxy.calibration import conformal_bounds, evaluate
 from stso_env.proxy.dataset import ProxyDataset, build_targets
 from stso_env.proxy.logdb import read_log_db
 from stso_env.proxy.model import ProxyConfig, ProxyEnsemble
@@ -126,6 +128,7 @@ def fit_proxy(log_db: Path, out: Path, cfg: ProxyConfig, *, test_seeds: Sequence
     fit_s = time.perf_counter() - t0
     report = evaluate(model, parts["calib"], parts["test"])
     model.save(out)
+    conformal_bounds(model, parts["calib"]).save(out)
     report.update({
         "horizon": cfg.horizon, "n_train": len(parts["train"]), "n_valid": len(parts["valid"]),
         "n_train_runs": int(len(np.unique(parts["train"].groups))),
@@ -147,6 +150,8 @@ def print_report(report: dict[str, Any], out: Path) -> None:
     print(f"  divergence: AUROC {'n/a' if auroc is None else f'{auroc:.3f}'}  "
           f"Brier {report['divergence_brier']:.4f}")
     print("  coverage: " + "  ".join(f"{k}: {v:.3f}" for k, v in report["coverage"].items()))
+    print("  risk upper-bound coverage: " + "  ".join(f"{k}: {v:.3f}" for k, v in
+                                                     report["risk_upper_coverage"].items()))
     print(f"  wrote {out / 'proxy.json'}, {out / 'proxy.safetensors'}, {out / 'proxy_report.json'}")
 
 

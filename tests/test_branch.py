@@ -212,3 +212,22 @@ def test_score_uses_conformal_upper_bound():
     with pytest.raises(ConfigError, match="level"):
         BranchOrchestrator(BranchConfig(conformal_level=0.8), proxy(), _FakeCalibrator()).score(
             np.zeros(50, np.float32), actions)
+
+
+def test_stored_conformal_bounds_make_scores_pessimistic():
+    from stso_env.proxy.calibration import ConformalBounds
+
+    p = proxy()
+    state = np.zeros(50, dtype=np.float32)
+    acts = np.asarray([NEUTRAL_ACTION, [0, 0, 1, 1, 0, 0]])
+    bounds = ConformalBounds({"loss_at_n": {"0.9": 0.25}, "instability_risk": {"0.9": 2.0}})
+    cfg = BranchConfig(alpha=1.0, beta=1.0, gamma=0.0, conformal_level=0.9)
+    plain = BranchOrchestrator(BranchConfig(alpha=1.0, beta=1.0, gamma=0.0, k_std=0.0), p).score(state, acts)
+    bounded = BranchOrchestrator(cfg, p, bounds).score(state, acts)
+    pred = p.predict(np.repeat(state[None], 2, 0), acts)
+    for i, (a, b) in enumerate(zip(plain, bounded)):
+        assert math.isclose(b["loss_upper"], b["loss_mean"] + 0.25, rel_tol=1e-6)
+        dstd = pred["diverged_prob"][i] + pred["diverged_prob_std"][i]
+        expected_risk = pred["instability_risk"][i] + 2.0 + min(1.0, max(0.0, dstd))
+        assert math.isclose(b["risk"], expected_risk, rel_tol=1e-5)
+        assert b["score"] < a["score"]

@@ -22,9 +22,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from stso_env.errors import DataError
+from stso_env.errors import ConfigError, DataError
 from stso_env.monitor.monitor import OBSERVATION_NAMES
-from stso_env.proxy.calibration import calibrate, conformal_upper, evaluate
+from stso_env.proxy.calibration import ConformalBounds, calibrate, conformal_bounds, conformal_upper, evaluate
 from stso_env.proxy.dataset import build_targets
 from stso_env.proxy.logdb import LogDB, load_log_schema
 from stso_env.proxy.model import ProxyConfig, ProxyEnsemble
@@ -133,6 +133,28 @@ def test_conformal_coverage_on_held_out_runs(trained):
     up90 = conformal_upper(model, cal, parts["test"], 0.9)
     up95 = conformal_upper(model, cal, parts["test"].features(), 0.95)
     assert (up95 >= up90).all() and (up90 > model.predict(parts["test"].state, parts["test"].action)["loss_at_n"]).all()
+
+
+def test_stored_conformal_bounds_equal_mapie_and_round_trip(trained, tmp_path):
+    model, parts, report = trained
+    bounds = conformal_bounds(model, parts["calib"])
+    test = parts["test"]
+    mean = model.predict(test.state, test.action)
+    for level in (0.8, 0.9, 0.95):
+        np.testing.assert_allclose(bounds.upper("loss_at_n", mean["loss_at_n"], level),
+                                   conformal_upper(model, calibrate(model, parts["calib"]), test, level), atol=1e-5)
+    # the risk bound is an upper bound with (close to) its nominal one-sided coverage on held-out runs
+    for level in ("0.8", "0.9", "0.95"):
+        assert report["risk_upper_coverage"][level] >= float(level) - 0.05, report["risk_upper_coverage"]
+    bounds.save(tmp_path)
+    again = ConformalBounds.load(tmp_path)
+    assert again.quantiles == bounds.quantiles and again.n_calib == len(parts["calib"])
+    assert ConformalBounds.load(tmp_path / "nowhere") is None
+    with pytest.raises(ConfigError, match="not calibrated"):
+        again.upper("loss_at_n", mean["loss_at_n"], 0.85)
+    (tmp_path / "calibration.json").write_text("{}")
+    with pytest.raises(DataError, match="not a calibration file"):
+        ConformalBounds.load(tmp_path)
 
 
 def test_save_load_round_trip(trained, tmp_path):

@@ -42,6 +42,7 @@ from agents.controllers.base import Controller
 from stso_env.branch import BranchConfig, BranchOrchestrator
 from stso_env.envs.gpt2_env import NEUTRAL_ACTION
 from stso_env.monitor.monitor import OBSERVATION_NAMES
+from stso_env.proxy.calibration import ConformalBounds
 from stso_env.proxy.model import ProxyEnsemble
 
 LOSS_VOLATILITY = OBSERVATION_NAMES.index("u_loss_volatility")
@@ -85,7 +86,9 @@ class BranchController(Controller):
         self.config = BranchConfig(delta=delta, n_candidates=n_candidates, top_k=top_k, verify_steps=verify_steps,
                                    verify=self.verify, alpha=alpha, beta=beta, gamma=gamma, k_std=k_std,
                                    out_dir=str(branch_dir))
-        self.orchestrator = _TimedOrchestrator(self.config, self.proxy)
+        # conformal upper bounds saved with the proxy (calibration.json); without them mean + k_std * std
+        self.bounds = ConformalBounds.load(self.proxy_dir)
+        self.orchestrator = _TimedOrchestrator(self.config, self.proxy, self.bounds)
         self.cooldown_windows = cooldown_windows
         self.snapshot_every = snapshot_every
         self._held: list[int] | None = None
@@ -138,7 +141,8 @@ class BranchController(Controller):
         from dataclasses import asdict
 
         return {**super().describe(), "proxy_dir": str(self.proxy_dir), "branch": asdict(self.config),
-                "cooldown_windows": self.cooldown_windows, "trigger": "uncertainty index (combined)"}
+                "cooldown_windows": self.cooldown_windows, "trigger": "uncertainty index (combined)",
+                "conformal_bounds": self.bounds is not None}
 
 
 class ProxyOnly(BranchController):

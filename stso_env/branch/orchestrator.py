@@ -18,11 +18,13 @@ One :meth:`BranchOrchestrator.decide` call does, on a reset ``STSO-GPT2-v0`` env
    dependency of this project, and the bandit needs only numpy.)
 3. **Proxy scoring** over the proxy's horizon ``N``:
    ``score = alpha * -loss@N + beta * -risk + gamma * -recovery``, each term
-   pessimistic: ``loss@N`` is the conformal upper bound at ``conformal_level``
-   when a calibrator is given, else the ensemble mean ``+ k_std * std``; risk is
-   ``instability_risk + diverged_prob`` (both mean ``+ k_std * std``; the
-   conformal calibrator covers only ``loss_at_n``), recovery is
-   ``recovery_time`` mean ``+ k_std * std``.
+   pessimistic: with a calibrator, ``loss@N`` and the ``instability_risk`` part
+   of the risk are their split-conformal upper bounds at ``conformal_level``
+   (:class:`~stso_env.proxy.calibration.ConformalBounds`, saved with the proxy
+   as ``calibration.json``; a MAPIE regressor bounds the loss only); without
+   one, the ensemble mean ``+ k_std * std``. Risk is ``instability_risk +
+   diverged_prob`` (the probability as mean ``+ k_std * std``, clipped to 1),
+   recovery is ``recovery_time`` mean ``+ k_std * std``.
 4. **Verification**: the ``top_k`` best candidates each run in a fork
    (``env.unwrapped.fork()``) for ``ceil(verify_steps / decision_interval)`` env
    steps holding the candidate action. The real outcome is the probe loss after,
@@ -64,6 +66,7 @@ import numpy as np
 
 from stso_env.envs.gpt2_env import ACTION_FIELDS, ACTION_NVEC, NEUTRAL_ACTION, GPT2Env
 from stso_env.errors import ConfigError
+from stso_env.proxy.calibration import ConformalBounds
 from stso_env.proxy.model import ProxyEnsemble
 
 #: Exploration weight of the UCB1 bandit over action dimensions (scores are standardised first).
@@ -255,15 +258,19 @@ class BranchOrchestrator:
         acts = np.asarray(actions, dtype=np.int64).reshape(-1, len(ACTION_NVEC))
         states = np.repeat(np.asarray(state, dtype=np.float32).reshape(1, -1), len(acts), axis=0)
         p = self.proxy.predict(states, acts)
-        if self.calibrator is not None:
+        inst_up = p["instability_risk"] + k * p["instability_risk_std"]
+        if isinstance(self.calibrator, ConformalBounds):
+            loss_up = self.calibrator.upper("loss_at_n", p["loss_at_n"], cfg.conformal_level)
+            if self.calibrator.has("instability_risk"):
+                inst_up = self.calibrator.upper("instability_risk", p["instability_risk"], cfg.conformal_level)
+        elif self.calibrator is not None:
             from stso_env.proxy.calibration import conformal_upper
 
             feats = np.concatenate([states, acts.astype(np.float32)], axis=1)
             loss_up = conformal_upper(self.proxy, self.calibrator, feats, level=cfg.conformal_level)
         else:
             loss_up = p["loss_at_n"] + k * p["loss_at_n_std"]
-        risk = (p["instability_risk"] + k * p["instability_risk_std"]
-                + np.clip(p["diverged_prob"] + k * p["diverged_prob_std"], 0.0, 1.0))
+        risk = inst_up + np.clip(p["diverged_prob"] + k * p["diverged_prob_std"], 0.0, 1.0)
         recovery = p["recovery_time"] + k * p["recovery_time_std"]
         score = cfg.alpha * -loss_up + cfg.beta * -risk + cfg.gamma * -recovery
         # a non-finite proxy output must never win

@@ -1,4 +1,4 @@
-"""Split-conformal intervals for the proxy's ``loss_at_n`` and held-out evaluation.
+"""Split-conformal intervals for the proxy's ``loss_at_n`` and ``instability_risk``, and held-out evaluation.
 
 MAPIE 1.6's :class:`~mapie.regression.SplitConformalRegressor` (``prefit=True``)
 wraps the trained ensemble through :class:`LossRegressor`, a minimal
@@ -6,11 +6,21 @@ scikit-learn-style estimator. Log rows of one trajectory are strongly
 correlated in time, so the calibration set must be *whole runs* held out from
 training, and coverage is checked on yet other runs; a row-level split would
 make the residuals look smaller than they are on a new run and under-cover.
+
+MAPIE's default conformity score is the absolute residual, so a calibrated
+interval is ``prediction +- q`` with one quantile ``q`` per target and level.
+:class:`ConformalBounds` keeps exactly those numbers (``calibration.json`` next
+to the proxy's weights, plain JSON), so a saved proxy carries its calibration
+without pickling the MAPIE object.
 """
 
 from __future__ import annotations
 
 import math
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,17 +33,21 @@ from stso_env.proxy.dataset import ProxyDataset
 from stso_env.proxy.model import ProxyEnsemble
 
 CONFIDENCE_LEVELS: tuple[float, ...] = (0.8, 0.9, 0.95)
+#: proxy heads with conformal bounds (the pessimistic loss and risk of branch scoring)
+CONFORMAL_TARGETS: tuple[str, ...] = ("loss_at_n", "instability_risk")
+CALIBRATION_FILE = "calibration.json"
 
 
 class LossRegressor(RegressorMixin, BaseEstimator):
-    """scikit-learn view of a trained :class:`ProxyEnsemble` predicting ``loss_at_n``.
+    """scikit-learn view of a trained :class:`ProxyEnsemble` predicting one head (``target``, default ``loss_at_n``).
 
     ``X`` is ``ProxyDataset.features()``: the state columns followed by the integer
     MultiDiscrete action columns. ``fit`` does nothing: the model is trained already.
     """
 
-    def __init__(self, model: ProxyEnsemble | None = None) -> None:
+    def __init__(self, model: ProxyEnsemble | None = None, target: str = "loss_at_n") -> None:
         self.model = model
+        self.target = target
 
     @property
     def n_features_in_(self) -> int:
@@ -49,32 +63,98 @@ class LossRegressor(RegressorMixin, BaseEstimator):
         return self
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        """Ensemble-mean ``loss_at_n`` for the rows of ``X``."""
+        """Ensemble-mean prediction of ``target`` for the rows of ``X``."""
         if self.model is None:
             raise ConfigError("LossRegressor.model: no proxy model given")
         x = np.asarray(X, dtype=np.float32)
         s = self.model.state_dim
         if x.ndim != 2 or x.shape[1] != self.n_features_in_:
             raise DataError(f"X: expected shape (n, {self.n_features_in_}), got {x.shape}")
-        return self.model.predict(x[:, :s], np.rint(x[:, s:]).astype(np.int64))["loss_at_n"].astype(np.float64)
+        return self.model.predict(x[:, :s], np.rint(x[:, s:]).astype(np.int64))[self.target].astype(np.float64)
 
 
-def _finite_rows(ds: ProxyDataset) -> np.ndarray:
-    return np.isfinite(ds.loss_at_n)
+def _finite_rows(ds: ProxyDataset, target: str = "loss_at_n") -> np.ndarray:
+    return np.isfinite(getattr(ds, target))
 
 
-def calibrate(model: ProxyEnsemble, calib: ProxyDataset,
-              levels: tuple[float, ...] = CONFIDENCE_LEVELS) -> SplitConformalRegressor:
-    """Conformalize ``model``'s ``loss_at_n`` on ``calib`` (whole held-out runs)."""
-    ok = _finite_rows(calib)
+def calibrate(model: ProxyEnsemble, calib: ProxyDataset, levels: tuple[float, ...] = CONFIDENCE_LEVELS,
+              target: str = "loss_at_n") -> SplitConformalRegressor:
+    """Conformalize ``model``'s ``target`` head on ``calib`` (whole held-out runs)."""
+    if target not in CONFORMAL_TARGETS:
+        raise ConfigError(f"target: {target!r} has no conformal bound; choose one of {CONFORMAL_TARGETS}")
+    ok = _finite_rows(calib, target)
     # split conformal needs more than 1/(1-level) scores for its highest level (20 for 0.95)
     need = max(2, math.floor(1.0 / (1.0 - max(levels)) + 1e-9) + 1)
     if ok.sum() < need:
         raise DataError(f"calibration set: {int(ok.sum())} usable rows; conformal level {max(levels)} needs at "
                         f"least {need}; collect more or longer episodes, or raise the calibration fraction")
-    reg = SplitConformalRegressor(LossRegressor(model), confidence_level=list(levels), prefit=True)
-    reg.conformalize(calib.features()[ok], calib.loss_at_n[ok].astype(np.float64))
+    reg = SplitConformalRegressor(LossRegressor(model, target), confidence_level=list(levels), prefit=True)
+    reg.conformalize(calib.features()[ok], getattr(calib, target)[ok].astype(np.float64))
     return reg
+
+
+@dataclass
+class ConformalBounds:
+    """Stored split-conformal quantiles: the upper bound of ``target`` at ``level`` is ``mean + q``.
+
+    ``quantiles[target][str(level)] = q``; built by :func:`conformal_bounds`, saved as
+    ``calibration.json`` in the proxy folder.
+    """
+
+    quantiles: dict[str, dict[str, float]]
+    n_calib: int = 0
+
+    def has(self, target: str) -> bool:
+        return target in self.quantiles
+
+    def upper(self, target: str, mean: np.ndarray, level: float) -> np.ndarray:
+        if target not in self.quantiles:
+            raise ConfigError(f"conformal bounds: {target!r} was not calibrated (have {sorted(self.quantiles)})")
+        table = self.quantiles[target]
+        for key, q in table.items():
+            if math.isclose(float(key), float(level), abs_tol=1e-9):
+                return np.asarray(mean, dtype=np.float64) + float(q)
+        raise ConfigError(f"conformal level {level} of {target!r} was not calibrated; choose one of "
+                          f"{sorted(table)}")
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / CALIBRATION_FILE
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"score": "absolute residual (MAPIE SplitConformalRegressor)",
+                                   "n_calib": self.n_calib, "quantiles": self.quantiles}, indent=1),
+                       encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> ConformalBounds | None:
+        """The bounds saved in ``directory``, or None when the proxy was saved without them."""
+        path = Path(directory) / CALIBRATION_FILE
+        if not path.is_file():
+            return None
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            quantiles = {str(t): {str(k): float(v) for k, v in table.items()} for t, table in doc["quantiles"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise DataError(f"{path}: not a calibration file ({exc}); retrain the proxy with "
+                            "agents.train_proxy") from None
+        return cls(quantiles=quantiles, n_calib=int(doc.get("n_calib", 0)))
+
+
+def conformal_bounds(model: ProxyEnsemble, calib: ProxyDataset,
+                     levels: tuple[float, ...] = CONFIDENCE_LEVELS) -> ConformalBounds:
+    """Calibrate every head in :data:`CONFORMAL_TARGETS` on ``calib`` and keep the quantiles."""
+    quantiles: dict[str, dict[str, float]] = {}
+    x = calib.features()[:8]
+    for target in CONFORMAL_TARGETS:
+        reg = calibrate(model, calib, levels, target)
+        yhat, pis = reg.predict_interval(x)
+        q = pis[:, 1, :] - np.asarray(yhat, dtype=np.float64)[:, None]
+        # absolute-residual score: the same q on every row (a different score would break ConformalBounds)
+        if not np.allclose(q, q[:1], atol=1e-6):
+            raise ConfigError("conformal bounds: intervals are not prediction +- q; the conformity score changed")
+        quantiles[target] = {str(lv): float(q[0, i]) for i, lv in enumerate(levels)}
+    return ConformalBounds(quantiles=quantiles, n_calib=len(calib))
 
 
 def _level_index(calibrator: SplitConformalRegressor, level: float) -> int:
@@ -136,4 +216,10 @@ def evaluate(model: ProxyEnsemble, calib: ProxyDataset, test: ProxyDataset,
     report["coverage"] = {str(lv): float(np.mean((y >= pis[:, 0, i]) & (y <= pis[:, 1, i])))
                           for i, lv in enumerate(levels)}
     report["interval_width"] = {str(lv): float(np.mean(pis[:, 1, i] - pis[:, 0, i])) for i, lv in enumerate(levels)}
+    # the instability-risk head is bounded from above only (branch scoring is pessimistic about risk)
+    risk_cal = calibrate(model, calib, levels, "instability_risk")
+    okr = _finite_rows(test, "instability_risk")
+    _, rpis = risk_cal.predict_interval(test.features()[okr])
+    yr = test.instability_risk[okr].astype(np.float64)
+    report["risk_upper_coverage"] = {str(lv): float(np.mean(yr <= rpis[:, 1, i])) for i, lv in enumerate(levels)}
     return report
