@@ -35,6 +35,10 @@ _N_SCALAR = 4  # loss, divergence logit, risk, recovery
 _REG_SCALARS = (0, 2, 3)  # scalar heads trained by regression (1 is the logit)
 
 
+#: Huber transition point on standardised regression targets (in standard deviations)
+HUBER_DELTA = 1.0
+
+
 @dataclass
 class ProxyConfig:
     """Architecture and training settings of the proxy ensemble."""
@@ -167,7 +171,10 @@ class ProxyEnsemble(nn.Module):
         yz = (y - self.y_mean) / self.y_std
         mask = torch.isfinite(yz)
         err = torch.where(mask, pred - torch.nan_to_num(yz), torch.zeros(()))
-        sq = err.pow(2)
+        # Huber on standardised targets: diverged runs have losses and state jumps many standard
+        # deviations out, and squared errors on them would drown the ordinary transitions
+        a = err.abs()
+        sq = torch.where(a <= HUBER_DELTA, 0.5 * err.pow(2), HUBER_DELTA * (a - 0.5 * HUBER_DELTA)) * 2.0
         reg = sum(sq[..., i].mean(-1) for i in _REG_SCALARS)
         state_mask = mask[..., _N_SCALAR:].float()
         reg = reg + (sq[..., _N_SCALAR:].sum((-1, -2)) / state_mask.sum((-1, -2)).clamp_min(1.0))
