@@ -85,6 +85,8 @@ class RLSettings:
     gamma: float = _f(0.95, "discount factor", range=(0.0, 1.0))
     ent_coef: float = _f(0.01, "entropy bonus", range=(0.0, 10.0))
     proxy_episode_steps: int = _f(30, "env steps per STSO-Proxy-v0 episode", range=(1, 10**7))
+    uncertainty_penalty: float = _f(1.0, "MOPO-style penalty on the proxy ensemble's disagreement (STSO-Proxy-v0)",
+                                    range=(0.0, 1e6))
     eval_freq: int = _f(2_000, "env steps between MaskableEvalCallback evaluations", range=(1, 10**10))
 
 
@@ -195,7 +197,8 @@ def make_training_env(cfg: ControllerTrainConfig, run: Path, *, for_eval: bool =
 
     if cfg.uses_proxy:
         kwargs = {"proxy_dir": str(run / "proxy"), "log_db": str(run / "log_db.parquet"),
-                  "episode_steps": cfg.rl.proxy_episode_steps, "sample_member": True}
+                  "episode_steps": cfg.rl.proxy_episode_steps, "sample_member": True,
+                  "uncertainty_penalty": cfg.rl.uncertainty_penalty}
         n_envs = 1 if for_eval else cfg.rl.n_envs
     else:
         kwargs = {"preset": cfg.preset, "scenario": cfg.scenario, "corpus": cfg.corpus,

@@ -45,7 +45,7 @@ class ProxyVecModel:
 
     def __init__(self, proxy: ProxyEnsemble | str | Path, *,
                  reward_weights: dict[str, float] | RewardWeights | None = None, allow_skip_batch: bool = False,
-                 nats_per_loss_unit: float = DEFAULT_NATS_PER_LOSS_UNIT) -> None:
+                 nats_per_loss_unit: float = DEFAULT_NATS_PER_LOSS_UNIT, uncertainty_penalty: float = 0.0) -> None:
         self.model = proxy if isinstance(proxy, ProxyEnsemble) else ProxyEnsemble.load(proxy)
         self.model.eval()
         if self.model.state_dim != len(OBSERVATION_NAMES) or tuple(self.model.nvec) != tuple(ACTION_NVEC):
@@ -54,6 +54,9 @@ class ProxyVecModel:
                               "train the proxy on a STSO-GPT2-v0 log database")
         if not (nats_per_loss_unit > 0 and math.isfinite(nats_per_loss_unit)):
             raise ConfigError(f"nats_per_loss_unit: must be positive and finite, got {nats_per_loss_unit!r}")
+        if not (uncertainty_penalty >= 0 and math.isfinite(uncertainty_penalty)):
+            raise ConfigError(f"uncertainty_penalty: must be a finite number >= 0, got {uncertainty_penalty!r}")
+        self.uncertainty_penalty = float(uncertainty_penalty)
         self.reward_weights = _weights(reward_weights)
         self.allow_skip_batch = bool(allow_skip_batch)
         self.nats_per_loss_unit = float(nats_per_loss_unit)
@@ -99,7 +102,10 @@ class ProxyVecModel:
                 raise DataError(f"members: expected {s.shape[0]} indices in 0..{self.n_members - 1}")
             sel = out[torch.from_numpy(idx), torch.arange(s.shape[0])]
         prob = torch.sigmoid(out[..., 1]).mean(0) if members is None else torch.sigmoid(sel[:, 1])
+        # members' disagreement on the one-step loss change (the reward's progress term), in nats
+        spread = out[..., _N_SCALAR + LOSS_INDEX].std(0, unbiased=False) * self.nats_per_loss_unit
         return {"next_state": (sel[:, _N_SCALAR:] + xt[:, : m.state_dim]).numpy(),
+                "progress_spread": spread.numpy(),
                 "loss_at_n": sel[:, 0].numpy(), "diverged_prob": prob.numpy(),
                 "instability_risk": sel[:, 2].numpy(), "recovery_time": sel[:, 3].numpy(),
                 "action": a, "action_overridden": overridden, "state": s}
@@ -122,6 +128,10 @@ class ProxyVecModel:
         events = np.clip(h["instability_risk"].astype(np.float64), 0.0, None) / self.horizon
         p_div = h["diverged_prob"].astype(np.float64)
         rewards = w.progress * progress - w.instability * events - w.divergence * p_div
+        if self.uncertainty_penalty:
+            # MOPO-style pessimism: where the members disagree the model is guessing, and a policy
+            # trained on it would learn to exploit the guesses instead of real dynamics
+            rewards = rewards - self.uncertainty_penalty * w.progress * h["progress_spread"].astype(np.float64)
         return nxt, rewards, p_div > DIVERGENCE_THRESHOLD
 
 
@@ -173,6 +183,11 @@ class ProxyEnv(gym.Env):
     * instability: ``instability_risk`` predicts the event *count* over the
       proxy's horizon ``N``; ``risk / N`` (clipped at 0) is the per-step rate.
     * wasted FLOPs: no proxy head predicts them, so the term is 0.
+    * model uncertainty (``uncertainty_penalty`` = lambda, default 0): minus
+      ``lambda * w_progress * spread``, where ``spread`` is the ensemble
+      members' standard deviation of the predicted loss change, in nats
+      (MOPO, Yu et al. 2020): a policy learned in the proxy is kept where the
+      proxy knows the dynamics instead of exploiting its guesses elsewhere.
     * divergence: the expected penalty ``w_divergence * diverged_prob``
       every step (the probability is over the horizon, so this is cautious).
 
@@ -191,7 +206,7 @@ class ProxyEnv(gym.Env):
     ## Arguments
 
     ``gym.make("STSO-Proxy-v0", proxy_dir=..., log_db=..., episode_steps=100,
-    reward_weights=None, allow_skip_batch=False, sample_member=False,
+    reward_weights=None, allow_skip_batch=False, sample_member=False, uncertainty_penalty=0.0,
     render_mode=None)``. ``proxy_dir`` is a folder written by
     ``ProxyEnsemble.save`` / ``agents.train_proxy``; ``log_db`` a log database
     folder (or Parquet file) of STSO-GPT2-v0 rows.
@@ -205,7 +220,8 @@ class ProxyEnv(gym.Env):
 
     def __init__(self, proxy_dir: str, log_db: str, episode_steps: int = 100,
                  reward_weights: dict[str, float] | RewardWeights | None = None, allow_skip_batch: bool = False,
-                 sample_member: bool = False, render_mode: str | None = None) -> None:
+                 sample_member: bool = False, uncertainty_penalty: float = 0.0,
+                 render_mode: str | None = None) -> None:
         super().__init__()
         from stso_env.proxy.logdb import read_log_db
 
@@ -234,6 +250,7 @@ class ProxyEnv(gym.Env):
         if ratio.size:
             nats = float(np.median(ratio))
         self.model = ProxyVecModel(proxy_dir, reward_weights=reward_weights, allow_skip_batch=allow_skip_batch,
+                                   uncertainty_penalty=uncertainty_penalty,
                                    nats_per_loss_unit=nats)
         self.reward_weights = self.model.reward_weights
         self.episode_steps = episode_steps
