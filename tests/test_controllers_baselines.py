@@ -254,7 +254,25 @@ def test_pbt_quantiles_and_explore_rules():
     for wd in (0, 1, 2):
         new, ops = ctrl._explore({"lr_scale": 1.0, "wd": wd})
         assert new["lr_scale"] in (0.8, 1.2) and abs(new["wd"] - wd) <= 1 and 0 <= new["wd"] <= 2
-        assert ops["lr_scale"] in ("x0.8", "x1.2")
+        assert ops["lr_scale"] in ("x0.8", "x1.2", "* 0.8", "* 1.2")  # numpy / Ray Tune wording
     ctrl.resample_p = 1.0
     new, ops = ctrl._explore({"lr_scale": 1.0, "wd": 0})
     assert ops == {"lr_scale": "resample", "wd": "resample"} and 0.5 <= new["lr_scale"] <= 2.0
+
+
+def test_pbt_explore_is_seeded_and_leaves_global_random_alone():
+    import random
+
+    from agents.controllers.pbt import _ray_explore
+
+    a, b = PBT(population=4), PBT(population=4)
+    a.rng, b.rng = np.random.default_rng(5), np.random.default_rng(5)
+    random.seed(123)
+    before = random.getstate()
+    out_a = [a._explore({"lr_scale": 1.0, "wd": 1}) for _ in range(20)]
+    assert random.getstate() == before
+    out_b = [b._explore({"lr_scale": 1.0, "wd": 1}) for _ in range(20)]
+    assert out_a == out_b
+    assert len({o[0]["lr_scale"] for o in out_a}) > 1  # it does explore
+    expected = "ray.tune.schedulers.pbt._explore" if _ray_explore() is not None else "numpy re-implementation"
+    assert a.describe()["explore"] == expected

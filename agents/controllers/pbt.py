@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
+import random
 from typing import Any
 
 import gymnasium as gym
@@ -11,6 +13,16 @@ import numpy as np
 
 from agents.controllers.base import Controller
 from stso_env.envs.gpt2_env import LR_SCALE_LIMITS, NEUTRAL_ACTION, WD_SCALES, GPT2Env
+
+
+@functools.cache
+def _ray_explore() -> Any:
+    """Ray Tune's PBT explore function, or None without the ``distributed`` extra."""
+    try:
+        from ray.tune.schedulers.pbt import _explore
+    except ImportError:
+        return None
+    return _explore
 
 
 class PBT(Controller):
@@ -47,11 +59,14 @@ class PBT(Controller):
     source's, recorded as a decision of kind ``"exploit"``; every exploit/explore is listed in
     ``events`` and summarised by ``describe()``.
 
-    Ray Tune's scheduler itself is not used: it schedules Ray trials (separate actors checkpointed
-    through Ray), whereas the members here are in-process forks of one env stepped in lockstep, and
-    its ``_explore`` draws from the process-global ``random`` module, which the env swaps per run
-    (RNG isolation), so its draws would not be reproducible from the run's seed. The same rules
-    are re-implemented on a seeded ``numpy.random.Generator``.
+    Ray Tune: the members are in-process forks stepped in lockstep, not Ray trials, so Ray Tune's
+    ``PopulationBasedTraining`` cannot schedule them; when the ``distributed`` extra is installed,
+    its explore step itself (``ray.tune.schedulers.pbt._explore``, with ``mutations`` = LR scale:
+    a resampling function, weight decay: the list of choices) perturbs the copied configuration.
+    Ray draws from the process-global ``random`` module, so the call runs with ``random`` seeded
+    from this controller's generator and restored afterwards: runs stay reproducible from their
+    seed. Without ray the same rules run on the generator directly. ``describe()["explore"]``
+    says which ran.
 
     Settings (defaults follow Ray: quantile 0.25, resample probability 0.25, factors 0.8 / 1.2):
         population: members, main run included (default 4).
@@ -175,6 +190,18 @@ class PBT(Controller):
         return bottom, top
 
     def _explore(self, config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        ray_explore = _ray_explore()
+        if ray_explore is not None:
+            mutations = {"lr_scale": self._sample_lr, "wd": list(range(len(WD_SCALES)))}
+            outer = random.getstate()
+            random.seed(int(self.rng.integers(2**63)))
+            try:
+                new, ops = ray_explore(dict(config), mutations, self.resample_p,
+                                       tuple(self.perturbation_factors), None)
+            finally:
+                random.setstate(outer)
+            new["lr_scale"] = float(new["lr_scale"])
+            return new, {k: str(v) for k, v in ops.items()}
         new, ops = dict(config), {}
         if self.rng.random() < self.resample_p:
             new["lr_scale"], ops["lr_scale"] = self._sample_lr(), "resample"
@@ -219,4 +246,5 @@ class PBT(Controller):
             "perturbation_factors": list(self.perturbation_factors), "initial_hparams": self.initial_hparams,
             "final_hparams": self.hparams, "exploits": len(self.events),
             "main_exploits": sum(e["target"] == 0 for e in self.events),
+            "explore": "ray.tune.schedulers.pbt._explore" if _ray_explore() is not None else "numpy re-implementation",
         }
