@@ -56,6 +56,7 @@ def test_stso_verifies_holds_and_counts(proxy_dir, tmp_path):
     # trigger on at windows 1..6: one decision at 1, the next only after the hold (2 windows) + cooldown 3
     env, actions = run(ctrl, 8, trigger_at={1, 2, 3, 4, 5, 6})
     assert ctrl.branch_invocations == 2 and len(ctrl.proxy_ms) == 2
+    assert ctrl.main_run_share == pytest.approx(0.9)  # the default reserve for verification
     steps = sorted(int(p.name) for p in (tmp_path / "r").iterdir())
     assert len(steps) == 2
     first = json.loads((tmp_path / "r" / str(steps[0]) / "decision.json").read_text())
@@ -84,6 +85,7 @@ def test_proxy_only_applies_proxy_best_without_forks(proxy_dir, tmp_path):
     assert doc["verification"] == [] and doc["executor"] == "none"
     assert doc["chosen_action"] == doc["candidates"][0]["action"] == actions[1]
     assert ctrl.extra_flops == 0.0 and ctrl.branch_invocations == 1
+    assert ctrl.main_run_share == 1.0  # nothing to verify, nothing reserved
     assert "verification" not in env.unwrapped.monitor.events.wasted_by_reason or \
         env.unwrapped.monitor.events.wasted_by_reason["verification"] == 0.0
     env.close()

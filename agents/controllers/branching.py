@@ -24,10 +24,15 @@ the proxy scoring time of each decision to ``proxy_ms``, snapshot and restore
 time to ``io_seconds``. Decisions are written under
 ``<branch_dir>/<run_name>/<step>/``.
 
-Defaults are scaled to tiny runs of a few hundred to a few thousand steps:
-``top_k=3`` forks of ``verify_steps=20`` steps cost 60 training steps per
-decision, and ``cooldown_windows=10`` limits decisions to one per 100 steps at
-the default decision interval.
+Defaults are scaled to tiny runs of a few hundred to a few thousand steps (the
+guide's full-scale values are Delta = 1000 and M = 50 steps): ``top_k=2`` forks of
+``verify_steps=10`` steps cost 20 training steps per decision, and
+``cooldown_windows=10`` limits decisions to one per 100 steps at the default
+decision interval. Verification is paid from the shared FLOPs budget, so the
+verifying methods plan for it: ``reserve=0.1`` of the budget is set aside
+(``main_run_share = 0.9``), and the main run's warm-up + cosine schedule is
+sized to the rest, so it still ends its decay instead of being cut off when
+the budget runs out.
 """
 
 from __future__ import annotations
@@ -69,18 +74,25 @@ class BranchController(Controller):
         n_candidates, top_k, verify_steps, delta, alpha, beta, gamma, k_std: :class:`BranchConfig` fields.
         cooldown_windows: env steps after a decision before the next may start.
         snapshot_every: env steps between snapshots when ``delta > 0`` (rollback needs them).
+        reserve: share of the FLOPs budget planned for verification (the main run's schedule gets the rest).
     """
 
     name = "stso"
     verify = True
 
     def __init__(self, proxy_dir: str | Path, branch_dir: str | Path = "branches", *, n_candidates: int = 200,
-                 top_k: int = 3, verify_steps: int = 20, delta: int = 0, alpha: float = 1.0, beta: float = 0.5,
-                 gamma: float = 0.1, k_std: float = 1.0, cooldown_windows: int = 10, snapshot_every: int = 5) -> None:
+                 top_k: int = 2, verify_steps: int = 10, delta: int = 0, alpha: float = 1.0, beta: float = 0.5,
+                 gamma: float = 0.1, k_std: float = 1.0, cooldown_windows: int = 10, snapshot_every: int = 5,
+                 reserve: float = 0.1) -> None:
         super().__init__()
         if cooldown_windows < 0 or snapshot_every < 1:
             raise ValueError(f"cooldown_windows={cooldown_windows} must be >= 0 and snapshot_every={snapshot_every} "
                              ">= 1")
+        if not 0.0 <= reserve < 1.0:
+            raise ValueError(f"reserve={reserve}: the share of the budget kept for verification must be in [0, 1)")
+        # without verification nothing is spent outside the main run, so nothing is reserved
+        self.reserve = float(reserve) if self.verify else 0.0
+        self.main_run_share = 1.0 - self.reserve
         self.proxy_dir = Path(proxy_dir)
         self.proxy = ProxyEnsemble.load(self.proxy_dir)
         self.config = BranchConfig(delta=delta, n_candidates=n_candidates, top_k=top_k, verify_steps=verify_steps,
@@ -141,7 +153,8 @@ class BranchController(Controller):
         from dataclasses import asdict
 
         return {**super().describe(), "proxy_dir": str(self.proxy_dir), "branch": asdict(self.config),
-                "cooldown_windows": self.cooldown_windows, "trigger": "uncertainty index (combined)",
+                "cooldown_windows": self.cooldown_windows, "reserve": self.reserve,
+                "trigger": "uncertainty index (combined)",
                 "conformal_bounds": self.bounds is not None}
 
 
