@@ -352,7 +352,9 @@ def write_report(cfg: ControllerTrainConfig, run: Path, parts: dict[str, Any]) -
                   + ("The policy is better and the difference is significant at 0.05." if better and pval is not None
                      and pval < 0.05 else "The policy is **not** significantly better than the fixed schedule "
                      "on these seeds."), ""]
-    lines += ["Figures (from the evaluation): ![loss curves](eval/figures/loss_curves.png)", ""]
+    lines += ["Loss curves per controller, and the uncertainty index with every decision on one timeline "
+              "(from the evaluation):", "", "![loss curves](eval/figures/loss_curves.png)", "",
+              "![index and decisions](eval/figures/uncertainty_timeline.png)", ""]
     path = run / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
