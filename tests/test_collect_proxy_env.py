@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 import stso_env  # noqa: F401  (registers the envs)
 from agents import collect
@@ -176,3 +177,26 @@ def test_proxy_env_masks_and_errors(proxy_dir: Path, collected: Path):
         env.model.step_batch(np.zeros((2, 7)), np.zeros((2, 6), dtype=int))
     with pytest.raises(ConfigError, match="reward_weights"):
         make_proxy_env(proxy_dir, collected, reward_weights={"speed": 1.0})
+
+
+def test_uncertainty_penalty_subtracts_member_disagreement(proxy_dir: Path, collected: Path):
+    plain = ProxyVecModel(str(proxy_dir))
+    lam = 2.0
+    pessimist = ProxyVecModel(str(proxy_dir), uncertainty_penalty=lam)
+    rng = np.random.default_rng(0)
+    states = rng.normal(0, 0.3, size=(16, 50)).astype(np.float32)
+    actions = np.stack([rng.integers(n, size=16) for n in (4, 3, 4, 2, 2, 1)], axis=1)
+    h = plain.heads(states, actions)
+    # the spread is the members' std of the loss-feature change, in nats
+    m = plain.model
+    with torch.no_grad():
+        out = m(m._encode(states, actions)) * m.y_std + m.y_mean
+    expected_spread = out[..., 4 + 0].std(0, unbiased=False).numpy() * plain.nats_per_loss_unit
+    np.testing.assert_allclose(h["progress_spread"], expected_spread, rtol=1e-5)
+    assert (h["progress_spread"] > 0).all()
+    s1, r1, t1 = plain.step_batch(states, actions)
+    s2, r2, t2 = pessimist.step_batch(states, actions)
+    np.testing.assert_array_equal(s1, s2)
+    np.testing.assert_allclose(r1 - r2, lam * plain.reward_weights.progress * expected_spread, rtol=1e-5)
+    with pytest.raises(ConfigError, match="uncertainty_penalty"):
+        ProxyVecModel(str(proxy_dir), uncertainty_penalty=-1.0)
