@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -386,7 +387,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--episodes", type=int, default=None, help="real episodes to collect (collect.episodes)")
     p.add_argument("--eval-seeds", type=int, default=None, help="held-out real episodes per controller")
     p.add_argument("--eval-steps", type=int, default=None, help="optimizer steps per evaluation episode")
-    p.add_argument("--overwrite", action="store_true", help="reuse an existing run folder (its files are replaced)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing run folder (its previous contents are deleted first)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -403,6 +405,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if run.exists() and any(run.iterdir()) and not args.overwrite:
             raise ConfigError(f"run folder {run} exists and is not empty; choose another --run-name or pass "
                               "--overwrite")
+        if run.exists() and args.overwrite:
+            # outputs of the previous run must not mix with this one's (a stale report would look current)
+            shutil.rmtree(run)
         run.mkdir(parents=True, exist_ok=True)
         (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
         print(f"run folder: {run}", file=sys.stderr)
@@ -410,10 +415,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         t_all = time.perf_counter()
         if cfg.uses_proxy:
             t0 = time.perf_counter()
-            if args.overwrite and (run / "log_db.parquet").exists():
-                import shutil
-
-                shutil.rmtree(run / "log_db.parquet")
             parts["collect"] = collect_episodes(cfg, run, progress)
             parts["seconds"]["collect"] = time.perf_counter() - t0
             t0 = time.perf_counter()

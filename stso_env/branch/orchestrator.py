@@ -56,7 +56,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -66,6 +65,7 @@ import numpy as np
 
 from stso_env.envs.gpt2_env import ACTION_FIELDS, ACTION_NVEC, NEUTRAL_ACTION, GPT2Env
 from stso_env.errors import ConfigError
+from stso_env.files import write_text_atomic
 from stso_env.proxy.calibration import ConformalBounds
 from stso_env.proxy.model import ProxyEnsemble
 
@@ -165,18 +165,7 @@ def _finite_or_none(x: float) -> float | None:
 
 def _atomic_write(path: Path, text: str) -> None:
     # a crash mid-write must never leave a half-written decision that looks complete
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(path, text)
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.metrics import mean_absolute_error, r2_score, roc_auc_score
 
 from stso_env.errors import ConfigError, DataError
+from stso_env.files import write_text_atomic
 from stso_env.proxy.dataset import ProxyDataset
 from stso_env.proxy.model import ProxyEnsemble
 
@@ -119,11 +119,8 @@ class ConformalBounds:
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / CALIBRATION_FILE
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"score": "absolute residual (MAPIE SplitConformalRegressor)",
-                                   "n_calib": self.n_calib, "quantiles": self.quantiles}, indent=1),
-                       encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps({"score": "absolute residual (MAPIE SplitConformalRegressor)",
+                                            "n_calib": self.n_calib, "quantiles": self.quantiles}, indent=1))
         return path
 
     @classmethod
