@@ -312,13 +312,15 @@ def write_report(cfg: ControllerTrainConfig, run: Path, parts: dict[str, Any]) -
                   f"into `log_db.parquet` ({c['rows']} rows).", ""]
     if "proxy" in parts:
         p = parts["proxy"]
-        cov = ", ".join(f"{k}: {_fmt(v)}" for k, v in p["coverage"].items())
+        cov = ", ".join(f"{k}: {_fmt(v)} (single split {_fmt(p['coverage_single_split'][k])})"
+                        for k, v in p["coverage"].items())
         lines += ["## 2. Proxy world model", "",
                   f"Horizon {p['horizon']} env steps; {p['n_train']} training rows ({p['n_train_runs']} runs), "
                   f"{p['n_calib_runs']} calibration runs, {p['n_test_runs']} test runs (seeds never trained on).",
                   "", f"- loss@N: R² {_fmt(p['loss_r2'])}, MAE {_fmt(p['loss_mae'], 4)}",
                   f"- divergence: AUROC {_fmt(p['divergence_auroc'])}, Brier {_fmt(p['divergence_brier'], 4)}",
-                  f"- conformal coverage (nominal -> empirical): {cov}", "",
+                  f"- conformal coverage, nominal -> empirical (mean over run-level re-partitions of the "
+                  f"held-out runs): {cov}", "",
                   "Full report: `proxy/proxy_report.json`.", ""]
     rl = parts["rl"]
     lines += ["## 3. Policy learning", "",

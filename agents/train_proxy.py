@@ -149,7 +149,12 @@ def print_report(report: dict[str, Any], out: Path) -> None:
     print(f"  loss_at_{report['horizon']}: R2 {'n/a' if r2 is None else f'{r2:.3f}'}  MAE {report['loss_mae']:.4f}")
     print(f"  divergence: AUROC {'n/a' if auroc is None else f'{auroc:.3f}'}  "
           f"Brier {report['divergence_brier']:.4f}")
-    print("  coverage: " + "  ".join(f"{k}: {v:.3f}" for k, v in report["coverage"].items()))
+    rep = report["coverage_repeats"]
+    print(f"  coverage (mean of {rep['repeats']} run-level re-partitions, {rep['calib_runs']} calib / "
+          f"{rep['test_runs']} test runs): " + "  ".join(
+              f"{k}: {v:.3f} (sd {rep['std'][k]:.3f})" for k, v in report["coverage"].items()))
+    print("  coverage (the single split): " + "  ".join(
+        f"{k}: {v:.3f}" for k, v in report["coverage_single_split"].items()))
     print("  risk upper-bound coverage: " + "  ".join(f"{k}: {v:.3f}" for k, v in
                                                      report["risk_upper_coverage"].items()))
     print(f"  wrote {out / 'proxy.json'}, {out / 'proxy.safetensors'}, {out / 'proxy_report.json'}")
