@@ -56,7 +56,9 @@ def test_stso_verifies_holds_and_counts(proxy_dir, tmp_path):
     # trigger on at windows 1..6: one decision at 1, the next only after the hold (2 windows) + cooldown 3
     env, actions = run(ctrl, 8, trigger_at={1, 2, 3, 4, 5, 6})
     assert ctrl.branch_invocations == 2 and len(ctrl.proxy_ms) == 2
-    assert ctrl.main_run_share == pytest.approx(0.9)  # the default reserve for verification
+    assert ctrl.main_run_share == 1.0  # no reserve by default: the schedule spans the whole budget
+    reserved = make_controller("stso", settings={"reserve": 0.1}, proxy_dir=proxy_dir, branch_dir=tmp_path)
+    assert reserved.main_run_share == pytest.approx(0.9)
     steps = sorted(int(p.name) for p in (tmp_path / "r").iterdir())
     assert len(steps) == 2
     first = json.loads((tmp_path / "r" / str(steps[0]) / "decision.json").read_text())

@@ -28,11 +28,15 @@ Defaults are scaled to tiny runs of a few hundred to a few thousand steps (the
 guide's full-scale values are Delta = 1000 and M = 50 steps): ``top_k=2`` forks of
 ``verify_steps=10`` steps cost 20 training steps per decision, and
 ``cooldown_windows=10`` limits decisions to one per 100 steps at the default
-decision interval. Verification is paid from the shared FLOPs budget, so the
-verifying methods plan for it: ``reserve=0.1`` of the budget is set aside
-(``main_run_share = 0.9``), and the main run's warm-up + cosine schedule is
-sized to the rest, so it still ends its decay instead of being cut off when
-the budget runs out.
+decision interval. Verification is paid from the shared FLOPs budget. With
+``reserve=r > 0`` a share ``r`` of the budget is set aside for it
+(``main_run_share = 1 - r``) and the main run's warm-up + cosine schedule is
+sized to the rest; with the default ``reserve=0`` the schedule spans the whole
+budget and verification makes the run stop a few steps early, in the cosine
+tail where the LR is already low. Measured on WikiText-2 (tiny, spiky, 600
+steps, 5 seeds): reserve 0.1 cost 2.6 % perplexity against the fixed schedule
+(9.072 vs 8.845) while verification used only 3-7 % of the budget; reserve 0
+came out at 8.884 (p = 0.68 against fixed).
 """
 
 from __future__ import annotations
@@ -83,7 +87,7 @@ class BranchController(Controller):
     def __init__(self, proxy_dir: str | Path, branch_dir: str | Path = "branches", *, n_candidates: int = 200,
                  top_k: int = 2, verify_steps: int = 10, delta: int = 0, alpha: float = 1.0, beta: float = 0.5,
                  gamma: float = 0.1, k_std: float = 1.0, cooldown_windows: int = 10, snapshot_every: int = 5,
-                 reserve: float = 0.1) -> None:
+                 reserve: float = 0.0) -> None:
         super().__init__()
         if cooldown_windows < 0 or snapshot_every < 1:
             raise ValueError(f"cooldown_windows={cooldown_windows} must be >= 0 and snapshot_every={snapshot_every} "
