@@ -82,3 +82,21 @@ def test_spiky_produces_clearly_more_spikes_than_calm():
         s = summarize([x.loss for x in stats], [x.grad_norm for x in stats])
         counts[name] = s.n_events
     assert counts["spiky"] >= 2 and counts["spiky"] >= counts["calm"] + 2, counts
+
+
+def test_unstable_scenario_really_diverges():
+    import gymnasium as gym
+
+    import stso_env  # noqa: F401  (registers the env)
+
+    assert load_scenario("unstable").lr_scale == 20.0
+    env = gym.make("STSO-GPT2-v0", scenario="unstable", episode_steps=300, decision_interval=10)
+    env.reset(seed=0)
+    for _ in range(10):
+        _, reward, terminated, truncated, info = env.step([2, 1, 0, 0, 0, 0])
+        if terminated or truncated:
+            break
+    # measured: seed 0 diverges at step 56 under the neutral schedule
+    assert terminated and info["diverged"] and info["global_step"] <= 100
+    assert reward < -5  # the divergence penalty (10) dominates the window's reward
+    env.close()
