@@ -231,3 +231,31 @@ def test_stored_conformal_bounds_make_scores_pessimistic():
         expected_risk = pred["instability_risk"][i] + 2.0 + min(1.0, max(0.0, dstd))
         assert math.isclose(b["risk"], expected_risk, rel_tol=1e-5)
         assert b["score"] < a["score"]
+
+
+def test_adopt_continues_as_the_chosen_fork(tmp_path):
+    import torch
+
+    env = make_env()
+    base = env.unwrapped
+    ref = base.fork()  # the run as it was at the trigger
+    step0 = base.trainer.global_step
+    cfg = BranchConfig(n_candidates=20, top_k=2, verify_steps=10, out_dir=str(tmp_path), seed=1, adopt=True)
+    d = BranchOrchestrator(cfg, proxy()).decide(env, "run0")
+    doc = json.loads(d.path.read_text())
+    assert d.adopted and doc["adopted"] is True
+    chosen = next(v for v in doc["verification"] if v["id"] == doc["chosen_id"])
+    # the run is now exactly the trigger state continued under the chosen action (determinism contract)
+    for _ in range(chosen["env_steps"]):
+        ref.step(np.asarray(d.chosen_action))
+    assert base.trainer.global_step == ref.trainer.global_step == step0 + 10 == doc["global_step_after"]
+    for p, q in zip(base.trainer.model.parameters(), ref.trainer.model.parameters()):
+        assert torch.equal(p, q)
+    np.testing.assert_array_equal(base._obs, ref._obs)
+    # only the forks not adopted are waste
+    others = sum(v["flops"] for v in doc["verification"] if v["id"] != doc["chosen_id"])
+    assert math.isclose(d.adopted_flops, chosen["flops"]) and math.isclose(d.wasted_flops, others)
+    assert math.isclose(base.monitor.events.wasted_by_reason["verification"], others)
+    assert math.isclose(base._total_flops, ref._total_flops)
+    ref.close()
+    env.close()

@@ -52,7 +52,8 @@ def test_registry_builds_every_name(proxy_dir, tmp_path):
 
 def test_stso_verifies_holds_and_counts(proxy_dir, tmp_path):
     ctrl = make_controller("stso", settings={"top_k": 2, "verify_steps": 10, "n_candidates": 12,
-                                             "cooldown_windows": 3}, proxy_dir=proxy_dir, branch_dir=tmp_path)
+                                             "cooldown_windows": 3, "adopt_fork": False},
+                           proxy_dir=proxy_dir, branch_dir=tmp_path)
     # trigger on at windows 1..6: one decision at 1, the next only after the hold (2 windows) + cooldown 3
     env, actions = run(ctrl, 8, trigger_at={1, 2, 3, 4, 5, 6})
     assert ctrl.branch_invocations == 2 and len(ctrl.proxy_ms) == 2
@@ -76,6 +77,26 @@ def test_stso_verifies_holds_and_counts(proxy_dir, tmp_path):
     assert verify_flops > 0 and math.isclose(ctrl.extra_flops, verify_flops, rel_tol=1e-12)
     charged = env.unwrapped.monitor.events.wasted_by_reason["verification"]
     assert math.isclose(charged, verify_flops, rel_tol=1e-12)
+    env.close()
+
+
+def test_stso_adopts_the_verified_fork_by_default(proxy_dir, tmp_path):
+    ctrl = make_controller("stso", settings={"top_k": 2, "verify_steps": 10, "n_candidates": 12},
+                           proxy_dir=proxy_dir, branch_dir=tmp_path)
+    env = gym.make("STSO-GPT2-v0", **ENV)
+    obs, info = env.reset(seed=3)
+    ctrl.reset(env, seed=3, run_name="r")
+    step0 = env.unwrapped.trainer.global_step
+    action = ctrl.act(obs, dict(info, trigger=True))
+    (folder,) = list((tmp_path / "r").iterdir())
+    doc = json.loads((folder / "decision.json").read_text())
+    chosen = doc["chosen_action"]
+    assert doc["adopted"] and env.unwrapped.trainer.global_step == step0 + 10
+    # the chosen action already ran in the adopted fork: the next window keeps only its persistent settings
+    assert action.tolist() == [NEUTRAL_ACTION[0], chosen[1], chosen[2], 0, 0, 0]
+    others = sum(v["flops"] for v in doc["verification"] if v["id"] != doc["chosen_id"])
+    assert math.isclose(ctrl.extra_flops, others, rel_tol=1e-12)
+    env.step(action)
     env.close()
 
 

@@ -5,11 +5,13 @@
   was taken in the last ``cooldown_windows`` env steps, run one
   :meth:`~stso_env.branch.BranchOrchestrator.decide`: proxy-score
   ``n_candidates`` actions from the grid, verify the ``top_k`` best in forks for
-  ``verify_steps`` training steps, apply the best verified one. The chosen
-  action is then *held* for as many env steps as it was verified for (what was
-  verified is what runs); afterwards the controller sends the neutral LR change
-  and no one-shot interventions, but keeps the chosen weight decay and clip
-  policy, which are persistent settings the verification found better.
+  ``verify_steps`` training steps, and continue the run as the best verified
+  fork (``adopt_fork=True``: the fork *is* the run under that action, so its
+  steps are kept instead of being re-run; with ``adopt_fork=False`` the chosen
+  action is applied and held for as many env steps as it was verified for).
+  Afterwards the controller sends the neutral LR change and no one-shot
+  interventions, but keeps the chosen weight decay and clip policy, which are
+  persistent settings the verification found better.
 * :class:`ProxyOnly` (``proxy_only``, ablation B): the same trigger and proxy
   scoring, but the proxy's best candidate is applied without verification.
 * :class:`SingleIndicator` (``single_trigger``, ablation D): the full method,
@@ -17,8 +19,8 @@
   (``u_loss_volatility``) above the index threshold ``tau``, instead of the
   combined index.
 
-Accounting: verification and rollback FLOPs (``BranchDecision.wasted_flops``)
-are training outside the kept main run: they go to ``extra_flops`` (the
+Accounting: verification FLOPs of the forks not adopted, and rollback FLOPs
+(``BranchDecision.wasted_flops``), are training outside the kept main run: they go to ``extra_flops`` (the
 orchestrator has already charged them as wasted in the run's event tracker),
 the proxy scoring time of each decision to ``proxy_ms``, snapshot and restore
 time to ``io_seconds``. Decisions are written under
@@ -79,6 +81,7 @@ class BranchController(Controller):
         cooldown_windows: env steps after a decision before the next may start.
         snapshot_every: env steps between snapshots when ``delta > 0`` (rollback needs them).
         reserve: share of the FLOPs budget planned for verification (the main run's schedule gets the rest).
+        adopt_fork: continue the run as the best verified fork instead of re-running its action.
     """
 
     name = "stso"
@@ -87,7 +90,7 @@ class BranchController(Controller):
     def __init__(self, proxy_dir: str | Path, branch_dir: str | Path = "branches", *, n_candidates: int = 200,
                  top_k: int = 2, verify_steps: int = 10, delta: int = 0, alpha: float = 1.0, beta: float = 0.5,
                  gamma: float = 0.1, k_std: float = 1.0, cooldown_windows: int = 10, snapshot_every: int = 5,
-                 reserve: float = 0.0) -> None:
+                 reserve: float = 0.0, adopt_fork: bool = True) -> None:
         super().__init__()
         if cooldown_windows < 0 or snapshot_every < 1:
             raise ValueError(f"cooldown_windows={cooldown_windows} must be >= 0 and snapshot_every={snapshot_every} "
@@ -100,7 +103,8 @@ class BranchController(Controller):
         self.proxy_dir = Path(proxy_dir)
         self.proxy = ProxyEnsemble.load(self.proxy_dir)
         self.config = BranchConfig(delta=delta, n_candidates=n_candidates, top_k=top_k, verify_steps=verify_steps,
-                                   verify=self.verify, alpha=alpha, beta=beta, gamma=gamma, k_std=k_std,
+                                   verify=self.verify, adopt=bool(adopt_fork) and self.verify,
+                                   alpha=alpha, beta=beta, gamma=gamma, k_std=k_std,
                                    out_dir=str(branch_dir))
         # conformal upper bounds saved with the proxy (calibration.json); without them mean + k_std * std
         self.bounds = ConformalBounds.load(self.proxy_dir)
@@ -144,12 +148,14 @@ class BranchController(Controller):
             self.io_seconds += float(decision.extra.get("restore_seconds", 0.0))
             self._since = 0
             chosen = [int(a) for a in decision.chosen_action]
-            hold = max(1, int(np.ceil(self.config.verify_steps / self.base.decision_interval))) \
-                if self.verify else 1
-            self._held, self._hold_left = chosen, hold - 1
             # persistent settings (weight decay, clip policy) stay; LR change and one-shots do not
             self._persistent = [NEUTRAL_ACTION[0], chosen[1], chosen[2], 0, 0, 0]
             self.record("branch", chosen, decision.reason + f" [decision took {time.perf_counter() - t0:.2f}s]")
+            if decision.adopted:  # the chosen action has already run in the adopted fork
+                return np.asarray(self._persistent, dtype=np.int64)
+            hold = max(1, int(np.ceil(self.config.verify_steps / self.base.decision_interval))) \
+                if self.verify else 1
+            self._held, self._hold_left = chosen, hold - 1
             return np.asarray(chosen, dtype=np.int64)
         return np.asarray(self._persistent, dtype=np.int64)
 

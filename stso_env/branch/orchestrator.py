@@ -36,6 +36,11 @@ One :meth:`BranchOrchestrator.decide` call does, on a reset ``STSO-GPT2-v0`` env
    proxy's best candidate is returned; ``decision.json`` is still written.
 5. **Collapse**: the verified candidate with the best real score is returned
    (ties go to the better proxy rank). The caller steps the real env with it.
+   With ``adopt=True`` the run does not re-run the chosen action: the env
+   loads the chosen fork's whole state (the fork is the run continued under
+   that action, bit for bit), so its verification steps become the run's own
+   training and only the other forks' FLOPs are charged as wasted. A fork
+   that ended its episode or diverged is never adopted.
 
 Files, all written atomically (temp file + ``os.replace``) under
 ``<out_dir>/<run>/<step>/`` where ``step`` is the global step at the trigger:
@@ -53,6 +58,7 @@ is recorded in ``decision.json``.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -81,6 +87,7 @@ class BranchConfig:
     n_candidates: int = 200  # proxy-scored candidate actions (all valid ones when fewer)
     top_k: int = 5  # candidates verified by real rollouts in forks
     verify: bool = True  # False: apply the proxy's best candidate without real rollouts (ablation)
+    adopt: bool = False  # True: the run continues as the best verified fork (its steps are not re-run)
     verify_steps: int = 50  # training steps per verification rollout (rounded up to whole env steps)
     horizon: int | None = None  # proxy horizon N in env steps; None: the proxy's own (must match it)
     alpha: float = 1.0  # weight of -E[loss@N]
@@ -119,6 +126,8 @@ class BranchConfig:
         lv = self.conformal_level
         if isinstance(lv, bool) or not isinstance(lv, (int, float)) or not 0 < lv < 1:
             raise ConfigError(f"branch config conformal_level: must be in (0, 1), e.g. 0.9, got {lv!r}")
+        if not isinstance(self.adopt, bool):
+            raise ConfigError(f"branch config adopt: must be true or false, got {self.adopt!r}")
         if not isinstance(self.verify, bool):
             raise ConfigError(f"branch config verify: must be true or false, got {self.verify!r}")
         if not isinstance(self.use_ray, bool):
@@ -141,6 +150,8 @@ class BranchDecision:
     restored_from: int | None = None  # snapshot id the branch started from, None: the current state
     executor: str = "sequential"
     extra: dict[str, Any] = field(default_factory=dict)
+    adopted: bool = False  # the env now is the chosen fork, after its verification steps
+    adopted_flops: float = 0.0  # verification FLOPs that became the run's own training
 
 
 # ---------------------------------------------------------------------- helpers
@@ -180,8 +191,9 @@ def real_score(outcome: dict[str, Any], config: BranchConfig) -> float:
             + config.gamma * -outcome["recovery_env_steps"])
 
 
-def rollout_fork(fork: GPT2Env, action: list[int], env_steps: int) -> dict[str, Any]:
-    """Step ``fork`` ``env_steps`` times holding ``action``; returns the measured outcome and the log lines."""
+def rollout_fork(fork: GPT2Env, action: list[int], env_steps: int, keep_state: bool = False) -> dict[str, Any]:
+    """Step ``fork`` ``env_steps`` times holding ``action``; returns the measured outcome and the log lines
+    (and, with ``keep_state``, the fork's whole env state afterwards under ``"state"``)."""
     lines: list[str] = []
     flops = 0.0
     events = recovering = 0
@@ -199,19 +211,23 @@ def rollout_fork(fork: GPT2Env, action: list[int], env_steps: int) -> dict[str, 
             float(reward))}, allow_nan=False))
         if terminated or truncated:
             break
-    return {"probe_loss": probe, "instability_events": events, "recovery_env_steps": recovering,
-            "diverged": diverged, "flops": flops, "env_steps": len(lines),
-            "global_step": int(fork.trainer.global_step), "log": lines}
+    out = {"probe_loss": probe, "instability_events": events, "recovery_env_steps": recovering,
+           "diverged": diverged, "flops": flops, "env_steps": len(lines),
+           "global_step": int(fork.trainer.global_step), "log": lines}
+    if keep_state:
+        out["state"] = copy.deepcopy(fork._env_state())
+        out["done"] = bool(fork._done)
+    return out
 
 
 def _verify_remote(env_kwargs: dict[str, Any], state: dict[str, Any], action: list[int],
-                   env_steps: int) -> dict[str, Any]:
+                   env_steps: int, keep_state: bool = False) -> dict[str, Any]:
     # Ray task body: rebuild the fork from its state in the worker, exactly as GPT2Env.fork() does
     fork = GPT2Env(**dict(env_kwargs, run_dir=None))
     _ = fork.np_random
     fork._load_env_state(state)
     try:
-        return rollout_fork(fork, action, env_steps)
+        return rollout_fork(fork, action, env_steps, keep_state)
     finally:
         fork.close()
 
@@ -384,9 +400,9 @@ class BranchOrchestrator:
                                  "instability_events": out["instability_events"],
                                  "recovery_env_steps": out["recovery_env_steps"], "diverged": out["diverged"],
                                  "flops": out["flops"], "env_steps": out["env_steps"],
-                                 "end_global_step": out["global_step"], "_log": out["log"], "_score": s})
+                                 "end_global_step": out["global_step"], "_log": out["log"], "_score": s,
+                                 "_state": out.get("state"), "_done": out.get("done", True)})
         verify_flops = float(sum(v["flops"] for v in verification))
-        events.add_wasted(verify_flops, "verification")
 
         # 5. collapse: best real score, ties to the better proxy rank (verification is in rank order)
         if verification:
@@ -394,6 +410,20 @@ class BranchOrchestrator:
             chosen = verification[best]
         else:
             chosen = {"id": rows[0]["id"], "action": rows[0]["action"], "_score": math.nan}
+        # adopt: the run continues as the chosen fork (deterministic: exactly what applying the action
+        # would train), so its verification steps are the run's own training, not waste
+        adopted = bool(cfg.adopt and verification and math.isfinite(chosen["_score"])
+                       and chosen.get("_state") is not None and not chosen["_done"])
+        adopted_flops = float(chosen["flops"]) if adopted else 0.0
+        if adopted:
+            t_load = time.perf_counter()
+            base._load_env_state(chosen["_state"])
+            restore_seconds += time.perf_counter() - t_load
+            events = base.monitor.events
+        events.add_wasted(verify_flops - adopted_flops, "verification")
+        for v in verification:
+            v.pop("_state", None)
+            v.pop("_done", None)
         if not cfg.verify:
             reason = (f"candidate {chosen['id']} {self._describe(chosen['action'])} had the best proxy score "
                       f"{rows[0]['score']:.4f} of {len(rows)} candidates ({method}); applied without "
@@ -407,6 +437,9 @@ class BranchOrchestrator:
         else:
             reason = (f"every verified candidate diverged; returning the proxy's best, candidate {chosen['id']} "
                       f"{self._describe(chosen['action'])}, as no verified action is safer")
+        if adopted:
+            reason += (f"; the run continues as that fork ({chosen['env_steps']} env steps already trained, "
+                       f"{adopted_flops:.3g} FLOPs kept as training)")
         if restored_from is not None:
             reason += (f"; the run was rolled back from step {trigger_step} to snapshot {restored_from} "
                        f"({rollback_flops:.3g} FLOPs charged as rollback)")
@@ -439,7 +472,8 @@ class BranchOrchestrator:
             "chosen_action": list(chosen["action"]), "chosen_id": chosen["id"],
             "chosen_fields": dict(zip(ACTION_FIELDS, chosen["action"])),
             "reason": reason, "executor": executor,
-            "wasted_flops": {"verification": verify_flops, "rollback": rollback_flops},
+            "wasted_flops": {"verification": verify_flops - adopted_flops, "rollback": rollback_flops},
+            "adopted": adopted, "adopted_flops": adopted_flops, "global_step_after": int(base.trainer.global_step),
         }
         path = out_dir / "decision.json"
         _write_json(path, decision)
@@ -451,8 +485,10 @@ class BranchOrchestrator:
         })
         return BranchDecision(step=trigger_step, chosen_action=list(chosen["action"]), candidates=table,
                               verification=verification, reason=reason, path=path,
-                              wasted_flops=verify_flops + rollback_flops, restored_from=restored_from,
-                              executor=executor, extra={"restore_seconds": restore_seconds})
+                              wasted_flops=verify_flops - adopted_flops + rollback_flops,
+                              restored_from=restored_from, executor=executor,
+                              extra={"restore_seconds": restore_seconds}, adopted=adopted,
+                              adopted_flops=adopted_flops)
 
     @staticmethod
     def _describe(action: list[int]) -> str:
@@ -480,13 +516,13 @@ class BranchOrchestrator:
                     ray.init(num_cpus=2, include_dashboard=False)
                 task = ray.remote(_verify_remote)
                 state_ref = ray.put(base._env_state())
-                refs = [task.remote(base._kwargs, state_ref, a, env_steps) for a in actions]
+                refs = [task.remote(base._kwargs, state_ref, a, env_steps, self.config.adopt) for a in actions]
                 return list(ray.get(refs)), "ray"
         outcomes = []
         for a in actions:
             fork = base.fork()
             try:
-                outcomes.append(rollout_fork(fork, a, env_steps))
+                outcomes.append(rollout_fork(fork, a, env_steps, self.config.adopt))
             finally:
                 fork.close()
         return outcomes, "sequential"
