@@ -75,3 +75,25 @@ def test_end_to_end_tiny(tmp_path):
                             "e2e", "--no-progress"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "--overwrite" in again.stderr
     assert (run / "policy.zip").read_bytes() == before
+
+
+def test_model_free_ppo_in_the_real_env(tmp_path):
+    from agents.train_controller import main
+
+    path = tmp_path / "mf.yaml"
+    path.write_text(yaml.safe_dump({
+        "runs_dir": str(tmp_path), "builtin_chars": 200_000, "collect": {"episode_steps": 40},
+        "rl": {"total_timesteps": 32, "n_steps": 16, "batch_size": 16, "eval_freq": 16, "n_envs": 1},
+        "eval": {"seeds": 1, "steps": 30}}))
+    assert main(["--config", str(path), "--algo", "ppo", "--run-name", "mf", "--no-progress"]) == 0
+    run = tmp_path / "mf"
+    # model-free: nothing collected, no proxy; the policy learned in STSO-GPT2-v0 and is plain PPO
+    assert not (run / "log_db.parquet").exists() and not (run / "proxy").exists()
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["rl"]["algo"] == "ppo" and resolved["rl"]["env"] == "STSO-GPT2-v0"
+    from agents.controllers.learned import policy_algorithm
+
+    assert policy_algorithm(run / "policy.zip") == "ppo"
+    assert list((run / "tb").rglob("events.out.tfevents.*"))
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert set(results["controllers"]) == {"fixed", "policy"}
