@@ -20,9 +20,11 @@ a window).
 
 Accounting, read by the harness after the episode:
 
-* ``extra_flops``: training FLOPs spent outside the main run (forks,
-  verification rollouts, population members). The harness adds them to the main
-  run's FLOPs and stops the run when the sum reaches the shared budget.
+* ``extra_flops``: training FLOPs spent outside the main run's kept
+  trajectory: forks, verification rollouts, population members, and main-run
+  steps a rollback undid (a fork the run continues as, an adopted one, is the
+  main run and does not count here). The harness adds them to the main run's
+  FLOPs and stops the run when the sum reaches the shared budget.
 * ``main_run_share``: the share of the budget the main run is planned to get;
   the harness shortens the main run's schedule (``episode_steps``) to it, so a
   population of 4 trains 4 runs a quarter as long instead of stopping one run
