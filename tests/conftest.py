@@ -14,7 +14,8 @@ WIKITEXT2 = SHARED_DATA / "wikitext-2"
 GPT2_TOKENIZER = SHARED_DATA / "gpt2-tokenizer"
 
 # Two cores: keep intra-op threads fixed so timings and reductions are stable across runs.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# STSO_TEST_THREADS lowers it when several test processes share the cores.
+torch.set_num_threads(int(os.environ.get("STSO_TEST_THREADS") or min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(autouse=True)

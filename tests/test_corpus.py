@@ -114,6 +114,8 @@ def test_builtin_load_counts(byte: Tokenizer, tmp_path: Path) -> None:
     assert len(splits.train) == len(train_text.encode()) - train_text.count("\n\n") + 1
     assert int((splits.train == byte.eos_id).sum()) == train_text.count("\n\n") + 1
     assert byte.decode(splits.valid[:200]) == valid_text[:200]
+    assert byte.decode(splits.test[:200]) == generate_builtin_text(5, 3_000, stream=2)[:200]
+    assert byte.decode(splits.probe[:200]) == generate_builtin_text(5, 750, stream=3)[:200]
     assert splits.train.dtype == np.uint16
     assert splits.tokenizer_spec == "byte"
     assert "builtin" in splits.source and "seed 5" in splits.source
@@ -138,14 +140,17 @@ def test_wikitext_valid_byte_counts(byte: Tokenizer, tmp_path: Path) -> None:
     path = WIKI / "valid.txt"
     raw = path.read_bytes()
     splits = load_corpus(str(path), byte, valid_fraction=0.05, cache_dir=tmp_path)
-    tokens = np.concatenate([splits.train, splits.valid])
+    # A single file: train, then the held-out tail cut into probe, validation and test, in order.
+    tokens = np.concatenate([splits.train, splits.probe, splits.valid, splits.test])
     assert len(tokens) == len(raw) - _blank_line_bytes(raw)
     # Blank lines in WikiText surround headings; the paragraphs of one section are
     # adjacent lines and form one document.
     docs = _paragraphs(raw.decode("utf-8"))
     assert len(docs) == 1160
     assert int((tokens == byte.eos_id).sum()) == len(docs)
-    assert len(splits.valid) == round(len(tokens) * 0.05)
+    held = round(len(tokens) * 0.10)
+    assert len(splits.probe) + len(splits.valid) + len(splits.test) == held
+    assert (len(splits.probe), len(splits.valid)) == (round(held * 0.1), round(held * 0.4))
     first = int(np.argmax(tokens == byte.eos_id))
     assert byte.decode(tokens[:first]) == " = Homarus gammarus = "
 
@@ -153,7 +158,7 @@ def test_wikitext_valid_byte_counts(byte: Tokenizer, tmp_path: Path) -> None:
 def test_wikitext_valid_gpt2_counts(gpt2: Tokenizer, tmp_path: Path) -> None:
     path = WIKI / "valid.txt"
     splits = load_corpus(str(path), gpt2, cache_dir=tmp_path)
-    tokens = np.concatenate([splits.train, splits.valid])
+    tokens = np.concatenate([splits.train, splits.probe, splits.valid, splits.test])
     docs = _paragraphs(path.read_text(encoding="utf-8"))
     assert len(tokens) == sum(len(gpt2.encode(doc)) for doc in docs) + len(docs)
     assert int((tokens == 50256).sum()) == len(docs)
@@ -164,7 +169,11 @@ def test_wikitext_valid_gpt2_counts(gpt2: Tokenizer, tmp_path: Path) -> None:
 def test_wikitext_pair_detection(byte: Tokenizer, tmp_path: Path) -> None:
     splits = load_corpus(str(WIKI / "train.txt"), byte, cache_dir=tmp_path)
     valid_raw = (WIKI / "valid.txt").read_bytes()
-    assert len(splits.valid) == len(valid_raw) - _blank_line_bytes(valid_raw)
+    # No test.txt beside the pair: valid.txt is cut into probe (10 %), validation (40 %), test (50 %).
+    held = len(valid_raw) - _blank_line_bytes(valid_raw)
+    assert len(splits.probe) + len(splits.valid) + len(splits.test) == held
+    assert len(splits.test) >= 65_536
+    assert (len(splits.probe), len(splits.valid)) == (round(held * 0.1), round(held * 0.4))
     train_raw = (WIKI / "train.txt").read_bytes()
     assert len(splits.train) == len(train_raw) - _blank_line_bytes(train_raw)
     assert "valid.txt" in splits.source
@@ -179,26 +188,27 @@ def test_pair_naming_variants(byte: Tokenizer, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     pair = load_corpus(str(tmp_path / "wiki.train.tokens"), byte, cache_dir=cache)
     assert byte.decode(pair.train) == "alpha<|endoftext|>beta<|endoftext|>"
-    assert byte.decode(pair.valid) == "gamma<|endoftext|>"
+    assert byte.decode(np.concatenate([pair.probe, pair.valid, pair.test])) == "gamma<|endoftext|>"
     assert load_corpus(str(tmp_path), byte, cache_dir=cache).fingerprint == pair.fingerprint
     # No sibling: the tail is split off. Newlines inside a paragraph are kept.
     lone = tmp_path / "lone" / "train.txt"
     lone.parent.mkdir()
     lone.write_text("one\ntwo\n \nthree four five six seven eight nine ten", encoding="utf-8")
     split = load_corpus(str(lone), byte, valid_fraction=0.2, cache_dir=cache)
-    joined = byte.decode(np.concatenate([split.train, split.valid]))
+    joined = byte.decode(np.concatenate([split.train, split.probe, split.valid, split.test]))
     assert joined == "one\ntwo<|endoftext|>three four five six seven eight nine ten<|endoftext|>"
-    assert len(split.valid) == round(0.2 * (len(joined) - 2 * (len("<|endoftext|>") - 1)))
+    n_tokens = len(joined) - 2 * (len("<|endoftext|>") - 1)
+    assert len(split.probe) + len(split.valid) + len(split.test) == round(0.4 * n_tokens)
 
 
 def test_check_length_and_windows(byte: Tokenizer, tmp_path: Path) -> None:
     path = tmp_path / "small.txt"
     path.write_text("x" * 199 + "\n", encoding="utf-8")
-    splits = load_corpus(str(path), byte, valid_fraction=0.1, cache_dir=tmp_path / "c")
-    assert (len(splits.train), len(splits.valid)) == (180, 20)
-    check_length(splits, 16)
-    with pytest.raises(DataError, match=r"validation split has 20 tokens but seq_len 64 needs at least 65"):
-        check_length(splits, 64)
+    splits = load_corpus(str(path), byte, valid_fraction=0.25, cache_dir=tmp_path / "c")
+    assert (len(splits.train), len(splits.probe), len(splits.valid), len(splits.test)) == (100, 10, 40, 50)
+    check_length(splits, 9)
+    with pytest.raises(DataError, match=r"probe split has 10 tokens but seq_len 16 needs at least 17"):
+        check_length(splits, 16)
     tokens = np.arange(1000, dtype=np.uint16)
     win = validation_windows(tokens, 100, None)
     assert win.shape == (9, 101) and win.dtype == np.uint16
@@ -272,7 +282,7 @@ def test_cache_hit_and_garbage(byte: Tokenizer, tmp_path: Path, monkeypatch: pyt
     cache = tmp_path / "cache"
     first = load_corpus("builtin", byte, seed=2, builtin_chars=20_000, cache_dir=cache)
     files = sorted(p.name for p in cache.iterdir())
-    assert files == [f"{first.fingerprint}.train.npy", f"{first.fingerprint}.valid.npy"]
+    assert files == sorted(f"{first.fingerprint}.{n}.npy" for n in ("train", "probe", "valid", "test"))
 
     def no_tokenizing(*args: object, **kwargs: object) -> np.ndarray:
         raise AssertionError("tokenized although the cache holds the arrays")
@@ -282,14 +292,15 @@ def test_cache_hit_and_garbage(byte: Tokenizer, tmp_path: Path, monkeypatch: pyt
         second = load_corpus("builtin", byte, seed=2, builtin_chars=20_000, cache_dir=cache)
     assert isinstance(second, TokenSplits)
     assert second.fingerprint == first.fingerprint
-    assert np.array_equal(second.train, first.train) and np.array_equal(second.valid, first.valid)
+    for name in ("train", "probe", "valid", "test"):
+        assert np.array_equal(getattr(second, name), getattr(first, name))
 
     (cache / f"{first.fingerprint}.train.npy").write_bytes(b"not an npy file")
     third = load_corpus("builtin", byte, seed=2, builtin_chars=20_000, cache_dir=cache)
     assert np.array_equal(third.train, first.train)
     # The garbage was replaced, and no temporary files were left behind.
     assert np.array_equal(np.load(cache / f"{first.fingerprint}.train.npy"), first.train)
-    assert len(list(cache.iterdir())) == 2
+    assert len(list(cache.iterdir())) == 4
 
 
 def test_fingerprint_tracks_tokenizer(byte: Tokenizer, gpt2: Tokenizer, tmp_path: Path) -> None:
@@ -315,3 +326,46 @@ def test_split_documents() -> None:
         " Body one\n Body two",
     ]
     assert split_documents("") == []
+
+
+# ------------------------------------------------------------------ held-out sets
+
+
+def _windows_in(needle_source: np.ndarray, haystack: np.ndarray, width: int = 48, step: int = 97) -> int:
+    """How many ``width``-token windows of ``needle_source`` (every ``step`` tokens) occur in ``haystack``."""
+    hay = haystack.astype(np.uint16).tobytes()
+    hits = 0
+    for i in range(0, len(needle_source) - width, step):
+        hits += needle_source[i:i + width].astype(np.uint16).tobytes() in hay
+    return hits
+
+
+def test_held_out_sets_are_disjoint(byte: Tokenizer, tmp_path: Path) -> None:
+    """Probe, validation and test never share text: controllers and selection read the first two, the
+    final score the third."""
+    splits = load_corpus("builtin", byte, seed=0, builtin_chars=200_000, cache_dir=tmp_path)
+    sizes = splits.sizes()
+    assert sizes == {"train": len(splits.train), "probe": len(splits.probe), "validation": len(splits.valid),
+                     "test": len(splits.test)}
+    assert min(sizes.values()) > 1000
+    for a, b in ((splits.probe, splits.valid), (splits.probe, splits.test), (splits.valid, splits.test),
+                 (splits.test, splits.train), (splits.probe, splits.train)):
+        assert _windows_in(a, b) == 0
+    # A validation file with no test beside it is cut into contiguous, non-overlapping ranges.
+    wt = load_corpus(str(WIKI), byte, cache_dir=tmp_path)
+    held = (WIKI / "valid.txt").read_bytes()
+    joined = np.concatenate([wt.probe, wt.valid, wt.test])
+    assert len(joined) == len(held) - _blank_line_bytes(held)
+    assert _windows_in(wt.probe[:20_000], wt.test) == 0 and _windows_in(wt.valid[:20_000], wt.test) == 0
+
+
+def test_test_file_is_used(byte: Tokenizer, tmp_path: Path) -> None:
+    (tmp_path / "train.txt").write_text("alpha beta\n\ngamma delta\n", encoding="utf-8")
+    (tmp_path / "valid.txt").write_text("epsilon zeta eta theta iota kappa\n", encoding="utf-8")
+    (tmp_path / "test.txt").write_text("lambda mu\n", encoding="utf-8")
+    splits = load_corpus(str(tmp_path), byte, cache_dir=tmp_path / "cache")
+    assert byte.decode(splits.test) == "lambda mu<|endoftext|>"
+    # With a test file, the probe is the first 10 % of the validation tokens and validation the rest.
+    assert byte.decode(np.concatenate([splits.probe, splits.valid])) == "epsilon zeta eta theta iota kappa<|endoftext|>"
+    assert len(splits.probe) == round(0.1 * (len("epsilon zeta eta theta iota kappa") + 1))
+    assert "test: test.txt" in splits.source

@@ -28,6 +28,9 @@ ACTION_NVEC = (4, 3, 4, 2, 2, 2)
 NEUTRAL_ACTION = (2, 1, 0, 0, 0, 0)
 ACTION_FIELDS = ("lr_change", "weight_decay", "clip_policy", "momentum_reset", "data_reorder", "skip_batch")
 LR_SCALE_LIMITS = (1e-2, 1e2)
+#: Per-window record of the env (``lineage()``); snapshots, forks and adopted states carry it.
+HISTORY_KEYS = ("global_step", "train_loss", "probe_loss", "index", "trigger", "lr_scale", "clip_policy",
+                "events", "data_events", "olmo_events", "flops", "steps", "action")
 
 
 @dataclass
@@ -132,14 +135,18 @@ class GPT2Env(gym.Env):
 
     ``r = w_progress * (probe_before - probe_after) - w_instability * new_events
     - w_wasted * wasted_flops / window_flops - w_divergence * diverged``, where
-    the probe is a fixed held-out batch (loss in nats, measured in eval mode),
-    ``new_events`` counts instability events (OLMo-core rule: loss or grad norm
-    above mean + 6 sigma of the previous 128 steps, merged within 20 steps) that
-    start in the window, ``wasted_flops`` are the FLOPs of steps spent above the
-    pre-event baseline while recovering, and ``window_flops`` is the nominal
-    cost of the window. Defaults ``w = (1.0, 0.5, 1.0, 10.0)``
+    the probe is a fixed batch of the *probe* split (loss in nats, measured in
+    eval mode; never the validation or test split), ``new_events`` is 1 when a
+    model instability event starts in the window (the probe loss rises above its
+    running best by more than the rule of
+    :func:`stso_env.monitor.events.model_instability_events`), ``wasted_flops``
+    are the FLOPs of the window when it is spent inside such an event (from its
+    start until the probe is back near the pre-event best), and ``window_flops``
+    is the nominal cost of the window. Defaults ``w = (1.0, 0.5, 1.0, 10.0)``
     (:class:`RewardWeights`). A skipped batch makes no progress, so skipping
-    never earns reward by itself.
+    never earns reward by itself. Steps whose own batch loss is far above the
+    recent median are *data events* (``info["data_events"]``): reported, never
+    penalised, since no intervention can lower the loss of a garbage batch.
 
     ## Starting State
 
@@ -278,8 +285,7 @@ class GPT2Env(gym.Env):
                                uncertainty=self.uncertainty_config, divergence_factor=self.divergence_factor)
         self._done = False
         self._total_flops = 0.0
-        self._history = {k: [] for k in ("global_step", "train_loss", "probe_loss", "index", "trigger",
-                                          "lr_scale", "clip_policy", "events", "action")}
+        self._history = {k: [] for k in HISTORY_KEYS}
         self._flush_logs()
         with self._own_rng():
             self._probe, rows = self.trainer.probe()
@@ -328,7 +334,8 @@ class GPT2Env(gym.Env):
                      wd_scale=act["weight_decay_scale"], clip_policy=act["clip_policy"],
                      momentum_reset=act["momentum_reset"], reorder=act["data_reorder"] != "none",
                      skip_batch=act["skip_batch"])
-        events = wasted = flops = 0.0
+        olmo = data_events = flops = 0.0
+        steps = 0
         diverged = False
         noise: set[str] = set()
         last = None
@@ -339,9 +346,10 @@ class GPT2Env(gym.Env):
                     break
                 s = tr.train_step()
                 ev = mon.update(s)
-                events += ev["new_event"]
-                wasted += ev["wasted_flops"]
+                olmo += ev["new_event"]
+                data_events += ev["data_event"]
                 flops += s.flops
+                steps += 1
                 noise.update(s.noise)
                 last = s
                 if ev["diverged"]:
@@ -351,6 +359,8 @@ class GPT2Env(gym.Env):
             # statistics of the next observation (hooks on a sub-sample, once per window).
             self._probe, rows = tr.probe()
         mon.set_layer_stats(rows)
+        model = mon.update_probe(self._probe, flops, steps)
+        events, wasted = int(model["new_event"]), float(model["recovery_flops"])
         obs = mon.observe()
         w = self.reward_weights
         window_flops = tr.flops_per_token * tr.seq_len * tr.cfg.data.batch_size * self.decision_interval
@@ -364,9 +374,11 @@ class GPT2Env(gym.Env):
         info = {
             "global_step": tr.global_step, "train_loss": last.loss, "probe_loss": self._probe,
             "uncertainty_index": reading["index"], "trigger": reading["trigger"],
-            "instability_event": bool(events), "instability_events": int(events), "diverged": diverged,
-            "flops": float(flops), "wasted_flops": float(wasted),
-            "total_flops": float(self._total_flops + flops), "total_wasted_flops": mon.events.wasted_flops,
+            "instability_event": bool(events), "instability_events": events, "model_event_open": model["in_event"],
+            "data_events": int(data_events), "olmo_events": int(olmo), "diverged": diverged,
+            "flops": float(flops), "wasted_flops": wasted, "steps": steps,
+            "total_flops": float(self._total_flops + flops),
+            "total_wasted_flops": float(mon.model_events.recovery_flops),
             "action": {k: v for k, v in act.items() if k != "raw"}, "action_overridden": overridden,
             "lr_scale": tr.knobs.lr_scale, "noise": sorted(noise),
         }
@@ -380,11 +392,24 @@ class GPT2Env(gym.Env):
         h["lr_scale"].append(tr.knobs.lr_scale)
         h["clip_policy"].append(act["clip_policy"])
         h["events"].append(int(events))
+        h["data_events"].append(int(data_events))
+        h["olmo_events"].append(int(olmo))
+        h["flops"].append(float(flops))
+        h["steps"].append(int(steps))
         h["action"].append(list(act["raw"]))
         if log:
             self._log(prev_obs, act, overridden, float(reward), obs, terminated, truncated, info, last,
                       probe_before, noise, time.perf_counter() - t0)
         return obs, float(reward), terminated, truncated, info
+
+    def lineage(self) -> dict[str, list]:
+        """The per-window record of the windows that produced the current weights.
+
+        A restore rewinds it, and an adopted fork's or a PBT exploit's state brings the record of
+        the run it came from, so at the end of an episode this is the lineage of the final model,
+        stitched across rollbacks, adoptions and exploits
+        (:func:`stso_env.monitor.events.lineage_metrics` scores it)."""
+        return {k: list(v) for k, v in self._history.items()}
 
     # ------------------------------------------------------------------ logging
 

@@ -11,7 +11,41 @@ recomputed under any of them (GUIDE section 4):
 * **Megatron**: loss >= 10x the maximum of the first 100 steps.
 
 All functions take plain sequences and return plain Python values, so they are
-usable on logs as well as live.
+usable on logs as well as live. References: 2024_OLMo_OLMo2 (the OLMo-core
+rule), 2023_MosaicML_LLMFoundry, 2019_Shoeybi_MegatronLM, 2020_Kaplan_ScalingLaws
+and 2022_Chowdhery_PaLM (the FLOPs formula); keys in ``assets/related_work.md``.
+
+What the evaluation counts
+--------------------------
+The rules above flag a step whose *training* loss is high. In a scenario that
+feeds garbage batches, that is the loss of the garbage itself: no intervention
+can lower it, so every controller would score the same. The evaluation
+therefore counts two things apart (GUIDE section 6):
+
+* a **model instability event** (:func:`model_instability_events`, live
+  :class:`ModelEventTracker`) is damage to the model seen on data it did not
+  just train on: the held-out probe loss, measured once per decision window
+  in eval mode on a fixed batch of the *probe* split, rising above its running
+  best by more than ``max(rise * best, k_noise * RMS)``, where RMS is the root
+  mean square of the excesses over the running best in the last ``history``
+  ordinary windows (zero while the loss keeps falling, so the steep early
+  descent does not blunt the rule; a noisy plateau raises the bar). Why the probe: it is measured anyway (the env's
+  reward and the monitor's entropy statistics come from the same pass), so the
+  rule costs nothing; it sees every change of the weights, whatever caused
+  it; and a fixed batch in eval mode has no sampling noise, so the running
+  best is a stable baseline from the third window on (no 128-step history as
+  the OLMo rule needs). The event lasts until the probe is back within
+  ``tol`` of the best before it (the *time to recover*); the FLOPs of those
+  windows are its *recovery FLOPs*. A non-finite probe is an event that never
+  recovers.
+* a **data event** (:func:`data_event_flags`, live :class:`DataEventTracker`)
+  is a step whose own batch loss is far above the recent median (robust
+  z-score over the previous ``history`` steps, at least ``warmup`` of them):
+  the data was bad. It is reported, never mixed into the model events.
+
+Both are computed on the *lineage* of the final model (the windows that
+produced the final weights, stitched across rollbacks, adopted forks and PBT
+exploits): :func:`lineage_metrics`.
 """
 
 from __future__ import annotations
@@ -264,3 +298,232 @@ class EventTracker:
             if not hasattr(self, k):
                 raise KeyError(f"EventTracker state has unknown field {k!r}")
             setattr(self, k, list(v) if isinstance(v, (list, tuple)) else dict(v) if isinstance(v, dict) else v)
+
+
+# ----------------------------------------------------------------------------- model and data events
+
+#: Defaults of the model-instability rule (see the module docstring).
+MODEL_EVENT_RISE = 0.03
+MODEL_EVENT_K_NOISE = 4.0
+MODEL_EVENT_WARMUP = 3
+MODEL_EVENT_HISTORY = 20
+MODEL_EVENT_TOL = 0.005
+#: Defaults of the data-event rule.
+DATA_EVENT_Z = 6.0
+DATA_EVENT_WARMUP = 16
+DATA_EVENT_HISTORY = 64
+DATA_EVENT_COOLDOWN = 20
+
+
+def _mad_scale(x: Sequence[float]) -> float:
+    """1.4826 x the median absolute deviation: the standard deviation of normal data, robust to outliers."""
+    a = np.asarray(x, dtype=np.float64)
+    if not a.size:
+        return 0.0
+    return float(1.4826 * np.median(np.abs(a - np.median(a))))
+
+
+class ModelEventTracker:
+    """Online model-instability events on the per-window probe loss (rule in the module docstring).
+
+    ``update(probe_loss, flops, steps)`` once per window returns ``{"new_event", "in_event",
+    "recovered", "recovery_flops"}``; ``state_dict`` / ``load_state_dict`` hold plain numbers so env
+    snapshots and forks carry it. :func:`model_instability_events` is the same rule over a whole series
+    (a test holds the two equal).
+    """
+
+    def __init__(self, *, rise: float = MODEL_EVENT_RISE, k_noise: float = MODEL_EVENT_K_NOISE,
+                 warmup: int = MODEL_EVENT_WARMUP, history: int = MODEL_EVENT_HISTORY,
+                 tol: float = MODEL_EVENT_TOL) -> None:
+        if rise < 0 or k_noise < 0 or warmup < 2 or history < 2 or tol < 0:
+            raise ValueError(f"model event rule: need rise >= 0, k_noise >= 0, warmup >= 2, history >= 2, tol >= 0; "
+                             f"got rise={rise}, k_noise={k_noise}, warmup={warmup}, history={history}, tol={tol}")
+        self.rise, self.k_noise, self.warmup, self.history, self.tol = rise, k_noise, warmup, history, tol
+        self.window = 0
+        self.best: float | None = None  # running best (lowest) finite probe loss
+        self.excess: list[float] = []  # recent positive excesses over the running best outside events
+        self.event_start: int | None = None
+        self.event_baseline: float | None = None
+        self.events: list[list[int]] = []  # [start window, end window] (end = first recovered window, -1 open)
+        self.recovery_windows: list[int] = []
+        self.recovery_steps: list[int] = []
+        self._event_steps = 0
+        self.recovery_flops = 0.0
+
+    def threshold(self) -> float:
+        """How far above the running best the next probe loss may go before it is an event."""
+        assert self.best is not None
+        e = self.excess[-self.history:]
+        rms = math.sqrt(sum(v * v for v in e) / len(e)) if e else 0.0
+        return max(self.rise * abs(self.best), self.k_noise * rms)
+
+    def update(self, probe_loss: float, flops: float = 0.0, steps: int = 0) -> dict[str, Any]:
+        w = self.window
+        self.window += 1
+        x = float(probe_loss)
+        finite = math.isfinite(x)
+        new_event = recovered = False
+        charged = 0.0
+        if self.event_start is None:
+            if w >= self.warmup and self.best is not None and (not finite or x - self.best > self.threshold()):
+                new_event = True
+                self.event_start, self.event_baseline = w, self.best
+                self.events.append([w, -1])
+                self._event_steps = 0
+        elif finite and self.event_baseline is not None and x <= self.event_baseline * (1 + self.tol) + 1e-12:
+            recovered = True
+            self.events[-1][1] = w
+            self.recovery_windows.append(w - self.event_start)
+            self.recovery_steps.append(self._event_steps)
+            self.event_start = self.event_baseline = None
+        if self.event_start is not None:  # this window was spent damaged (the event's own window included)
+            charged = float(flops)
+            self.recovery_flops += charged
+            self._event_steps += int(steps)
+        if finite:
+            if self.best is not None and self.event_start is None and not recovered:
+                self.excess.append(max(0.0, x - self.best))
+                del self.excess[: max(0, len(self.excess) - self.history)]
+            self.best = x if self.best is None else min(self.best, x)
+        return {"new_event": new_event, "in_event": self.event_start is not None, "recovered": recovered,
+                "recovery_flops": charged}
+
+    @property
+    def n_events(self) -> int:
+        return len(self.events)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: (copy_list(v) if isinstance(v, list) else v) for k, v in vars(self).items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            if not hasattr(self, k):
+                raise KeyError(f"ModelEventTracker state has unknown field {k!r}")
+            setattr(self, k, copy_list(v) if isinstance(v, (list, tuple)) else v)
+
+
+def copy_list(v: Sequence[Any]) -> list[Any]:
+    """A deep copy of a list of numbers or lists of numbers (tracker states)."""
+    return [copy_list(x) if isinstance(x, (list, tuple)) else x for x in v]
+
+
+@dataclass
+class ModelEvents:
+    """Model-instability events of one probe-loss series (see :func:`model_instability_events`)."""
+
+    events: list[tuple[int, int | None]]  # (start window, first recovered window or None)
+    recovery_windows: list[int]  # per recovered event
+    recovery_steps: list[int]  # optimizer steps spent in each recovered event
+    recovery_flops: float  # FLOPs of the windows spent in events (unrecovered ones included)
+    unrecovered: int  # events still open at the end of the series
+
+    @property
+    def n_events(self) -> int:
+        return len(self.events)
+
+
+def model_instability_events(probe_loss: Sequence[float], flops: Sequence[float] | None = None,
+                             steps: Sequence[int] | None = None, **rule: Any) -> ModelEvents:
+    """Model-instability events of a per-window probe-loss series (rule in the module docstring).
+
+    ``flops`` and ``steps`` are per window (default 0); ``rule`` overrides :class:`ModelEventTracker`'s
+    parameters (``rise``, ``k_noise``, ``warmup``, ``history``, ``tol``).
+    """
+    n = len(probe_loss)
+    flops = [0.0] * n if flops is None else list(flops)
+    steps = [0] * n if steps is None else list(steps)
+    if len(flops) != n or len(steps) != n:
+        raise ValueError(f"probe_loss has {n} windows but flops has {len(flops)} and steps {len(steps)}")
+    tr = ModelEventTracker(**rule)
+    for x, f, k in zip(probe_loss, flops, steps):
+        tr.update(x, f, k)
+    events = [(int(a), None if b < 0 else int(b)) for a, b in tr.events]
+    return ModelEvents(events=events, recovery_windows=list(tr.recovery_windows),
+                       recovery_steps=list(tr.recovery_steps), recovery_flops=float(tr.recovery_flops),
+                       unrecovered=sum(b is None for _, b in events))
+
+
+class DataEventTracker:
+    """Online data events: a batch loss with robust z-score above ``z`` over the previous ``history``
+    finite losses (median and 1.4826 x MAD, at least ``warmup`` of them), flags within ``cooldown``
+    steps merged into one event. Flagged losses do not enter the history, so a burst of garbage does
+    not raise the bar for the rest of itself."""
+
+    def __init__(self, *, z: float = DATA_EVENT_Z, warmup: int = DATA_EVENT_WARMUP,
+                 history: int = DATA_EVENT_HISTORY, cooldown: int = DATA_EVENT_COOLDOWN) -> None:
+        if z <= 0 or warmup < 2 or history < warmup or cooldown < 0:
+            raise ValueError(f"data event rule: need z > 0, 2 <= warmup <= history, cooldown >= 0; got z={z}, "
+                             f"warmup={warmup}, history={history}, cooldown={cooldown}")
+        self.z, self.warmup, self.history, self.cooldown = z, warmup, history, cooldown
+        self.step = 0
+        self.hist: list[float] = []
+        self.last_flag = -(10**9)
+        self.n_events = 0
+        self.n_flags = 0
+
+    def update(self, loss: float) -> dict[str, bool]:
+        t = self.step
+        self.step += 1
+        x = float(loss)
+        flag = False
+        if len(self.hist) >= self.warmup:
+            h = self.hist[-self.history:]
+            med = float(np.median(h))
+            scale = max(_mad_scale(h), 1e-3 * max(abs(med), 1e-12))  # a constant history still has a bar
+            flag = math.isfinite(x) and (x - med) / scale > self.z
+        new_event = flag and t - self.last_flag > self.cooldown
+        if flag:
+            self.last_flag = t
+            self.n_flags += 1
+        if new_event:
+            self.n_events += 1
+        if math.isfinite(x) and not flag:
+            self.hist.append(x)
+            del self.hist[: max(0, len(self.hist) - self.history)]
+        return {"flag": flag, "new_event": new_event}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, list) else v) for k, v in vars(self).items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            if not hasattr(self, k):
+                raise KeyError(f"DataEventTracker state has unknown field {k!r}")
+            setattr(self, k, list(v) if isinstance(v, (list, tuple)) else v)
+
+
+def data_event_flags(loss: Sequence[float], **rule: Any) -> tuple[np.ndarray, int]:
+    """Per-step data-event flags of a training-loss series and the number of (merged) events."""
+    tr = DataEventTracker(**rule)
+    flags = np.asarray([tr.update(x)["flag"] for x in loss], dtype=bool)
+    return flags, tr.n_events
+
+
+def lineage_metrics(history: dict[str, Sequence[Any]], **rule: Any) -> dict[str, Any]:
+    """Event metrics along the lineage of a final model.
+
+    ``history`` is the per-window record the env keeps (``GPT2Env.lineage()``): ``probe_loss``,
+    ``flops``, ``steps`` and ``data_events`` per window, in the order the windows produced the final
+    weights. Because an env snapshot, an adopted fork and a PBT exploit all carry this record with the
+    weights, the record of the final env *is* the lineage, stitched across them. Returns the counts,
+    their rates per 100k lineage steps, recovery times (in optimizer steps) and recovery FLOPs with
+    their share of the lineage's FLOPs.
+    """
+    probe = list(history["probe_loss"])
+    flops = [float(f) for f in history["flops"]]
+    steps = [int(k) for k in history["steps"]]
+    ev = model_instability_events(probe, flops, steps, **rule)
+    n_steps = int(sum(steps))
+    total = float(sum(flops))
+    data = int(sum(int(d) for d in history.get("data_events", [])))
+    per = 1e5 / n_steps if n_steps else None
+    return {
+        "lineage_windows": len(probe), "lineage_steps": n_steps, "lineage_flops": total,
+        "model_events": ev.n_events, "model_event_windows": [list(e) for e in ev.events],
+        "unrecovered_events": ev.unrecovered, "data_events": data,
+        "model_events_per_100k_steps": ev.n_events * per if per is not None else None,
+        "data_events_per_100k_steps": data * per if per is not None else None,
+        "mean_time_to_recover_steps": float(np.mean(ev.recovery_steps)) if ev.recovery_steps else None,
+        "recovery_flops": ev.recovery_flops,
+        "recovery_flops_fraction": ev.recovery_flops / total if total > 0 else None,
+    }

@@ -4,7 +4,11 @@
 (and, every ``entropy_every`` steps, per-layer activation/attention summaries
 measured on a few probe sequences). It keeps the uncertainty index
 (:mod:`stso_env.monitor.uncertainty`) and the instability accounting
-(:class:`~stso_env.monitor.events.EventTracker`) up to date, and at each
+(:class:`~stso_env.monitor.events.EventTracker`, the OLMo-core rule and the
+FLOPs charged to forks and rollbacks), the data events on each step's batch loss
+(:class:`~stso_env.monitor.events.DataEventTracker`) and, once per window from
+the probe loss, the model instability events
+(:class:`~stso_env.monitor.events.ModelEventTracker`) up to date, and at each
 decision point :meth:`observe` returns the state vector whose names, order,
 units and normalisation are the ``observation`` section of
 ``assets/state_schema_v1.yaml`` (:data:`OBSERVATION_NAMES` is read from there,
@@ -26,7 +30,7 @@ import numpy as np
 import yaml
 
 from stso_env.config import ASSETS_DIR
-from stso_env.monitor.events import EventTracker
+from stso_env.monitor.events import DataEventTracker, EventTracker, ModelEventTracker
 from stso_env.monitor.uncertainty import UncertaintyConfig, UncertaintyIndex
 
 BASE_FEATURES = (
@@ -58,6 +62,8 @@ class Monitor:
         self.obs_ema = obs_ema
         self.index = UncertaintyIndex(uncertainty)
         self.events = EventTracker(divergence_factor=divergence_factor)
+        self.model_events = ModelEventTracker()
+        self.data_events = DataEventTracker()
         self.names = OBSERVATION_NAMES
         self._window: list[dict[str, float]] = []
         self._layers: dict[str, float] = {k: math.nan for k in BASE_FEATURES if "entropy" in k}
@@ -84,9 +90,11 @@ class Monitor:
     def update(self, s: Any) -> dict[str, Any]:
         """Account one optimizer step (a ``StepStats``); returns the event flags of the step."""
         self.global_step = s.step + 1
-        # A skipped batch has no gradient: its grad norm is "not measured", not a spike.
-        gnorm = None if s.skipped else s.grad_norm
+        # A skipped batch has no gradient: its grad norm is "not measured", not a spike. A vetoed
+        # update (skip-step) did measure one, and its spikes count like anyone's.
+        gnorm = None if s.skipped and not math.isfinite(s.grad_norm) else s.grad_norm
         ev = self.events.update(s.loss, gnorm, s.flops)
+        ev["data_event"] = self.data_events.update(s.loss)["new_event"]
         reading = self.index.update(
             s.loss, gnorm,
             attention_entropy=_finite_or_none(self._layers["attn_entropy_mean"]),
@@ -99,6 +107,11 @@ class Monitor:
             "batch_loss_mean": s.seq_loss_mean, "batch_loss_var": s.seq_loss_var,
         })
         return {**ev, "index": reading.index, "trigger": reading.trigger, "fired": reading.fired}
+
+    def update_probe(self, probe_loss: float, flops: float, steps: int) -> dict[str, Any]:
+        """Account one window's probe loss (after its ``steps`` steps costing ``flops``): the model
+        instability rule's ``new_event``, ``in_event``, ``recovered`` and ``recovery_flops``."""
+        return self.model_events.update(probe_loss, flops, steps)
 
     @property
     def latest(self) -> dict[str, Any]:
@@ -165,6 +178,8 @@ class Monitor:
         return {
             "index": self.index.state_dict(),
             "events": self.events.state_dict(),
+            "model_events": self.model_events.state_dict(),
+            "data_events": self.data_events.state_dict(),
             "window": [dict(r) for r in self._window],
             "layers": dict(self._layers),
             "prev": None if self._prev is None else dict(self._prev),
@@ -176,6 +191,8 @@ class Monitor:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.index.load_state_dict(state["index"])
         self.events.load_state_dict(state["events"])
+        self.model_events.load_state_dict(state["model_events"])
+        self.data_events.load_state_dict(state["data_events"])
         self._window = [dict(r) for r in state["window"]]
         self._layers = dict(state["layers"])
         self._prev = None if state["prev"] is None else dict(state["prev"])

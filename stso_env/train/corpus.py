@@ -1,26 +1,46 @@
 """Training corpora: the built-in synthetic language, text files and hub datasets.
 
-:func:`load_corpus` turns a corpus spec into train and validation token arrays
-(:class:`TokenSplits`); :func:`validation_windows` cuts the validation array into
-fixed windows for perplexity; :func:`check_length` says early when a corpus is too
-small for the context length.
+:func:`load_corpus` turns a corpus spec into four disjoint token arrays
+(:class:`TokenSplits`): *train*; *probe*, the held-out data controllers, rewards
+and branch selection may look at; *validation*, for model selection, early
+stopping and calibration; *test*, read once at the end for the final score and by
+nothing during a run. :func:`validation_windows` cuts a held-out array into fixed
+windows for perplexity; :func:`check_length` says early when a corpus is too small
+for the context length.
+
+Held-out splits
+---------------
+Selecting on the data one scores on inflates every method that selects, so the
+three held-out sets never overlap (GUIDE section 6):
+
+* ``builtin``: validation, test and probe are streams 1, 2 and 3 of the
+  generator, of ``builtin_chars * valid_fraction`` characters each (the probe a
+  quarter of that).
+* a text source with its own test part (``test.txt`` beside ``train.txt``, or a
+  hub ``test`` split): the probe is the first 10 % of the validation tokens and
+  validation the rest.
+* a text source with a validation part only (WikiText-2 in ``../shared/data``):
+  its validation tokens are cut into probe (first 10 %), validation (next 40 %)
+  and test (last 50 %), in contiguous ranges.
+* a single file (or a hub dataset with only ``train``): the last
+  ``2 * valid_fraction`` of its tokens are held out and cut as above.
 
 Corpus specs
 ------------
 ``"builtin"``
-    :func:`generate_builtin_text` with the run's seed (stream 0) for training and a
-    second stream of the same seed (stream 1) for validation, so validation
-    sentences are new sentences of the same language.
+    :func:`generate_builtin_text` with the run's seed (stream 0) for training and
+    further streams of the same seed for the held-out sets, so held-out sentences
+    are new sentences of the same language.
 ``<path>``
     A UTF-8 text file or a directory. A file named ``train.txt`` or ``*.train.*``
     with a sibling ``valid.txt`` / ``validation.txt`` (``*.valid.*`` /
-    ``*.validation.*``) is read as that pair, and so is a directory holding such a
-    pair. Any other file is split: the last ``valid_fraction`` of its tokens
-    validate.
+    ``*.validation.*``) is read as that pair, with a sibling ``test.txt``
+    (``*.test.*``) as its test part when there is one; a directory holding such
+    files is read the same way. Any other file is split (see above).
 ``"hf:<dataset id>[:<config>]"``
-    ``datasets.load_dataset(id, config)``, its ``train`` and ``validation`` splits
-    (``valid``/``val``/``dev`` accepted; without one, the last ``valid_fraction`` of
-    train). Needs network access or a cached copy.
+    ``datasets.load_dataset(id, config)``, its ``train``, ``validation``
+    (``valid``/``val``/``dev`` accepted) and ``test`` splits, held-out parts cut as
+    above when missing. Needs network access or a cached copy.
 
 Documents and end-of-text ids
 -----------------------------
@@ -108,12 +128,18 @@ log = logging.getLogger(__name__)
 
 # Bump when the text-to-token rules or the built-in generator change, so cached
 # token arrays made under the old rules are never reused.
-CORPUS_FORMAT_VERSION = 1
+CORPUS_FORMAT_VERSION = 2  # 2: probe and test splits
 BUILTIN_GENERATOR_VERSION = 1
 
 _TRAIN_NAMES = ("train",)
 _VALID_NAMES = ("valid", "validation")
+_TEST_NAMES = ("test",)
 _HF_VALID_SPLITS = ("validation", "valid", "val", "dev")
+_HF_TEST_SPLITS = ("test",)
+#: Shares of a held-out part cut into probe / validation / test when the source has no test part.
+PROBE_SHARE, VALIDATION_SHARE = 0.10, 0.40
+#: Share of the validation tokens that becomes the probe when the source has its own test part.
+PROBE_SHARE_WITH_TEST = 0.10
 
 _LEXICON_SEED = 20240611
 # Syllable parts; the empty onset and the repeated empty coda make open syllables
@@ -133,11 +159,13 @@ _BLOCK = 1 << 15
 
 @dataclass
 class TokenSplits:
-    """Train and validation token ids of one corpus under one tokenizer.
+    """The four disjoint token arrays of one corpus under one tokenizer (see the module docstring).
 
     Attributes:
         train: 1-D token ids (uint16 when the vocabulary fits, else int32).
-        valid: 1-D token ids, same dtype.
+        valid: the validation split (model selection, calibration), same dtype.
+        probe: what controllers, rewards and branch selection may look at.
+        test: the final score only.
         source: Human description of where the text came from.
         tokenizer_spec: ``Tokenizer.spec`` of the tokenizer used.
         fingerprint: sha256 hex over the source identity (file contents, seed and
@@ -146,9 +174,16 @@ class TokenSplits:
 
     train: np.ndarray
     valid: np.ndarray
+    probe: np.ndarray
+    test: np.ndarray
     source: str
     tokenizer_spec: str
     fingerprint: str
+
+    def sizes(self) -> dict[str, int]:
+        """Tokens per split, for reports."""
+        return {"train": int(len(self.train)), "probe": int(len(self.probe)),
+                "validation": int(len(self.valid)), "test": int(len(self.test))}
 
 
 # --------------------------------------------------------------------------- lexicon
@@ -411,11 +446,43 @@ def _split_tail(tokens: np.ndarray, valid_fraction: float, what: str) -> tuple[n
     return tokens[:-n_valid].copy(), tokens[-n_valid:].copy()
 
 
+def cut_held_out(held: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cut a held-out part with no test set beside it into contiguous (probe, validation, test)."""
+    n = len(held)
+    a = int(round(n * PROBE_SHARE))
+    b = a + int(round(n * VALIDATION_SHARE))
+    if a < 1 or b - a < 1 or n - b < 1:
+        raise DataError(f"{what}: its held-out part has only {n} tokens, too few to cut into probe, "
+                        "validation and test; use a larger text or a larger valid_fraction")
+    return held[:a].copy(), held[a:b].copy(), held[b:].copy()
+
+
+def cut_probe(valid: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Cut a validation part into contiguous (probe, validation) when a test set exists beside it."""
+    a = int(round(len(valid) * PROBE_SHARE_WITH_TEST))
+    if a < 1 or len(valid) - a < 1:
+        raise DataError(f"{what}: its validation part has only {len(valid)} tokens, too few to cut off a "
+                        "probe; use a larger validation text")
+    return valid[:a].copy(), valid[a:].copy()
+
+
+def _held_out(train: np.ndarray, valid: np.ndarray | None, test: np.ndarray | None, valid_fraction: float,
+              what: str) -> tuple[np.ndarray, ...]:
+    """(train, probe, validation, test) from what a source has (rules in the module docstring)."""
+    if valid is None:
+        train, valid = _split_tail(train, min(0.5, 2 * valid_fraction), what)
+    if test is None:
+        probe, valid, test = cut_held_out(valid, what)
+    else:
+        probe, valid = cut_probe(valid, what)
+    return train, probe, valid, test
+
+
 # ------------------------------------------------------------------------- sources
 
 # A source is known before any tokenizing (identity for the fingerprint, a human
 # description) and tokenized only on a cache miss (the producer).
-_Producer = Callable[[Tokenizer], tuple[np.ndarray, np.ndarray]]
+_Producer = Callable[[Tokenizer], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]  # train, probe, valid, test
 _Source = tuple[dict[str, Any], str, _Producer]
 
 
@@ -461,6 +528,18 @@ def _sibling_valid(path: Path) -> Path | None:
     return None
 
 
+def _sibling_test(train: Path) -> Path | None:
+    """The test file beside a train file (``test.txt`` / ``*.test.*``), or None."""
+    name = train.name
+    stem, dot, ext = name.partition(".")
+    candidates = [t + dot + ext for t in _TEST_NAMES] if stem.lower() in _TRAIN_NAMES and dot else []
+    parts = name.split(".")
+    for i, part in enumerate(parts[1:-1], start=1):
+        if part.lower() in _TRAIN_NAMES:
+            candidates += [".".join(parts[:i] + [t] + parts[i + 1 :]) for t in _TEST_NAMES]
+    return next((train.parent / c for c in candidates if (train.parent / c).is_file()), None)
+
+
 def _pair_in_dir(directory: Path, spec: str) -> tuple[Path, Path]:
     for train in sorted(directory.iterdir()):
         if train.is_file():
@@ -481,51 +560,58 @@ def _file_source(spec: str, path: Path, valid_fraction: float) -> _Source:
     else:
         train_path, valid_path = path, (_sibling_valid(path) if path.is_file() else None)
     train_text, train_hash = _read_text(train_path)
+    test_path = _sibling_test(train_path) if valid_path is not None else None
     if valid_path is not None:
         valid_text, valid_hash = _read_text(valid_path)
         identity = {"kind": "file-pair", "train_sha256": train_hash, "valid_sha256": valid_hash}
-        description = f"{train_path.resolve()} (validation: {valid_path.name})"
+        description = f"{train_path.resolve()} (validation: {valid_path.name}"
+        if test_path is not None:
+            test_text, identity["test_sha256"] = _read_text(test_path)
+            description += f", test: {test_path.name})"
+        else:
+            description += " cut into probe, validation and test)"
     else:
         valid_text, valid_hash = "", ""
         identity = {"kind": "file", "sha256": train_hash, "valid_fraction": valid_fraction}
-        description = f"{train_path.resolve()} (last {valid_fraction:g} of tokens validate)"
+        description = f"{train_path.resolve()} (last {2 * valid_fraction:g} of tokens held out)"
 
-    def produce(tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
-        train_docs = split_documents(train_text)
-        if not train_docs:
-            raise DataError(f"corpus file {str(train_path)!r} holds only whitespace")
-        train = tokenize_documents(train_docs, tokenizer)
-        if valid_path is None:
-            return _split_tail(train, valid_fraction, f"corpus file {str(train_path)!r}")
-        valid_docs = split_documents(valid_text)
-        if not valid_docs:
-            raise DataError(f"corpus file {str(valid_path)!r} holds only whitespace")
-        return train, tokenize_documents(valid_docs, tokenizer)
+    def produce(tokenizer: Tokenizer) -> tuple[np.ndarray, ...]:
+        def tokens_of(text: str, path: Path) -> np.ndarray:
+            docs = split_documents(text)
+            if not docs:
+                raise DataError(f"corpus file {str(path)!r} holds only whitespace")
+            return tokenize_documents(docs, tokenizer)
+
+        train = tokens_of(train_text, train_path)
+        valid = tokens_of(valid_text, valid_path) if valid_path is not None else None
+        test = tokens_of(test_text, test_path) if test_path is not None else None
+        return _held_out(train, valid, test, valid_fraction, f"corpus file {str(train_path)!r}")
 
     return identity, description, produce
 
 
 def _builtin_source(seed: int, builtin_chars: int, valid_fraction: float) -> _Source:
     n_valid = max(1, int(builtin_chars * valid_fraction))
+    n_probe = max(1, n_valid // 4)
     identity = {
         "kind": "builtin",
         "generator": BUILTIN_GENERATOR_VERSION,
         "seed": int(seed),
         "train_chars": int(builtin_chars),
         "valid_chars": n_valid,
+        "probe_chars": n_probe,
     }
     description = (
         f"builtin synthetic language v{BUILTIN_GENERATOR_VERSION} (seed {seed}, "
-        f"{builtin_chars} train chars, {n_valid} validation chars)"
+        f"{builtin_chars} train chars, {n_valid} validation and test chars each, {n_probe} probe chars)"
     )
 
-    def produce(tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
-        train = generate_builtin_text(seed, builtin_chars, stream=0)
-        valid = generate_builtin_text(seed, n_valid, stream=1)
-        return (
-            tokenize_documents(split_documents(train), tokenizer),
-            tokenize_documents(split_documents(valid), tokenizer),
-        )
+    def produce(tokenizer: Tokenizer) -> tuple[np.ndarray, ...]:
+        def tokens(n: int, stream: int) -> np.ndarray:
+            return tokenize_documents(split_documents(generate_builtin_text(seed, n, stream=stream)), tokenizer)
+
+        # streams: 0 train, 1 validation, 2 test, 3 probe (independent sentences of one language)
+        return tokens(builtin_chars, 0), tokens(n_probe, 3), tokens(n_valid, 1), tokens(n_valid, 2)
 
     return identity, description, produce
 
@@ -560,6 +646,7 @@ def _hf_source(spec: str, valid_fraction: float) -> _Source:
     if "train" not in dsd:
         raise DataError(f"hub dataset {label} has no 'train' split (splits: {sorted(dsd)})")
     valid_split = next((s for s in _HF_VALID_SPLITS if s in dsd), None)
+    test_split = next((s for s in _HF_TEST_SPLITS if s in dsd), None) if valid_split else None
 
     def column(split: str) -> list[str]:
         ds = dsd[split]
@@ -574,16 +661,18 @@ def _hf_source(spec: str, valid_fraction: float) -> _Source:
         "dataset": name,
         "config": config,
         "valid_split": valid_split,
+        "test_split": test_split,
         "valid_fraction": None if valid_split else valid_fraction,
         "fingerprints": {s: getattr(dsd[s], "_fingerprint", None) for s in sorted(dsd)},
     }
-    description = f"hub dataset {label}, splits train/{valid_split or f'last {valid_fraction:g} of train'}"
+    description = (f"hub dataset {label}, splits train/{valid_split or f'last {2 * valid_fraction:g} of train'}"
+                   + (f"/{test_split}" if test_split else " (held out part cut into probe, validation, test)"))
 
-    def produce(tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    def produce(tokenizer: Tokenizer) -> tuple[np.ndarray, ...]:
         train = tokenize_documents(column("train"), tokenizer)
-        if valid_split is None:
-            return _split_tail(train, valid_fraction, f"hub dataset {label}")
-        return train, tokenize_documents(column(valid_split), tokenizer)
+        valid = tokenize_documents(column(valid_split), tokenizer) if valid_split else None
+        test = tokenize_documents(column(test_split), tokenizer) if test_split else None
+        return _held_out(train, valid, test, valid_fraction, f"hub dataset {label}")
 
     return identity, description, produce
 
@@ -597,8 +686,11 @@ def default_cache_dir() -> Path:
     return (Path(root).expanduser() if root else Path.home() / ".cache" / "stso") / "tokens"
 
 
-def _cache_paths(cache_dir: Path, fingerprint: str) -> tuple[Path, Path]:
-    return cache_dir / f"{fingerprint}.train.npy", cache_dir / f"{fingerprint}.valid.npy"
+_SPLIT_NAMES = ("train", "probe", "valid", "test")
+
+
+def _cache_paths(cache_dir: Path, fingerprint: str) -> tuple[Path, ...]:
+    return tuple(cache_dir / f"{fingerprint}.{name}.npy" for name in _SPLIT_NAMES)
 
 
 def _read_cached(path: Path, vocab_size: int) -> np.ndarray | None:
@@ -647,15 +739,16 @@ def load_corpus(
             ``"hf:<dataset id>[:<config>]"``.
         tokenizer: Tokenizer to encode with; its eos id separates documents.
         seed: Seed of the built-in text (ignored for other corpora).
-        builtin_chars: Characters of built-in training text; validation gets
-            ``builtin_chars * valid_fraction`` more from an independent stream.
-        valid_fraction: Share of tokens held out when a corpus has no validation
-            part of its own; in (0, 0.5].
+        builtin_chars: Characters of built-in training text; validation and test
+            get ``builtin_chars * valid_fraction`` more each, the probe a quarter of
+            that, from independent streams.
+        valid_fraction: Half the share of tokens held out when a corpus has no
+            validation part of its own; in (0, 0.5] (at most half is held out).
         cache_dir: Folder for cached token arrays, keyed by fingerprint (default
             :func:`default_cache_dir`).
 
     Returns:
-        The train and validation token arrays with their provenance.
+        The train, probe, validation and test token arrays with their provenance.
 
     Raises:
         DataError: missing, empty, non-UTF-8 or too small inputs, an unknown spec,
@@ -683,36 +776,40 @@ def load_corpus(
     }
     fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    train_path, valid_path = _cache_paths(cache, fingerprint)
+    paths = _cache_paths(cache, fingerprint)
 
-    train = _read_cached(train_path, tokenizer.vocab_size)
-    valid = _read_cached(valid_path, tokenizer.vocab_size) if train is not None else None
-    if train is None or valid is None:
+    arrays: list[np.ndarray | None] = []
+    for path in paths:
+        arrays.append(_read_cached(path, tokenizer.vocab_size))
+        if arrays[-1] is None:
+            break
+    if len(arrays) < len(paths) or arrays[-1] is None:
         t0 = time.perf_counter()
-        train, valid = produce(tokenizer)
+        arrays = list(produce(tokenizer))
         log.info("tokenized %s with %s in %.1f s", description, tokenizer.spec, time.perf_counter() - t0)
-        _write_cached(train_path, train)
-        _write_cached(valid_path, valid)
+        for path, arr in zip(paths, arrays):
+            _write_cached(path, arr)
     else:
         log.info("token cache hit for %s (%s)", description, fingerprint[:12])
-    return TokenSplits(
-        train=train, valid=valid, source=description, tokenizer_spec=tokenizer.spec, fingerprint=fingerprint
-    )
+    train, probe, valid, test = arrays
+    return TokenSplits(train=train, valid=valid, probe=probe, test=test, source=description,
+                       tokenizer_spec=tokenizer.spec, fingerprint=fingerprint)
 
 
 def check_length(splits: TokenSplits, seq_len: int) -> None:
-    """Raise DataError unless both splits hold at least one ``seq_len + 1`` window.
+    """Raise DataError unless every split holds at least one ``seq_len + 1`` window.
 
     A training step reads ``seq_len + 1`` consecutive tokens (inputs plus shifted
     targets), and perplexity needs at least one validation window of that size.
     """
     need = seq_len + 1
-    for name, arr in (("train", splits.train), ("validation", splits.valid)):
+    for name, arr in (("train", splits.train), ("probe", splits.probe), ("validation", splits.valid),
+                      ("test", splits.test)):
         if len(arr) < need:
             raise DataError(
                 f"corpus {splits.source}: the {name} split has {len(arr)} tokens but seq_len {seq_len} "
                 f"needs at least {need}; use a larger corpus, a smaller seq_len"
-                + (", or a larger valid_fraction" if name == "validation" else "")
+                + (", or a larger valid_fraction" if name != "train" else "")
             )
 
 
