@@ -55,6 +55,8 @@ class ModelConfig:
                         range=(0.0, 0.9))
     attn_implementation: str = _f("eager", "attention kernel; 'eager' exposes attention probabilities",
                                   choices=("eager", "sdpa"))
+    qk_norm: bool = _f(False, "LayerNorm on queries and keys per head (Wortsman et al. 2023, arXiv 2309.14322): "
+                       "stops attention-logit growth at high LR; from-scratch models only")
 
 
 @dataclass
@@ -87,7 +89,8 @@ class OptimConfig:
     beta1: float = _f(0.9, "Adam first-moment decay", range=(0.0, 0.99999))
     beta2: float = _f(0.95, "Adam second-moment decay", range=(0.0, 0.99999999))
     eps: float = _f(1e-8, "Adam epsilon", range=(1e-30, 1.0))
-    max_grad_norm: float = _f(1.0, "static global-norm clip applied under every clip policy; 0 disables",
+    max_grad_norm: float = _f(1.0, "static global-norm clip; ZClip and SPAM replace it (as in their papers), "
+                              "off and ARC keep it; 0 disables",
                               range=(0.0, 1e12))
     micro_batches: int = _f(1, "gradient-accumulation shards per step", range=(1, 4096))
 
@@ -135,7 +138,8 @@ class TrainConfig:
                         choices=("fp32", "bf16"))
     device: str = _f("auto", "'auto' picks CUDA when present", choices=("auto", "cpu", "cuda"))
     scenario: str = _f("calm", "instability scenario: a name in configs/scenarios or a YAML path")
-    probe_batches: int = _f(1, "held-out validation batches in the fixed probe", range=(1, 10**4))
+    probe_batches: int = _f(1, "batches of the probe split in the fixed probe (what controllers may look at)",
+                            range=(1, 10**4))
     activation_stats_every: int = _f(0, "steps between activation/attention summaries; 0 = only at "
                                      "checkpoints", range=(0, 10**9))
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model section"})

@@ -44,7 +44,8 @@ def episode(ctrl, env, seed=0, infos_hook=None):
 
 def test_registry_builds_every_baseline_and_rejects_unknown_settings():
     expected = {"fixed": "FixedSchedule", "rule": "RuleBased", "zclip": "ZClipController", "arc": "ARCController",
-                "spam": "SPAMController", "hd": "AdamHD", "pbt": "PBT"}
+                "spam": "SPAMController", "hd": "AdamHD", "pbt": "PBT", "skip_step": "SkipStep",
+                "stable_adamw": "StableAdamW"}
     for name, cls in expected.items():
         ctrl = make_controller(name)
         assert type(ctrl).__name__ == cls and ctrl.name == name
@@ -68,8 +69,10 @@ def test_fixed_and_clip_controllers_hold_their_action(name, clip):
         assert ctrl.decisions == []
     else:
         assert len(ctrl.decisions) == 1 and ctrl.decisions[0]["kind"] == "clip"
-        assert d["max_grad_norm"] == 1.0 and "max_grad_norm=1 cap" in d["variant"]
+    if name == "zclip":  # ZClip replaces the fixed cap (the paper's comparison), ARC keeps it on the mean
+        assert d["max_grad_norm"] == 0.0 and "ZClip alone" in d["variant"] and "without a static" in d["variant"]
     if name == "arc":
+        assert d["max_grad_norm"] == 1.0 and "max_grad_norm=1 cap" in d["variant"]
         assert (d["shards"], d["f"], d["k"]) == (4, 1, 1)
     ctrl.close()
     env.close()
@@ -132,7 +135,10 @@ def test_spam_resets_both_moments_and_warms_the_lr_up():
     assert [warmup_factor(t, 4) for t in range(5)] == pytest.approx(warm, abs=1e-6)
     # spike-aware clipping off for the first 3 steps of each 8-step cycle
     assert [seen[s][2] for s in range(5, 12)] == ["spam", "spam", "off", "off", "off", "spam", "spam"]
+    # no global-norm cap while SPAM runs (the reference trains without one), clip-delay steps included
+    assert env.unwrapped.trainer.max_grad_norm_override == 0.0
     ctrl.close()
+    assert env.unwrapped.trainer.max_grad_norm_override is None
     assert probe in env.unwrapped.trainer.pre_step_hooks and len(env.unwrapped.trainer.pre_step_hooks) == 1
     env.close()
 

@@ -8,14 +8,24 @@
 | ``arc``          | Adaptive Robust Clipping over micro-batch shards throughout             | clipping        |
 | ``spam``         | SPAM: periodic momentum resets + LR warm-up + spike-aware clipping      | spam            |
 | ``hd``           | Adam-HD hypergradient descent on the learning rate                      | hypergradient   |
+| ``skip_step``    | OLMo-core skip-step AdamW: no update on a loss/grad-norm outlier step   | skip_step       |
+| ``stable_adamw`` | StableAdamW: AdamW with per-tensor AdaFactor-style update clipping      | stable_adamw    |
 | ``pbt``          | population based training over forks (exploit / explore)                | pbt             |
 | ``stso``         | the branch orchestrator on index triggers (full method, ablation C)     | branching       |
 | ``proxy_only``   | ablation B: the proxy's best candidate, no verification                 | branching       |
 | ``single_trigger``| ablation D: full method triggered by loss volatility alone             | branching       |
 | ``policy``       | a learned policy loaded from ``policy.zip``                             | learned         |
+| ``tuned_fixed``  | the fixed schedule at the best LR of a small sweep (validation split)   | tuned           |
+| ``oracle``       | hindsight oracle: forks every intervention, keeps the best (no budget)  | oracle          |
+
+Each method's paper is in ``assets/related_work.md`` under the key its class docstring cites
+(zclip 2025_Kumar_ZClip, arc 2025_Allouah_ARC, spam 2025_Huang_SPAM, hd 2018_Baydin_HD,
+skip_step 2024_OLMo_OLMo2, stable_adamw 2023_Wortsman_StableAdamW, pbt 2017_Jaderberg_PBT,
+learned policies 2017_Schulman_PPO and 2020_Huang_InvalidActionMasking).
 
 ``make_controller(name, ...)`` builds one by name; methods that need a proxy
-artefact or a policy file get ``proxy_dir`` / ``policy_path``.
+artefact or a policy file get ``proxy_dir`` / ``policy_path``; ``tuned_fixed`` caches its LR
+sweep in ``tuning_dir``.
 """
 
 from __future__ import annotations
@@ -33,11 +43,15 @@ CONTROLLERS: dict[str, tuple[str, str]] = {
     "arc": ("agents.controllers.clipping", "ARCController"),
     "spam": ("agents.controllers.spam", "SPAMController"),
     "hd": ("agents.controllers.hypergradient", "AdamHD"),
+    "skip_step": ("agents.controllers.skip_step", "SkipStep"),
+    "stable_adamw": ("agents.controllers.stable_adamw", "StableAdamW"),
     "pbt": ("agents.controllers.pbt", "PBT"),
     "stso": ("agents.controllers.branching", "BranchController"),
     "proxy_only": ("agents.controllers.branching", "ProxyOnly"),
     "single_trigger": ("agents.controllers.branching", "SingleIndicator"),
     "policy": ("agents.controllers.learned", "LearnedPolicy"),
+    "tuned_fixed": ("agents.controllers.tuned", "TunedFixed"),
+    "oracle": ("agents.controllers.oracle", "Oracle"),
 }
 
 

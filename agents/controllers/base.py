@@ -15,8 +15,9 @@ way::
 Methods that need more than observe/act get it from the env itself:
 ``env.unwrapped.fork()`` for forks and population members,
 ``env.unwrapped.trainer`` for per-optimizer-step hooks (``pre_step_hooks``,
-``pre_update_hooks``; used by SPAM and hypergradient descent, which act inside
-a window).
+``pre_update_hooks``, ``post_update_hooks``, the one-shot ``veto_update`` and the
+``max_grad_norm_override``; used by SPAM, hypergradient descent, skip-step and
+StableAdamW, which act inside a window).
 
 Accounting, read by the harness after the episode:
 
@@ -34,6 +35,9 @@ Accounting, read by the harness after the episode:
 * ``decisions``: the timeline of what the controller did beyond the neutral
   action (``{"global_step", "kind", "action", "reason"}``).
 * ``branch_invocations``: branch decisions taken (0 for methods without branching).
+* ``tuning_flops``: FLOPs spent once per setting before the run (``tuned_fixed``'s LR sweep),
+  reported beside the budget, not charged to it.
+* ``budget_exempt``: the hindsight oracle is not stopped by the budget and is reported apart.
 """
 
 from __future__ import annotations
@@ -56,6 +60,8 @@ class Controller:
     name: ClassVar[str] = "base"
     #: share of the FLOPs budget the main run is planned to get (see the module docstring)
     main_run_share: float = 1.0
+    #: True for the hindsight oracle: reported apart and not stopped by the budget
+    budget_exempt: bool = False
 
     def __init__(self) -> None:
         self.env: gym.Env | None = None
@@ -66,6 +72,8 @@ class Controller:
         self.proxy_ms: list[float] = []
         self.decisions: list[dict[str, Any]] = []
         self.branch_invocations = 0
+        #: FLOPs spent once per setting before any run (an LR sweep), reported beside the budget
+        self.tuning_flops = 0.0
 
     # ------------------------------------------------------------------ interface
 

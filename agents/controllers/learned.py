@@ -56,7 +56,11 @@ def load_policy(path: str | Path) -> Any:
 
 
 class LearnedPolicy(Controller):
-    """Acts with a saved policy: ``model.predict(obs, deterministic=True)`` (with masks for MaskablePPO)."""
+    """Acts with a saved policy: ``model.predict(obs, deterministic=True)`` (with masks for MaskablePPO).
+
+    References: 2017_Schulman_PPO, 2020_Huang_InvalidActionMasking (MaskablePPO's masking),
+    2021_Raffin_StableBaselines3 (``assets/related_work.md``).
+    """
 
     name = "policy"
 

@@ -28,7 +28,8 @@ def _ray_explore() -> Any:
 class PBT(Controller):
     """Population based training (Jaderberg et al., "Population Based Training of Neural Networks",
     arXiv 1711.09846, 2017) with the exploit/explore rules of Ray Tune's
-    ``PopulationBasedTraining`` scheduler (``ray/tune/schedulers/pbt.py``).
+    ``PopulationBasedTraining`` scheduler (``ray/tune/schedulers/pbt.py``). References:
+    2017_Jaderberg_PBT, 2018_Liaw_Tune (``assets/related_work.md``).
 
     Population: ``population`` members; member 0 is the main run (the env the harness steps), the
     others are forks of it made in ``reset`` (``env.unwrapped.fork()``, same state, same

@@ -21,13 +21,19 @@ _CLIP_OFF, _CLIP_ZCLIP = 0, 1
 class FixedSchedule(Controller):
     """The configured warm-up + cosine schedule with no intervention: the neutral action
     ``[2, 1, 0, 0, 0, 0]`` (LR x1, weight decay x1, clipping off apart from the static
-    ``optim.max_grad_norm`` cap, no reset/reorder/skip) every window. No settings."""
+    ``optim.max_grad_norm`` cap, no reset/reorder/skip) every window. No settings.
+
+    The recipe it keeps: GPT-2 (2019_Radford_GPT2) trained with AdamW (2019_Loshchilov_AdamW,
+    on 2015_Kingma_Adam), warm-up + cosine LR and global-norm clipping at 1.0.
+    """
 
     name = "fixed"
 
 
 class RuleBased(Controller):
     """Ablation A: fixed, hand-written rules on the monitor's uncertainty index (no proxy, no branching).
+    No paper of its own; the clipping it switches on is ZClip (2025_Kumar_ZClip), which replaces the
+    static norm cap while it is on.
 
     Rules, checked every window on the trigger (``info["trigger"]``, else observation index 48;
     the index itself, observation 47 / ``info["uncertainty_index"]``, is only reported):

@@ -1,4 +1,7 @@
-"""SPAM: Spike-Aware Adam with Momentum Reset (Huang et al., ICLR 2025), on top of the run's AdamW."""
+"""SPAM: Spike-Aware Adam with Momentum Reset (Huang et al., ICLR 2025), on top of the run's AdamW.
+
+Reference: 2025_Huang_SPAM (``assets/related_work.md``).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ _CLIP_SPAM = CLIP_POLICIES.index("spam")
 
 def warmup_factor(t: int, warmup_steps: int) -> float:
     """SPAM's update scale ``t`` steps after a momentum reset (``t = 0`` is the reset step).
+    Reference: 2025_Huang_SPAM.
 
     The reference optimizer scales the update by ``1 - d(t)`` with ``d`` a cosine decay of a
     "death rate" from 0.99 to 0 (``CosineAnnealingLR`` over ``T_max + 1`` steps, 0 from
@@ -29,7 +33,7 @@ def warmup_factor(t: int, warmup_steps: int) -> float:
 class SPAMController(Controller):
     """SPAM (Huang, Zhu, Jin, Liu, Wang, Liu, "SPAM: Spike-Aware Adam with Momentum Reset for Stable
     LLM Training", ICLR 2025, arXiv 2501.06842; reference code TianjinYellow/SPAM-Optimizer,
-    ``SPAM.py``) assembled from the trainer's parts around its AdamW:
+    ``SPAM.py``) assembled from the trainer's parts around its AdamW. Reference: 2025_Huang_SPAM.
 
     1. **Spike-aware clipping** every window (clip choice 3): an entry with ``g^2 > theta * v``
        (``v`` Adam's second moment before the step) becomes ``sign(g) sqrt(theta v)``;
@@ -50,6 +54,12 @@ class SPAMController(Controller):
     every step, which the env leaves alone because the action's LR choice is the neutral x1.0.
     The warm-up therefore scales the whole AdamW step including its decoupled weight decay; the
     reference scales only the Adam part (its weight decay uses the unscaled LR).
+
+    No global-norm clipping: SPAM's reference runs train without it (the launch scripts leave
+    ``--grad_clipping`` at its default 0), so spike-aware clipping is the only clipping. The
+    ``"spam"`` clip policy already drops the static ``optim.max_grad_norm`` cap; the controller
+    also sets ``trainer.max_grad_norm_override = 0`` while attached, so the clip-delay steps (policy
+    ``"off"``) run unclipped too, as in the reference, instead of under the 1.0 cap.
 
     Scaling to short runs: the paper's defaults are ``DeltaT = 500``, warm-up 150 steps (the
     reference's default; its launch script passes 1000, which we do not copy) and ``theta = 5000``
@@ -91,6 +101,7 @@ class SPAMController(Controller):
     def _attach(self) -> None:
         self._trainer = self.base.trainer
         self._trainer.pre_step_hooks.append(self._pre_step)
+        self._trainer.max_grad_norm_override = 0.0  # no global-norm cap (see the class docstring)
 
     def act(self, obs: np.ndarray, info: dict[str, Any]) -> np.ndarray:
         # A restore with another seed rebuilds the env's trainer; follow it.
@@ -102,8 +113,10 @@ class SPAMController(Controller):
         return action
 
     def close(self) -> None:
-        if self._trainer is not None and self._pre_step in self._trainer.pre_step_hooks:
-            self._trainer.pre_step_hooks.remove(self._pre_step)
+        if self._trainer is not None:
+            if self._pre_step in self._trainer.pre_step_hooks:
+                self._trainer.pre_step_hooks.remove(self._pre_step)
+            self._trainer.max_grad_norm_override = None
         self._trainer = None
 
     def _pre_step(self, trainer: Any) -> None:
@@ -129,7 +142,8 @@ class SPAMController(Controller):
 
     def describe(self) -> dict[str, Any]:
         out = {**super().describe(), "delta_t": self.delta_t, "warmup_steps": self.warmup_steps,
-               "clip_delay": self.clip_delay, "resets": list(self.resets)}
+               "clip_delay": self.clip_delay, "resets": list(self.resets), "max_grad_norm": 0.0,
+               "variant": "SPAM on torch AdamW, no global-norm cap (as the reference runs)"}
         if self.env is not None:
             out["theta"] = float(self.base.trainer.cfg.clip.spam_theta)
         return out

@@ -1,5 +1,7 @@
 """Optional lossy storage for Adam moments (``exp_avg`` and ``exp_avg_sq``).
 
+Reference: 2022_Dettmers_8bitOptimizers (keys in ``assets/related_work.md``).
+
 Modes:
 
 - ``"none"``: everything lossless (the default; resumes bit-exactly).

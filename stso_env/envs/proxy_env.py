@@ -1,4 +1,7 @@
-"""STSO-Proxy-v0: STSO-GPT2-v0 simulated by the learned proxy world model."""
+"""STSO-Proxy-v0: STSO-GPT2-v0 simulated by the learned proxy world model.
+
+References: 2019_Janner_MBPO, 2020_Yu_MOPO (keys in ``assets/related_work.md``).
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """Split-conformal intervals for the proxy's ``loss_at_n`` and ``instability_risk``, and held-out evaluation.
 
+References (keys in ``assets/related_work.md``): 2005_Vovk_ConformalPrediction,
+2018_Lei_SplitConformal, 2022_Taquet_MAPIE.
+
 MAPIE 1.6's :class:`~mapie.regression.SplitConformalRegressor` (``prefit=True``)
 wraps the trained ensemble through :class:`LossRegressor`, a minimal
 scikit-learn-style estimator. Log rows of one trajectory are strongly

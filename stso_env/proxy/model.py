@@ -1,5 +1,7 @@
 """Proxy world model: a bootstrapped ensemble of MLPs over (state, action).
 
+Reference: 2017_Lakshminarayanan_DeepEnsembles (keys in ``assets/related_work.md``).
+
 All ``E`` members live in stacked weight tensors ``(E, in, out)`` and run as one
 batched matrix product, so scoring hundreds of candidate actions is a single
 forward pass (branch scoring calls :meth:`ProxyEnsemble.predict` with ~500

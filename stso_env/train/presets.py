@@ -14,16 +14,26 @@ The vocabulary size always comes from the tokenizer, so ``tiny`` with the byte
 tokenizer has ~0.5M parameters and ``small`` with GPT-2 BPE has the familiar
 124M. A local folder (``save_pretrained`` layout) can seed the weights; a hub id
 is only contacted when the user names one explicitly.
+
+``qk_norm=True`` (``model.qk_norm``) adds a LayerNorm over each head's query and
+key before the dot product, the fix Wortsman et al. 2023 ("Small-scale proxies
+for large-scale Transformer training instabilities", arXiv 2309.14322) show
+removes attention-logit growth at high LR (after Dehghani et al. 2023). It
+patches each block's fused QKV projection ``c_attn`` (:class:`QKNormConv1D`), so
+the attention kernel, and with eager attention its attention probabilities
+(``output_attentions``), stay those of transformers' ``GPT2Attention``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.pytorch_utils import Conv1D
 
 from stso_env.errors import ConfigError
 
@@ -67,22 +77,80 @@ def gpt2_config(preset: str, vocab_size: int, *, dropout: float = 0.0,
     return cfg
 
 
+class QKNormConv1D(Conv1D):
+    """GPT-2's fused query/key/value projection followed by a LayerNorm over each head's query and
+    key (QK-layernorm, Wortsman et al. 2023, arXiv 2309.14322).
+
+    Why it helps: attention logits are ``q . k / sqrt(d)``; at a high LR the query and key weights
+    grow, the logits grow with the product of their norms, the softmax saturates on one key
+    (attention entropy collapses) and the loss spikes. Normalising ``q`` and ``k`` bounds the logits
+    by the LayerNorm gains, which grow only as fast as any other parameter.
+
+    Made by :meth:`patch` from the existing ``c_attn`` (its class is swapped in place), so the weight
+    and bias keep their parameters, their names in ``state_dict`` and their random init; only
+    ``q_norm`` and ``k_norm`` (ones and zeros, no RNG drawn) are new.
+    """
+
+    n_head: int
+    q_norm: torch.nn.LayerNorm
+    k_norm: torch.nn.LayerNorm
+
+    @classmethod
+    def patch(cls, conv: Conv1D, n_head: int, eps: float) -> QKNormConv1D:
+        if conv.nf % (3 * n_head):
+            raise ValueError(f"c_attn has {conv.nf} outputs, not 3 x n_head ({n_head}) heads")
+        conv.__class__ = cls
+        head_dim = conv.nf // (3 * n_head)
+        conv.n_head = n_head
+        conv.q_norm = torch.nn.LayerNorm(head_dim, eps=eps, device=conv.weight.device, dtype=conv.weight.dtype)
+        conv.k_norm = torch.nn.LayerNorm(head_dim, eps=eps, device=conv.weight.device, dtype=conv.weight.dtype)
+        return conv  # type: ignore[return-value]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = super().forward(x).chunk(3, dim=-1)
+        heads = (self.n_head, q.shape[-1] // self.n_head)
+        q = self.q_norm(q.unflatten(-1, heads)).flatten(-2)
+        k = self.k_norm(k.unflatten(-1, heads)).flatten(-2)
+        return torch.cat((q, k, v), dim=-1)
+
+
+def add_qk_norm(model: GPT2LMHeadModel) -> GPT2LMHeadModel:
+    """Patch every block of ``model`` with :class:`QKNormConv1D`; records ``qk_norm`` in its config."""
+    cfg = model.config
+    for block in model.transformer.h:
+        if not isinstance(block.attn.c_attn, QKNormConv1D):
+            QKNormConv1D.patch(block.attn.c_attn, cfg.n_head, cfg.layer_norm_epsilon)
+    cfg.qk_norm = True
+    return model
+
+
 def build_model(preset: str, vocab_size: int, *, pretrained: str | None = None, dropout: float = 0.0,
-                attn_implementation: str = "eager", n_positions: int | None = None) -> GPT2LMHeadModel:
+                attn_implementation: str = "eager", n_positions: int | None = None,
+                qk_norm: bool = False) -> GPT2LMHeadModel:
     """Build a GPT-2 from a preset (random init from the current torch RNG) or from real weights.
 
     ``pretrained`` is a local folder written by ``save_pretrained``; anything that
     is not an existing folder is treated as an explicit hub id, fetched only if
-    the machine is online, with a clear error otherwise.
+    the machine is online, with a clear error otherwise. ``qk_norm`` adds
+    QK-layernorm (:class:`QKNormConv1D`), for models trained from scratch only.
     """
     if pretrained is None:
-        return GPT2LMHeadModel(gpt2_config(preset, vocab_size, dropout=dropout,
-                                           attn_implementation=attn_implementation, n_positions=n_positions))
+        model = GPT2LMHeadModel(gpt2_config(preset, vocab_size, dropout=dropout,
+                                            attn_implementation=attn_implementation, n_positions=n_positions))
+        return add_qk_norm(model) if qk_norm else model
+    if qk_norm:
+        raise ConfigError("model.qk_norm: true needs a model trained from scratch, but model.pretrained is set; "
+                          "GPT-2 weights were trained without QK-layernorm, and adding it changes what they "
+                          "compute. Unset model.pretrained or set model.qk_norm: false")
     local = Path(pretrained).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise ConfigError(f"model.pretrained: {local} has no config.json; give a folder written by "
                               "save_pretrained")
+        if json.loads((local / "config.json").read_text(encoding="utf-8")).get("qk_norm"):
+            raise ConfigError(f"model.pretrained: {local} holds a model with QK-layernorm (model.qk_norm), "
+                              "which transformers' GPT2LMHeadModel cannot load; continue it from an STSO "
+                              "checkpoint (--resume) instead")
         model = GPT2LMHeadModel.from_pretrained(str(local), local_files_only=True,
                                                 attn_implementation=attn_implementation)
     else:

@@ -11,11 +11,20 @@ kind                effect on the affected steps                                
 ``shuffled_labels`` targets of sequences permuted along time (inputs kept)       fraction of the batch
 ``grad_scale``      loss, hence every gradient, multiplied before clipping       the multiplier
 ``lr_shock``        learning rate multiplied                                     the multiplier
+``quiet_text``      sequences replaced by one short random text repeated, the    fraction of the batch
+                    same text in every row and every step of a burst (``ngram``
+                    tokens long): a stretch of near-zero gradients once the
+                    model has learnt it
 ==================  ===========================================================  ======================
 
 and a schedule: either periodic bursts (``every`` steps from ``start``, each
 burst shifted by up to ``jitter`` steps) or random bursts (a burst starts at a
 step with probability ``rate``); each burst lasts ``duration`` steps.
+
+A scenario may also override Adam's moment constants (``optim: {beta2: 0.999}``;
+keys ``beta1``, ``beta2``, ``eps``), which the trainer applies when it builds
+AdamW: some instabilities are optimizer dynamics rather than bad data or an LR
+that is simply too high, and they need the optimizer they happen under.
 
 Whether an event is active at a step, and the noise it injects, are pure
 functions of ``(run seed, event index, step)`` (counter-based seeding with
@@ -34,6 +43,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,8 +52,8 @@ from stso_env.config import CONFIG_DIR, _f, from_dict, load_yaml
 from stso_env.errors import ConfigError
 
 SCENARIO_DIR = CONFIG_DIR / "scenarios"
-EVENT_KINDS = ("random_tokens", "repeated_ngram", "shuffled_labels", "grad_scale", "lr_shock")
-_BATCH_KINDS = ("random_tokens", "repeated_ngram", "shuffled_labels")
+EVENT_KINDS = ("random_tokens", "repeated_ngram", "shuffled_labels", "grad_scale", "lr_shock", "quiet_text")
+_BATCH_KINDS = ("random_tokens", "repeated_ngram", "shuffled_labels", "quiet_text")
 
 
 @dataclass
@@ -56,7 +66,7 @@ class ScenarioEvent:
                             range=(0.0, 1.0))
     duration: int = _f(1, "steps a burst lasts", range=(1, 10**9))
     strength: float = _f(1.0, "batch fraction, or multiplier for grad_scale/lr_shock", range=(0.0, 1e9))
-    ngram: int = _f(4, "n-gram length for repeated_ngram", range=(1, 10**6))
+    ngram: int = _f(4, "n-gram length for repeated_ngram; text length for quiet_text", range=(1, 10**6))
 
     def validate(self, source: str) -> None:
         if (self.every is None) == (self.rate is None):
@@ -68,18 +78,45 @@ class ScenarioEvent:
 
 
 @dataclass
+class ScenarioOptim:
+    """Adam constants a scenario overrides (None keeps the train config's ``optim`` value).
+
+    Only what AdamW's constructor takes and the trainer never touches again: the LR has
+    ``lr_scale``, weight decay and the clip bound are read from the train config every step.
+    """
+
+    beta1: float | None = _f(None, "Adam first-moment decay", range=(0.0, 0.99999))
+    beta2: float | None = _f(None, "Adam second-moment decay", range=(0.0, 0.99999999))
+    eps: float | None = _f(None, "Adam epsilon", range=(1e-30, 1.0))
+
+
+SCENARIO_OPTIM_KEYS = ("beta1", "beta2", "eps")
+
+
+@dataclass
 class Scenario:
     name: str = _f("custom", "scenario name")
     description: str = _f("", "what the scenario models")
     lr_scale: float = _f(1.0, "multiplier on the configured LR for the whole run", range=(1e-6, 1e6))
+    optim: ScenarioOptim = field(default_factory=ScenarioOptim,
+                                 metadata={"help": "Adam constants overridden for this scenario"})
     events: list[ScenarioEvent] = field(default_factory=list, metadata={"help": "noise events"})
+
+    def adamw_kwargs(self, optim: Any) -> dict[str, Any]:
+        """``betas`` and ``eps`` for ``torch.optim.AdamW``: the train config's ``optim`` section
+        (an :class:`~stso_env.config.OptimConfig`) with this scenario's overrides on top."""
+        o = self.optim
+        return {"betas": (optim.beta1 if o.beta1 is None else o.beta1,
+                          optim.beta2 if o.beta2 is None else o.beta2),
+                "eps": optim.eps if o.eps is None else o.eps}
 
     # ------------------------------------------------------------------ schedule
 
-    def _starts_periodic(self, ev: ScenarioEvent, i: int, seed: int, step: int) -> bool:
+    def _starts_periodic(self, ev: ScenarioEvent, i: int, seed: int, step: int) -> int | None:
+        """Start step of the periodic burst that covers ``step`` (None if none does)."""
         assert ev.every is not None
         if step < ev.start:
-            return False
+            return None
         # A burst k starts at start + k*every + jitter_k; only bursts k and k-1 can cover `step`
         # as long as duration + jitter <= every (checked loosely: we scan a few).
         k_hi = (step - ev.start) // ev.every
@@ -90,25 +127,26 @@ class Scenario:
                 jit = int(np.random.default_rng([seed, 101, i, k]).integers(0, ev.jitter + 1))
             s = ev.start + k * ev.every + jit
             if s <= step < s + ev.duration:
-                return True
-        return False
+                return s
+        return None
 
-    def _starts_random(self, ev: ScenarioEvent, i: int, seed: int, step: int) -> bool:
+    def _starts_random(self, ev: ScenarioEvent, i: int, seed: int, step: int) -> int | None:
+        """Start step of the earliest random burst that covers ``step`` (None if none does)."""
         assert ev.rate is not None
         for s in range(max(0, step - ev.duration + 1), step + 1):
             if np.random.default_rng([seed, 102, i, s]).random() < ev.rate:
-                return True
-        return False
+                return s
+        return None
+
+    def burst_start(self, i: int, seed: int, step: int) -> int | None:
+        """Start step of the burst of event ``i`` that covers ``step``, or None when it is inactive."""
+        ev = self.events[i]
+        return (self._starts_periodic(ev, i, seed, step) if ev.every is not None
+                else self._starts_random(ev, i, seed, step))
 
     def active(self, seed: int, step: int) -> list[int]:
         """Indices of the events active at ``step``."""
-        out = []
-        for i, ev in enumerate(self.events):
-            hit = (self._starts_periodic(ev, i, seed, step) if ev.every is not None
-                   else self._starts_random(ev, i, seed, step))
-            if hit:
-                out.append(i)
-        return out
+        return [i for i in range(len(self.events)) if self.burst_start(i, seed, step) is not None]
 
     # ------------------------------------------------------------------ effects
 
@@ -137,6 +175,16 @@ class Scenario:
                 continue
             n = min(bsz, math.ceil(ev.strength * bsz))
             rows = rng.choice(bsz, size=n, replace=False)
+            if ev.kind == "quiet_text":
+                # One text for the whole burst (seeded by its start step, so still a pure function of
+                # (seed, event, step)): after a few steps the model has learnt it and its gradients
+                # are near zero, the quiet stretch under which Adam's second moment decays.
+                start = self.burst_start(i, seed, step)
+                text = np.random.default_rng([seed, 104, i, start]).integers(0, vocab_size, size=ev.ngram)
+                w = torch.from_numpy(np.resize(text, seq + 1)).to(inputs.dtype)
+                for r in rows:
+                    inputs[r], labels[r] = w[:-1], w[1:]
+                continue
             for r in rows:
                 if ev.kind == "random_tokens":
                     w = torch.from_numpy(rng.integers(0, vocab_size, size=seq + 1))
@@ -161,6 +209,14 @@ def load_scenario(spec: str) -> Scenario:
     raw = load_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a scenario must be a mapping with 'name' and 'events'")
+    optim = raw.get("optim")
+    if isinstance(optim, dict):
+        bad = sorted(str(k) for k in optim if k not in SCENARIO_OPTIM_KEYS)
+        if bad:
+            raise ConfigError(
+                f"{path}: optim.{bad[0]}: a scenario may override only Adam's moment constants "
+                f"({', '.join(SCENARIO_OPTIM_KEYS)}); set other optimizer values in the train config's "
+                "optim section, and the LR multiplier with the scenario's lr_scale")
     events = raw.get("events") or []
     if not isinstance(events, list):
         raise ConfigError(f"{path}: events: expected a list of events")

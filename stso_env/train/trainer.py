@@ -189,7 +189,7 @@ class Trainer:
         self.model = build_model(
             cfg.model.preset, self.tokenizer.vocab_size, pretrained=cfg.model.pretrained,
             dropout=cfg.model.dropout, attn_implementation=cfg.model.attn_implementation,
-            n_positions=max(self.seq_len, PRESETS[cfg.model.preset].n_positions),
+            n_positions=max(self.seq_len, PRESETS[cfg.model.preset].n_positions), qk_norm=cfg.model.qk_norm,
         ).to(self.device)
         self.model.train()
         self.n_params = count_parameters(self.model)
@@ -202,7 +202,8 @@ class Trainer:
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=True,
+            # betas/eps: the train config's, with the scenario's overrides (optimizer-dynamics scenarios)
+            lr=o.lr, **self.scenario.adamw_kwargs(o), foreach=True,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, WarmupCosine(o.warmup_steps, o.decay_steps or cfg.steps, o.min_lr_ratio))
@@ -218,12 +219,34 @@ class Trainer:
         #: snapshot (``CheckpointStore.save(..., overlap=True)``) registers its barrier here.
         self.mutation_barriers: list[Callable[[], Any]] = []
         #: Per-step hooks of controllers that act inside a window (SPAM's resets and LR warm-up,
-        #: hypergradient descent). ``pre_step_hooks`` run at the start of ``train_step`` and may
-        #: turn knobs; ``pre_update_hooks`` run after the backward pass and clipping, with the
-        #: gradients in ``p.grad``, before the LR is set and the optimizer steps. Hooks are not
-        #: part of the saved state: their owners keep their own.
+        #: hypergradient descent, skip-step, StableAdamW). ``pre_step_hooks`` run at the start of
+        #: ``train_step`` and may turn knobs; ``pre_update_hooks`` run after the backward pass and
+        #: clipping, with the gradients in ``p.grad`` and ``step_loss`` / ``step_grad_norm`` /
+        #: ``step_grad_norm_applied`` set, before the LR is set and the optimizer steps; they may
+        #: set ``veto_update``. ``post_update_hooks`` run right after ``optimizer.step()`` (only
+        #: when it ran), with ``p.grad`` and the updated optimizer state still in place, and may
+        #: rewrite the parameters (StableAdamW's update clipping). None of them runs on a skipped
+        #: batch or a non-finite step. Hooks are not part of the saved state: their owners keep
+        #: their own.
         self.pre_step_hooks: list[Callable[[Trainer], Any]] = []
         self.pre_update_hooks: list[Callable[[Trainer], Any]] = []
+        self.post_update_hooks: list[Callable[[Trainer], Any]] = []
+        #: One-shot veto of the next optimizer update (OLMo-core's skip-step rule): a hook sets it;
+        #: the step still draws its batch, measures loss and gradient (reported in its StepStats,
+        #: with ``skipped=True`` and the full FLOPs) and advances the LR schedule, but the optimizer
+        #: does not step (parameters, Adam moments and Adam's step count untouched). Cleared at the
+        #: end of every step.
+        self.veto_update = False
+        #: The step being run, for hooks: mean batch loss (as StepStats reports it), total grad
+        #: norm before any clipping and as applied. Set after the backward pass of each step.
+        self.step_loss = math.nan
+        self.step_grad_norm = math.nan
+        self.step_grad_norm_applied = math.nan
+        #: Replaces the static global-norm cap ``optim.max_grad_norm`` under every clip policy when
+        #: not None (0 = no cap). For controllers whose method has no global-norm clipping (SPAM,
+        #: StableAdamW, as in their reference runs); like the hooks, not saved state: the owner sets
+        #: it again on a rebuilt trainer.
+        self.max_grad_norm_override: float | None = None
 
     def _barrier(self) -> None:
         for fn in self.mutation_barriers:
@@ -243,9 +266,10 @@ class Trainer:
 
     @property
     def probe_batch(self) -> torch.Tensor:
-        """A fixed held-out batch (the first validation windows): the env's reward probe."""
+        """A fixed batch of evenly spaced windows of the *probe* split: the env's reward probe, what
+        controllers may look at. It never overlaps the validation or test split."""
         if self._probe is None:
-            w = validation_windows(self.splits.valid, self.seq_len,
+            w = validation_windows(self.splits.probe, self.seq_len,
                                    self.cfg.probe_batches * self.cfg.data.batch_size)
             self._probe = torch.from_numpy(w.astype(np.int64)).to(self.device)
         return self._probe
@@ -296,6 +320,7 @@ class Trainer:
         tokens = inputs.numel()
 
         if skip:
+            self.veto_update = False  # one-shot: a skipped batch has no update to veto
             with torch.no_grad():
                 seq_losses = self._seq_losses(inputs, labels)
             stats = self._finish(step, seq_losses, corrupted, math.nan, math.nan, math.inf, False, lr, wd,
@@ -306,21 +331,31 @@ class Trainer:
 
         seq_losses, grad_norm, applied_norm, bound = self._backward(inputs, labels, loss_mult)
         nonfinite = not (math.isfinite(grad_norm) and torch.isfinite(seq_losses).all())
+        # What this step measured, for the update hooks (the loss exactly as StepStats reports it).
+        self.step_loss = float(seq_losses.detach().float().cpu().mean())
+        self.step_grad_norm, self.step_grad_norm_applied = grad_norm, applied_norm
         if not nonfinite and self.pre_update_hooks:
             for hook in self.pre_update_hooks:
                 hook(self)
             lr = sched_lr[0] * k.lr_scale * lr_mult
-        if not nonfinite:
+        # A vetoed step (skip-step) keeps its measurements but not its update; a non-finite one
+        # is never applied anyway and is reported as non-finite, not as skipped.
+        vetoed = bool(self.veto_update) and not nonfinite
+        self.veto_update = False
+        if not nonfinite and not vetoed:
             for group, base_lr in zip(self.optimizer.param_groups, sched_lr):
                 group["lr"] = base_lr * k.lr_scale * lr_mult
             self.optimizer.param_groups[0]["weight_decay"] = wd
             self._barrier()
             self.optimizer.step()
+            for hook in self.post_update_hooks:
+                hook(self)
         self.optimizer.zero_grad(set_to_none=True)
+        # The LR schedule follows the step count, skipped updates included (as OLMo-core's does).
         self.scheduler.step()
         return self._finish(step, seq_losses, corrupted, grad_norm, applied_norm, bound,
                             applied_norm < grad_norm * (1 - 1e-6), lr, wd, tokens,
-                            self.flops_per_token * tokens, False, did_reset, did_reorder, nonfinite, noise, t0)
+                            self.flops_per_token * tokens, vetoed, did_reset, did_reorder, nonfinite, noise, t0)
 
     def _corrupted_rows(self, inputs: torch.Tensor, labels: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
         return ((inputs != window[:, :-1]) | (labels != window[:, 1:])).any(1)
@@ -365,8 +400,15 @@ class Trainer:
             thr = self.zclip.threshold(grad_norm)
             if thr is not None:
                 bound = min(bound, thr)
-        if cfg.optim.max_grad_norm > 0:
-            bound = min(bound, cfg.optim.max_grad_norm)
+        # The static cap: the config's unless a controller overrides it; ZClip and SPAM's clipping
+        # replace it (their papers compare them against fixed-threshold norm clipping).
+        from stso_env.train.clipping import REPLACES_STATIC_CAP
+
+        cap = self.max_grad_norm_override
+        if cap is None:
+            cap = 0.0 if policy in REPLACES_STATIC_CAP else cfg.optim.max_grad_norm
+        if cap > 0:
+            bound = min(bound, cap)
         if math.isfinite(bound) and math.isfinite(norm_now) and norm_now > bound:
             torch.nn.utils.clip_grads_with_norm_(self.params, bound, torch.tensor(norm_now))
             norm_now = float(torch.nn.utils.get_total_norm(grads))
@@ -404,9 +446,15 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
-    def evaluate(self, max_windows: int | None = 64) -> dict[str, float]:
-        """Validation loss and perplexity over up to ``max_windows`` held-out windows."""
-        w = torch.from_numpy(validation_windows(self.splits.valid, self.seq_len, max_windows).astype(np.int64))
+    def evaluate(self, max_windows: int | None = 64, split: str = "validation") -> dict[str, float]:
+        """Loss and perplexity over up to ``max_windows`` evenly spaced windows of a held-out split
+        (``None``: all of it). ``split`` is ``"validation"`` (selection, calibration) or ``"test"`` (the
+        final score only; nothing during a run may read it). The probe has :meth:`probe_loss`."""
+        arrays = {"validation": self.splits.valid, "test": self.splits.test}
+        if split not in arrays:
+            raise ConfigError(f"evaluate(split={split!r}): choose 'validation' or 'test' (the probe split is "
+                              "read through probe_loss()/probe())")
+        w = torch.from_numpy(validation_windows(arrays[split], self.seq_len, max_windows).astype(np.int64))
         was = self.model.training
         self.model.eval()
         total, count = 0.0, 0
@@ -419,7 +467,7 @@ class Trainer:
         finally:
             self.model.train(was)
         loss = total / max(count, 1)
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 80.0)), "val_tokens": count}
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 80.0)), "val_tokens": count, "split": split}
 
     @torch.no_grad()
     def probe_loss(self) -> float:
