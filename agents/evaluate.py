@@ -1,64 +1,79 @@
 """Evaluate controllers of STSO-GPT2-v0 under one shared FLOPs budget, over several seeds.
 
-    python -m agents.evaluate --controllers fixed,zclip,spam,arc,hd,pbt,rule,stso --seeds 5 \\
-        --scenario spiky --corpus builtin --proxy runs/proxy --steps 2000 --decision-interval 10
+One setting::
 
-For every controller and seed (seeds ``--seed-offset`` .. ``--seed-offset + --seeds - 1``, the same for
-every controller) one main run is trained in a fresh env and steered by the controller until the episode
-ends (divergence or the schedule's last step) or the budget is spent. Writes, under ``--out`` (default
-``runs/eval__<scenario>__<unix time>/``):
+    python -m agents.evaluate --controllers fixed,zclip,skip_step,oracle --seeds 5 \\
+        --scenario spiky --corpus builtin --steps 600 --decision-interval 10
 
-* ``results.json``: ``settings``; ``controllers -> NAME -> {"seeds": [per-run metrics], "summary":
-  {metric: {mean, ci95, n, n_dropped}}}``; ``tests -> NAME -> {final_val_ppl, instability_events}``
-  (Welch t-tests against ``fixed``); ``criteria`` (M1/M2 of ``stso``). Rewritten atomically after every
-  run, with ``"complete": false`` until the last one is done.
-* ``curves.json``: per controller and seed, one entry per env window: global step, training loss, probe
-  loss, uncertainty index, trigger; and the controller's decisions.
-* ``report.md`` and ``figures/*.png``; decision folders of branching controllers under ``branches/``.
+A suite (``configs/suites/NAME.yaml``: scenarios x corpora x seeds x controllers), in parallel::
 
-FLOPs accounting (training FLOPs only; the probe pass after each window and the final validation are
-measurements, identical for every controller, and are not counted):
+    python -m agents.evaluate --suite core --workers 2 [--resume]
+
+For every (scenario, corpus) *cell*, controller and seed (the same seeds for every controller) one
+main run is trained in a fresh env and steered by the controller until the episode ends (divergence
+or the schedule's last step) or the budget is spent. Runs are independent jobs: ``--workers N`` runs
+them in parallel (Ray when the ``distributed`` extra is installed, else local processes;
+:mod:`stso_env.eval.engine`), each worker with ``--threads`` torch threads (default: cores //
+workers), and the results equal a serial run with the same thread count. Each finished run is
+written to ``<out>/runs/<cell>/<controller>__seed<k>.json`` at once, so ``--resume`` continues a
+suite after a crash without redoing finished runs (a run made under other settings is refused).
+
+Outputs. One setting: ``--out`` (default ``runs/eval__<scenario>__<unix time>/``) gets
+``results.json``, ``curves.json``, ``report.md`` and ``figures/``. A suite: ``--out`` (default
+``runs/suites/<name>/``) gets the per-run files and one such folder per cell, and ``--results-dir``
+(default ``assets/results/<name>/``, committed) gets the compact ``results.json`` (with the command,
+commit, versions, thread count and machine), ``report.md`` and its figures.
+
+Held-out data (GUIDE section 6): controllers, rewards and branch selection see only the *probe*
+split (the env's probe batch); selection steps (``tuned_fixed``'s sweep, the oracle's choice) read
+the *validation* split; the final score is the *test* split, read once after the run: at least
+``--test-tokens`` tokens (65,536 or more; the whole split when smaller).
+
+FLOPs accounting (training FLOPs only; the probe pass after each window and the final evaluations
+are measurements, identical for every controller, and are not counted):
 
 * Budget: every controller gets the FLOPs of a full ``--steps``-step run at the nominal cost,
-  ``flops_per_token * seq_len * batch_size * steps``.
+  ``flops_per_token * seq_len * batch_size * steps``. The ``oracle`` is exempt and reported apart.
 * Main run: ``env.unwrapped._total_flops``, the FLOPs of the windows on the main run's kept trajectory.
-  It includes the window ``reset`` runs before the first observation (real training on the main run),
-  and a restore to a snapshot rewinds it, so rolled-back steps leave it.
-* Outside the main run: ``ctrl.extra_flops``, which by the controllers' convention holds everything
-  trained off the kept trajectory: forks, verification rollouts, population members *and* rolled-back
-  main-run steps. Two lower bounds guard it: the FLOPs the harness sees the main run lose while the
-  controller acts (a restore), and what the controller charged to the run's event tracker
-  (``add_wasted``, every reason but ``"recovery"``; these are the same FLOPs, never added twice).
-  ``outside = max(extra_flops, rolled back, charged)``.
-* ``total_flops = main + outside``; the run stops before a window once it reaches the budget, so a
-  controller may overrun by the window that was started plus what its last ``act`` spent.
-* ``wasted = recovery + outside``: ``recovery`` is the tracker's ``wasted_by_reason["recovery"]`` (steps of
-  the kept trajectory spent above the pre-event loss while recovering); everything outside the main run
-  is waste for the main run. ``wasted_flops_fraction = wasted / total_flops``.
+* Outside the main run: ``ctrl.extra_flops`` (forks, verification rollouts, population members and
+  rolled-back main-run steps), at least what the harness saw the main run lose while the controller
+  acted and what the controller charged to the run's tracker (``add_wasted``, every reason but
+  ``"recovery"``): ``outside = max(extra_flops, rolled back, charged)``.
+* ``total_flops = main + outside``; the run stops before a window once it reaches the budget.
+* ``wasted = recovery + outside``: ``recovery`` is the FLOPs the final model's lineage spent inside
+  model instability events; everything outside the main run is waste for the main run.
+* ``tuning_flops``: FLOPs spent once per setting before any run (``tuned_fixed``'s LR sweep),
+  reported beside the budget, not charged to it.
 * Controllers with ``main_run_share < 1`` (population methods) get a main-run schedule of
-  ``steps * main_run_share`` steps, rounded down to a multiple of the decision interval (at least two
-  windows: ``reset`` runs the first), and the same budget.
+  ``steps * main_run_share`` steps, rounded down to whole windows (at least two), and the same budget.
 
-Per-run metrics (``results.json``, ``controllers -> NAME -> seeds``):
+Per-run metrics (:data:`stso_env.eval.stats.METRICS`), all on the *lineage* of the final model (the
+windows that produced the final weights, stitched across rollbacks, adopted forks and PBT exploits;
+:func:`stso_env.monitor.events.lineage_metrics`) and normalised by its length:
 
-* ``instability_events_per_100k_steps``: every instability event (OLMo-core rule) the main run went
-  through, rolled-back windows included (``accounting.instability_events_experienced``), per 100k
-  optimizer steps it executed (``accounting.main_steps_executed``). A restore rewinds the tracker, so its
-  ``n_events`` (``accounting.instability_events``) would hide spikes that a rollback undid.
-* ``mean_time_to_recover_steps``: mean of the tracker's recovery times (None without a recovery).
-* ``wasted_flops_fraction``, ``total_flops``: see above.
-* ``final_val_ppl``: ``trainer.evaluate()["val_ppl"]`` on the validation split (None if the loss is not
-  finite, e.g. after a divergence; ``diverged`` says so).
-* ``branch_invoke_rate``: ``branch_invocations`` per ``env.step`` call.
-* ``proxy_latency_ms``: mean of the controller's proxy scoring times (None without proxy calls).
-* ``checkpoint_io_seconds``: the controller's ``io_seconds`` (save/restore/copy of run state).
+* ``final_test_ppl``: perplexity on the test split (None after a divergence; ``diverged`` says so).
+* ``model_events_per_100k_steps``: model instability events (the probe loss rising above its running
+  best; :mod:`stso_env.monitor.events`) per 100k lineage steps; ``had_model_event`` per run.
+* ``data_events_per_100k_steps``: batches whose own loss was far above the recent median, apart.
+* ``mean_time_to_recover_steps``, ``recovery_flops_fraction``: over the recovered events.
+* ``wasted_flops_fraction`` (``wasted / total_flops``), ``total_flops``, ``tuning_flops``.
+* ``final_val_ppl``: on ``--val-windows`` windows of the validation split (for selection studies).
+* ``branch_invoke_rate``, ``proxy_latency_ms``, ``checkpoint_io_seconds``: controller cost.
+
+Statistics per cell (:func:`stso_env.eval.stats.compare_to_reference`): every controller against
+``fixed`` on the same seeds, paired t and Wilcoxon signed-rank beside Welch, Holm-corrected across
+the controllers compared, with effect sizes and 95 % intervals. The oracle's gain over ``fixed`` is
+the cell's *headroom*; a cell without headroom cannot rank controllers and the report says so.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -72,17 +87,28 @@ PROXY_CONTROLLERS = ("stso", "proxy_only", "single_trigger")
 POLICY_CONTROLLERS = ("policy",)
 REFERENCE = "fixed"
 METHOD = "stso"
+ORACLE = "oracle"
 BUDGET_RTOL = 1e-9  # float sums of per-step FLOPs vs. the product formula
+#: Headroom: the oracle must lower test perplexity by this share (significantly) or events by this share.
+HEADROOM_PPL = 0.01
+HEADROOM_EVENTS = 0.10
+#: Jobs that cost most start first, so parallel workers finish together.
+_COST_ORDER = ("oracle", "tuned_fixed", "pbt", "stso", "single_trigger", "proxy_only", "arc")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     from agents.controllers import CONTROLLERS
+    from stso_env.eval.engine import ENGINES
 
-    p = argparse.ArgumentParser(prog="python -m agents.evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m agents.evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", default=None,
+                   help="run a suite: a name in configs/suites or a YAML path (the setting flags below are then "
+                        "ignored; the suite holds them)")
     p.add_argument("--controllers", default="fixed,zclip",
                    help=f"comma-separated controller names (default %(default)s); allowed: {', '.join(CONTROLLERS)}")
     p.add_argument("--seeds", type=int, default=5, help="seeds per controller (default %(default)s)")
-    p.add_argument("--seed-offset", type=int, default=0,
+    p.add_argument("--seed-offset", type=int, default=100_000,
                    help="first seed; seeds are OFFSET .. OFFSET+SEEDS-1 (default %(default)s)")
     p.add_argument("--scenario", default="spiky",
                    help="instability scenario: a name in configs/scenarios or a YAML path (default %(default)s)")
@@ -91,7 +117,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, a
     p.add_argument("--tokenizer", default="byte",
                    help="tokenizer: 'byte' or a GPT-2 tokenizer folder (default %(default)s)")
     p.add_argument("--preset", default="tiny", help="GPT-2 model size preset (default %(default)s)")
-    p.add_argument("--steps", type=int, default=1000,
+    p.add_argument("--steps", type=int, default=600,
                    help="optimizer steps of a full run; the shared budget is their nominal FLOPs (default %(default)s)")
     p.add_argument("--decision-interval", type=int, default=10,
                    help="optimizer steps per env step, a window (default %(default)s)")
@@ -100,20 +126,50 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, a
                    help="trained proxy folder for stso / proxy_only / single_trigger (agents.train_proxy)")
     p.add_argument("--settings", default=None,
                    help="YAML mapping controller name -> constructor settings, e.g. 'pbt: {population: 4}'")
-    p.add_argument("--out", default=None, help="output folder (default runs/eval__<scenario>__<unix time>)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default runs/eval__<scenario>__<unix time>, or runs/suites/<name>)")
+    p.add_argument("--results-dir", default=None,
+                   help="suite only: where the committed results go (default assets/results/<name>)")
     p.add_argument("--builtin-chars", type=int, default=None,
                    help="characters of the built-in corpus (smaller starts faster; default from TrainConfig)")
     p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"),
                    help="training device (default from TrainConfig: auto)")
     p.add_argument("--val-windows", type=int, default=64,
-                   help="validation windows of the final perplexity (default %(default)s)")
+                   help="validation windows of final_val_ppl (default %(default)s)")
+    p.add_argument("--test-tokens", type=int, default=131_072,
+                   help="tokens of the final test perplexity, at least 65536; the whole test split when smaller "
+                        "(default %(default)s)")
+    p.add_argument("--workers", type=int, default=1, help="runs in parallel (default %(default)s)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per worker (default: cores // workers, at least 1)")
+    p.add_argument("--engine", default="auto", choices=ENGINES,
+                   help="parallel engine: auto (ray if installed, else local processes), ray, local, serial")
+    p.add_argument("--ray-address", default=None, help="address of a running Ray cluster (engine ray)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the finished runs found in --out and run only the missing ones")
+    p.add_argument("--update-readme", default=None, metavar="SUITE",
+                   help="only rewrite README.md's result block of SUITE from assets/results/SUITE/results.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv), p
 
 
-def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
-    """Validate the arguments (``parser.error`` exits with status 2); returns the controller names."""
+def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Validate the flags shared by both modes (``parser.error`` exits with status 2)."""
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1, got {args.workers}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.val_windows < 1:
+        parser.error(f"--val-windows must be >= 1, got {args.val_windows}")
+    if args.test_tokens < 65_536:
+        parser.error(f"--test-tokens must be >= 65536 (the final score needs a large test sample), got "
+                     f"{args.test_tokens}")
+
+
+def setting_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Any:
+    """The one-cell suite a plain (non ``--suite``) invocation describes."""
     from agents.controllers import CONTROLLERS
+    from stso_env.eval.suite import CellConfig, SuiteConfig
 
     names = list(dict.fromkeys(n.strip() for n in args.controllers.split(",") if n.strip()))
     if not names:
@@ -130,23 +186,28 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> lis
     if args.steps < 2 * args.decision_interval or args.steps % args.decision_interval:
         parser.error(f"--steps must be a multiple of --decision-interval ({args.decision_interval}) of at least two "
                      f"windows (reset runs the first), got {args.steps}")
-    if args.val_windows < 1:
-        parser.error(f"--val-windows must be >= 1, got {args.val_windows}")
-    need_proxy = [n for n in names if n in PROXY_CONTROLLERS]
-    if need_proxy and args.proxy is None:
+    return SuiteConfig(name=f"eval__{Path(args.scenario).stem}", preset=args.preset, steps=args.steps,
+                       decision_interval=args.decision_interval, seeds=args.seeds, seed_offset=args.seed_offset,
+                       controllers=names, builtin_chars=args.builtin_chars, test_tokens=args.test_tokens,
+                       proxy=args.proxy, policy=args.policy, settings=load_settings(args.settings, parser),
+                       cells=[CellConfig(scenario=args.scenario, corpus=args.corpus, tokenizer=args.tokenizer)])
+
+
+def check_resources(suite: Any, parser: argparse.ArgumentParser) -> None:
+    need_proxy = [n for n in suite.controllers if n in PROXY_CONTROLLERS]
+    if need_proxy and suite.proxy is None:
         parser.error(f"--proxy DIR is required for {', '.join(need_proxy)}: train one with "
                      "`python -m agents.collect ...` then `python -m agents.train_proxy --log-db RUN/log_db.parquet "
                      "--out runs/proxy`, or use the proxy folder `python -m agents.train_controller` writes")
-    if need_proxy and not Path(args.proxy).is_dir():
-        parser.error(f"--proxy {args.proxy}: not a folder (expected proxy.json + proxy.safetensors from "
+    if need_proxy and not Path(suite.proxy).is_dir():
+        parser.error(f"--proxy {suite.proxy}: not a folder (expected proxy.json + proxy.safetensors from "
                      "agents.train_proxy or agents.train_controller)")
-    need_policy = [n for n in names if n in POLICY_CONTROLLERS]
-    if need_policy and args.policy is None:
+    need_policy = [n for n in suite.controllers if n in POLICY_CONTROLLERS]
+    if need_policy and suite.policy is None:
         parser.error("--policy PATH is required for the 'policy' controller: train one with "
                      "`python -m agents.train_controller` (it writes policy.zip)")
-    if need_policy and not Path(args.policy).is_file():
-        parser.error(f"--policy {args.policy}: no such file")
-    return names
+    if need_policy and not Path(suite.policy).is_file():
+        parser.error(f"--policy {suite.policy}: no such file")
 
 
 def load_settings(path: str | None, parser: argparse.ArgumentParser) -> dict[str, dict[str, Any]]:
@@ -189,6 +250,40 @@ def versions() -> dict[str, str]:
     return {"python": platform.python_version(), "stso": stso_env.__version__, "torch": torch.__version__,
             "numpy": np.__version__, "scipy": scipy.__version__, "gymnasium": gymnasium.__version__,
             "transformers": transformers.__version__}
+
+
+def machine() -> dict[str, Any]:
+    """What ran the suite: CPU model, cores, memory, OS (GPU when one was used)."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = None
+    try:
+        mem = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem, "os": platform.platform(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def git_commit() -> dict[str, Any]:
+    """The commit the code ran at and whether the tree had uncommitted changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                    capture_output=True, text=True, check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": head, "dirty": dirty}
 
 
 def _finite(x: Any) -> float | None:
@@ -250,19 +345,56 @@ class Ledger:
             self.steps += steps
 
 
-def run_one(name: str, seed: int, args: argparse.Namespace, settings: dict[str, Any], out: Path,
-            config: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """One controller on one seed; returns ``(per-run record, curve, setup)``."""
+# ---------------------------------------------------------------------- one run
+
+
+def make_jobs(suite: Any, out: Path, *, val_windows: int = 64, device: str | None = None) -> list[dict[str, Any]]:
+    """Every (cell, controller, seed) of ``suite`` as a plain, picklable job dict, costly ones first."""
+    jobs = []
+    for ci, cell in enumerate(suite.cells):
+        res = cell.resolved()
+        for name in suite.controllers:
+            for si, seed in enumerate(suite.seed_list):
+                jobs.append({
+                    "cell": cell.name, "scenario": res.scenario, "corpus": res.corpus, "tokenizer": res.tokenizer,
+                    "controller": name, "seed": seed, "preset": suite.preset, "steps": suite.steps,
+                    "decision_interval": suite.decision_interval, "builtin_chars": suite.builtin_chars,
+                    "test_tokens": suite.test_tokens, "val_windows": val_windows, "device": device,
+                    "settings": suite.settings.get(name, {}),
+                    "proxy": suite.proxy, "policy": suite.policy,
+                    "branch_dir": str(out / cell.name / "branches"), "tuning_dir": str(out / "tuning"),
+                    "_order": (_COST_ORDER.index(name) if name in _COST_ORDER else len(_COST_ORDER), si, ci),
+                })
+    jobs.sort(key=lambda j: j["_order"])
+    for j in jobs:
+        del j["_order"]
+    return jobs
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    """One controller on one seed of one cell; returns ``{"record", "curve", "setup"}`` (plain data).
+
+    Module-level and driven by its argument alone, so parallel workers run exactly what a serial
+    run would."""
     import gymnasium as gym
 
     import stso_env  # noqa: F401  (registers the envs)
     from agents.controllers import make_controller
+    from stso_env.config import TrainConfig, apply_overrides
     from stso_env.errors import ConfigError
+    from stso_env.monitor.events import lineage_metrics
 
     t0 = time.perf_counter()
+    overrides: dict[str, Any] = {}
+    if job["builtin_chars"] is not None:
+        overrides["data.builtin_chars"] = job["builtin_chars"]
+    if job.get("device") is not None:
+        overrides["device"] = job["device"]
+    config = apply_overrides(TrainConfig(), overrides)
+    name, seed = job["controller"], int(job["seed"])
     try:
-        ctrl = make_controller(name, settings=settings, proxy_dir=args.proxy, policy_path=args.policy,
-                               branch_dir=out / "branches")
+        ctrl = make_controller(name, settings=job["settings"], proxy_dir=job["proxy"], policy_path=job["policy"],
+                               branch_dir=Path(job["branch_dir"]), tuning_dir=Path(job["tuning_dir"]))
     except ValueError as err:  # unknown or invalid settings
         raise ConfigError(str(err)) from err
     env = None
@@ -270,15 +402,16 @@ def run_one(name: str, seed: int, args: argparse.Namespace, settings: dict[str, 
         share = float(ctrl.main_run_share)
         if not 0.0 < share <= 1.0:
             raise ConfigError(f"controller {name!r}: main_run_share={share} must be in (0, 1]")
-        episode_steps = main_run_steps(args.steps, share, args.decision_interval)
-        env = gym.make(ENV_ID, preset=args.preset, scenario=args.scenario, corpus=args.corpus,
-                       tokenizer=args.tokenizer, decision_interval=args.decision_interval,
+        episode_steps = main_run_steps(job["steps"], share, job["decision_interval"])
+        env = gym.make(ENV_ID, preset=job["preset"], scenario=job["scenario"], corpus=job["corpus"],
+                       tokenizer=job["tokenizer"], decision_interval=job["decision_interval"],
                        episode_steps=episode_steps, config=config)
         obs, info = env.reset(seed=seed)
         base = env.unwrapped
         tr = base.trainer
-        budget = float(tr.flops_per_token * tr.seq_len * tr.cfg.data.batch_size * args.steps)
+        budget = float(tr.flops_per_token * tr.seq_len * tr.cfg.data.batch_size * job["steps"])
         ctrl.reset(env, seed=seed, run_name=f"{name}__seed{seed}")
+        exempt = bool(getattr(ctrl, "budget_exempt", False))
         ledger = Ledger(env, ctrl)
         ledger.window(info, int(info["global_step"]))
         curve: dict[str, Any] = {"seed": seed, "global_step": [], "train_loss": [], "probe_loss": [],
@@ -294,12 +427,15 @@ def run_one(name: str, seed: int, args: argparse.Namespace, settings: dict[str, 
         env_steps = 0
         stop = "diverged" if info.get("diverged") else None
         while stop is None:
-            if ledger.spent() >= budget * (1 - BUDGET_RTOL):
+            if not exempt and ledger.spent() >= budget * (1 - BUDGET_RTOL):
                 stop = "budget"
                 break
             ledger.before_act()
             action = ctrl.act(obs, info)
             ledger.after_act()
+            if base._done:  # the controller ran the main run to its end itself (an adopted fork)
+                stop = "diverged" if base._last_info.get("diverged") else "schedule_end"
+                break
             before = int(base.trainer.global_step)
             obs, _, terminated, truncated, info = env.step(action)
             env_steps += 1
@@ -310,37 +446,46 @@ def run_one(name: str, seed: int, args: argparse.Namespace, settings: dict[str, 
             elif truncated:
                 stop = "schedule_end"
 
+        # The final score: the test split, read once, after the run (nothing during a run reads it).
+        n_test = max(1, math.ceil(job["test_tokens"] / tr.seq_len))
         with base._own_rng():  # evaluation draws nothing, but keep the env's RNG streams its own anyway
-            val = base.trainer.evaluate(max_windows=args.val_windows)
-        events = base.monitor.events
-        kept_steps = int(base.trainer.global_step)
+            test = base.trainer.evaluate(max_windows=n_test, split="test")
+            val = base.trainer.evaluate(max_windows=job["val_windows"], split="validation")
+        lineage = lineage_metrics(base.lineage())
         main, outside = ledger.main(), ledger.outside()
-        charged = ledger.charged()
-        recovery = charged.get("recovery", 0.0)
         total = main + outside
-        wasted = recovery + outside
+        wasted = lineage["recovery_flops"] + outside
+        diverged = stop == "diverged"
         record = {
             "seed": seed,
-            # every event the main run went through, also in windows a rollback later undid
-            "instability_events_per_100k_steps": ledger.events / ledger.steps * 1e5 if ledger.steps else None,
-            "mean_time_to_recover_steps": float(np.mean(events.recovery_times)) if events.recovery_times else None,
+            "final_test_ppl": _finite(test["val_ppl"]) if math.isfinite(test["val_loss"]) and not diverged else None,
+            "model_events_per_100k_steps": lineage["model_events_per_100k_steps"],
+            "data_events_per_100k_steps": lineage["data_events_per_100k_steps"],
+            "mean_time_to_recover_steps": lineage["mean_time_to_recover_steps"],
+            "recovery_flops_fraction": lineage["recovery_flops_fraction"],
             "wasted_flops_fraction": wasted / total if total > 0 else None,
             "total_flops": total,
-            "final_val_ppl": _finite(val["val_ppl"]) if math.isfinite(val["val_loss"]) else None,
+            "tuning_flops": float(getattr(ctrl, "tuning_flops", 0.0)),
+            "final_val_ppl": _finite(val["val_ppl"]) if math.isfinite(val["val_loss"]) and not diverged else None,
             "branch_invoke_rate": ctrl.branch_invocations / env_steps if env_steps else None,
             "proxy_latency_ms": float(np.mean(ctrl.proxy_ms)) if ctrl.proxy_ms else None,
             "checkpoint_io_seconds": float(ctrl.io_seconds),
-            "diverged": stop == "diverged",
+            "had_model_event": lineage["model_events"] > 0,
+            "diverged": diverged,
             "stop_reason": stop,
+            "final_test_loss": _finite(test["val_loss"]),
+            "test_tokens": int(test["val_tokens"]),
             "final_val_loss": _finite(val["val_loss"]),
+            "lineage": lineage,
+            "split_tokens": base.trainer.splits.sizes(),
             "accounting": {
-                "budget_flops": budget, "main_flops": main, "outside_flops": outside,
+                "budget_flops": budget, "budget_exempt": exempt, "main_flops": main, "outside_flops": outside,
                 "extra_flops_reported": float(ctrl.extra_flops), "rolled_back_flops": ledger.rolled_back,
                 "act_trained_flops": ledger.act_trained, "window_flops": ledger.window_flops,
-                "recovery_wasted_flops": recovery, "wasted_flops": wasted, "tracker_wasted_by_reason": charged,
-                "budget_used": total / budget, "instability_events": int(events.n_events),
-                "instability_events_experienced": ledger.events, "main_steps": kept_steps,
-                "main_steps_executed": ledger.steps, "episode_steps": episode_steps, "env_steps": env_steps,
+                "recovery_flops": lineage["recovery_flops"], "wasted_flops": wasted,
+                "tracker_wasted_by_reason": ledger.charged(), "budget_used": total / budget,
+                "main_steps": int(base.trainer.global_step), "main_steps_executed": ledger.steps,
+                "episode_steps": episode_steps, "env_steps": env_steps,
                 "branch_invocations": int(ctrl.branch_invocations), "proxy_calls": len(ctrl.proxy_ms),
                 "decisions": len(ctrl.decisions), "wall_seconds": time.perf_counter() - t0,
             },
@@ -348,7 +493,7 @@ def run_one(name: str, seed: int, args: argparse.Namespace, settings: dict[str, 
         curve["decisions"] = [dict(d) for d in ctrl.decisions]
         setup = {"main_run_share": share, "episode_steps": episode_steps, "budget_flops": budget,
                  "tau": float(base.uncertainty_config.tau), "describe": ctrl.describe()}
-        return record, curve, setup
+        return {"record": record, "curve": curve, "setup": setup}
     finally:
         try:
             ctrl.close()
@@ -357,97 +502,225 @@ def run_one(name: str, seed: int, args: argparse.Namespace, settings: dict[str, 
                 env.close()
 
 
+# ---------------------------------------------------------------------- aggregation
+
+
+def headroom(controllers: dict[str, Any]) -> dict[str, Any]:
+    """The oracle's gain over ``fixed``: what any controller could win in this cell."""
+    from stso_env.eval.stats import align_by_seed, metric_values, paired_test, relative_change
+
+    if ORACLE not in controllers or REFERENCE not in controllers:
+        return {"available": False, "note": f"needs both {ORACLE!r} and {REFERENCE!r}"}
+    al = align_by_seed(controllers[ORACLE]["seeds"], controllers[REFERENCE]["seeds"])
+    ppl = paired_test(metric_values(al["runs"], "final_test_ppl"), metric_values(al["ref_runs"], "final_test_ppl"))
+    ev_o = controllers[ORACLE]["summary"]["model_events_per_100k_steps"]["mean"]
+    ev_f = controllers[REFERENCE]["summary"]["model_events_per_100k_steps"]["mean"]
+    ppl_gain = -ppl["rel_change"] if ppl["rel_change"] is not None else None
+    ev_drop = -relative_change(ev_o, ev_f) if relative_change(ev_o, ev_f) is not None else None
+    ppl_ok = ppl_gain is not None and ppl_gain >= HEADROOM_PPL and ppl["p"] is not None and ppl["p"] < 0.05
+    ev_ok = ev_drop is not None and ev_drop >= HEADROOM_EVENTS
+    return {"available": True, "ppl_gain": ppl_gain, "ppl_gain_ci95": ppl["rel_change_ci95"], "ppl_p": ppl["p"],
+            "events_drop": ev_drop, "events_oracle": ev_o, "events_fixed": ev_f, "has_headroom": bool(ppl_ok or ev_ok),
+            "rule": (f"headroom when the oracle lowers test perplexity by >= {HEADROOM_PPL:.0%} (paired t, p < 0.05) "
+                     f"or model instability events by >= {HEADROOM_EVENTS:.0%}")}
+
+
 def build_results(settings: dict[str, Any], names: list[str], seeds_done: dict[str, list[dict[str, Any]]],
                   complete: bool) -> dict[str, Any]:
-    """The ``results.json`` dict from the per-run records so far."""
-    from stso_env.eval.stats import reference_tests, success_criteria, summarize_seeds
+    """One cell's results dict from the per-run records so far."""
+    from stso_env.eval.stats import compare_to_reference, reference_tests, success_criteria, summarize_seeds
 
-    controllers = {n: {"seeds": seeds_done[n], "summary": summarize_seeds(seeds_done[n])}
-                   for n in names if seeds_done.get(n)}
-    tests = reference_tests(controllers, REFERENCE)
+    controllers = {n: {"seeds": sorted(seeds_done[n], key=lambda r: r["seed"]),
+                       "summary": summarize_seeds(seeds_done[n])} for n in names if seeds_done.get(n)}
+    # The oracle looks ahead and ignores the budget: it is reported apart, outside the Holm family.
+    compared = {n: c for n, c in controllers.items() if n != ORACLE}
     results: dict[str, Any] = {"complete": complete, "settings": settings, "controllers": controllers,
-                               "tests": tests, "criteria": success_criteria(controllers, METHOD, REFERENCE),
-                               "curves": "curves.json"}
+                               "comparison": compare_to_reference(compared, REFERENCE),
+                               "tests": reference_tests(compared, REFERENCE), "headroom": headroom(controllers),
+                               "criteria": success_criteria(compared, METHOD, REFERENCE), "curves": "curves.json"}
     if REFERENCE not in controllers:
         results["tests_note"] = (f"no tests: the fixed schedule ({REFERENCE!r}) is not among the evaluated "
                                  "controllers; add it to --controllers")
     return results
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run the evaluation; returns the ``results.json`` dict."""
-    from stso_env.config import TrainConfig, apply_overrides
-    from stso_env.errors import STSOError
+def _run_path(out: Path, job: dict[str, Any]) -> Path:
+    return out / "runs" / job["cell"] / f"{job['controller']}__seed{job['seed']}.json"
+
+
+def _job_key(job: dict[str, Any]) -> str:
+    """What identifies a run's result (paths of outputs excluded)."""
+    keep = {k: v for k, v in job.items() if k not in ("branch_dir", "tuning_dir")}
+    return json.dumps(keep, sort_keys=True, default=str)
+
+
+def execute(suite: Any, out: Path, args: argparse.Namespace) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Run (or, with ``--resume``, finish) every job; returns ``{(cell, controller): [run files]}``."""
+    from stso_env.eval.engine import resolve_engine, run_jobs
+    from stso_env.eval.report import write_json_atomic
+
+    jobs = make_jobs(suite, out, val_windows=args.val_windows, device=args.device)
+    done: dict[str, dict[str, Any]] = {}
+    todo = []
+    for job in jobs:
+        path = _run_path(out, job)
+        if path.is_file():
+            if not args.resume:
+                raise SystemExit(f"error: {out} already holds finished runs (e.g. {path.relative_to(out)}); pass "
+                                 "--resume to keep them and run the rest, or choose another --out")
+            data = json.loads(path.read_text())
+            if data.get("job_key") != _job_key(job):
+                raise SystemExit(f"error: {path} was made under other settings than this run's; --resume only "
+                                 "continues the same suite (use another --out, or delete the folder)")
+            done[str(path)] = data
+        else:
+            todo.append(job)
+    engine = resolve_engine(args.engine, args.workers)
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=f"{suite.name} [{engine} x{args.workers}]",
+               unit="run", file=sys.stderr, disable=args.no_progress, dynamic_ncols=True)
+    try:
+        for job, result in run_jobs(run_job, todo, workers=args.workers, threads=args.threads, engine=engine,
+                                    address=args.ray_address):
+            data = {"job_key": _job_key(job), "job": job, **result}
+            path = _run_path(out, job)
+            write_json_atomic(path, data)
+            done[str(path)] = data
+            rec = result["record"]
+            bar.update(1)
+            bar.set_postfix_str(f"{job['cell']} {job['controller']} seed {job['seed']}: test ppl "
+                                f"{rec['final_test_ppl'] or float('nan'):.3g}, model events/100k "
+                                f"{rec['model_events_per_100k_steps'] or 0:.3g}, {rec['stop_reason']}")
+    finally:
+        bar.close()
+    grouped: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for job in jobs:
+        grouped.setdefault((job["cell"], job["controller"]), []).append(done[str(_run_path(out, job))])
+    return grouped
+
+
+def cell_outputs(suite: Any, cell: Any, grouped: dict[tuple[str, str], list[dict[str, Any]]], out: Path,
+                 base_settings: dict[str, Any]) -> dict[str, Any]:
+    """Aggregate one cell: results.json, curves.json, report.md and figures in ``out``; returns the results."""
     from stso_env.eval.figures import make_figures
     from stso_env.eval.report import write_json_atomic, write_report
 
-    args, parser = parse_args(argv)
-    names = check_args(args, parser)
-    ctrl_settings = load_settings(args.settings, parser)
-    scenario_tag = Path(args.scenario).stem
-    eval_name = f"eval__{scenario_tag}__{int(time.time())}"
-    out = Path(args.out) if args.out is not None else Path("runs") / eval_name
-    out.mkdir(parents=True, exist_ok=True)
-
-    overrides: dict[str, Any] = {}
-    if args.builtin_chars is not None:
-        overrides["data.builtin_chars"] = args.builtin_chars
-    if args.device is not None:
-        overrides["device"] = args.device
-    try:
-        config = apply_overrides(TrainConfig(), overrides)
-    except STSOError as err:
-        parser.error(str(err))
-
-    seed_list = [args.seed_offset + i for i in range(args.seeds)]
-    settings: dict[str, Any] = {
-        "eval_name": eval_name, **{k: v for k, v in vars(args).items()}, "controllers": names,
-        "seed_list": seed_list, "budget_flops": None, "out": str(out),
-        "controller_settings": {n: ctrl_settings.get(n, {}) for n in names}, "controller_setup": {},
-        "accounting": ("budget = nominal FLOPs of a full --steps run; total = main-run FLOPs on the kept "
-                       "trajectory (reset window included) + FLOPs outside it (max of the controller's "
-                       "extra_flops, rolled-back FLOPs, tracker charges other than recovery); wasted = "
-                       "recovery waste of the kept trajectory + FLOPs outside it; see agents/evaluate.py"),
-        "versions": versions(),
-    }
-    seeds_done: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
-    curves: dict[str, Any] = {"tau": None, "controllers": {n: [] for n in names}}
-    bar = tqdm(total=len(names) * len(seed_list), desc="evaluate", unit="run", file=sys.stderr,
-               disable=args.no_progress)
-    try:
-        for name in names:
-            for seed in seed_list:
-                bar.set_postfix_str(f"{name} seed {seed}")
-                try:
-                    record, curve, setup = run_one(name, seed, args, ctrl_settings.get(name), out, config)
-                except STSOError as err:
-                    raise SystemExit(f"error: controller {name!r}, seed {seed}: {err}") from err
-                if settings["budget_flops"] is None:
-                    settings["budget_flops"] = setup["budget_flops"]
-                elif not math.isclose(settings["budget_flops"], setup["budget_flops"], rel_tol=1e-12):
-                    raise RuntimeError(f"{name} seed {seed}: budget {setup['budget_flops']} differs from "
-                                       f"{settings['budget_flops']} of the first run; the model config changed")
-                curves["tau"] = setup["tau"]
-                settings["controller_setup"][name] = {k: v for k, v in setup.items() if k != "budget_flops"}
-                seeds_done[name].append(record)
-                curves["controllers"][name].append(curve)
-                write_json_atomic(out / "results.json", build_results(settings, names, seeds_done, complete=False))
-                bar.update(1)
-                bar.set_postfix_str(f"{name} seed {seed}: ppl {record['final_val_ppl'] or float('nan'):.3g}, "
-                                    f"events/100k {record['instability_events_per_100k_steps'] or 0:.3g}, "
-                                    f"{record['stop_reason']}")
-    finally:
-        bar.close()
-
-    results = build_results(settings, names, seeds_done, complete=True)
+    names = list(suite.controllers)
+    runs = {n: grouped[(cell.name, n)] for n in names}
+    first = runs[names[0]][0]
+    settings = {**base_settings, "eval_name": f"{suite.name}: {cell.name}", "scenario": cell.scenario,
+                "corpus": cell.corpus, "tokenizer": cell.tokenizer, "controllers": names,
+                "seed_list": suite.seed_list, "budget_flops": first["setup"]["budget_flops"],
+                "split_tokens": first["record"]["split_tokens"],
+                "controller_setup": {n: {k: v for k, v in runs[n][0]["setup"].items() if k != "budget_flops"}
+                                     for n in names}}
+    budgets = {r["setup"]["budget_flops"] for n in names for r in runs[n]}
+    if max(budgets) - min(budgets) > 1e-9 * max(budgets):
+        raise RuntimeError(f"{cell.name}: runs have different budgets {sorted(budgets)}; the model config changed")
+    results = build_results(settings, names, {n: [r["record"] for r in runs[n]] for n in names}, complete=True)
+    curves = {"tau": first["setup"]["tau"], "controllers": {n: [r["curve"] for r in runs[n]] for n in names}}
     write_json_atomic(out / "curves.json", curves)
     figures = make_figures(results, curves, out / "figures")
     results["figures"] = {k: str(p.relative_to(out)) for k, p in figures.items()}
     write_json_atomic(out / "results.json", results)
     write_report(results, out / "report.md")
-    if not args.no_progress:
-        print(f"wrote {out / 'results.json'}, {out / 'report.md'} and {len(figures)} figures", file=sys.stderr)
+    results["_curves"] = curves
     return results
+
+
+def prepare_artefacts(suite: Any, out: Path, progress: bool) -> None:
+    """Train the proxy and policy a suite needs (``agents.train_controller`` with its defaults, whose
+    collection and evaluation seeds never meet the suite's) unless the suite names them."""
+    need = [n for n in suite.controllers if n in PROXY_CONTROLLERS + POLICY_CONTROLLERS]
+    if not need or (suite.proxy is not None and suite.policy is not None):
+        return
+    runs_dir = out / "prepare"
+    run = runs_dir / "train-controller"
+    if not (run / "policy.zip").is_file() or not (run / "proxy").is_dir():
+        from agents.train_controller import main as train_main
+
+        cfg = out / "prepare.yaml"
+        cfg.parent.mkdir(parents=True, exist_ok=True)
+        cfg.write_text(f"runs_dir: {json.dumps(str(runs_dir))}\nrun_name: train-controller\n")
+        train_main(["--config", str(cfg), "--overwrite"] + ([] if progress else ["--no-progress"]))
+    suite.proxy = suite.proxy or str(run / "proxy")
+    suite.policy = suite.policy or str(run / "policy.zip")
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the evaluation (one setting or a suite); returns the results dict (a cell's, or the suite's)."""
+    from agents.controllers import CONTROLLERS
+    from stso_env.config import REPO_ROOT
+    from stso_env.errors import STSOError
+    from stso_env.eval.suite import load_suite
+
+    args, parser = parse_args(argv)
+    if args.update_readme is not None:
+        from stso_env.eval.published import update_readme
+
+        results = REPO_ROOT / "assets" / "results" / args.update_readme / "results.json"
+        if not results.is_file():
+            parser.error(f"--update-readme {args.update_readme}: {results} does not exist; run the suite first")
+        try:
+            changed = update_readme(REPO_ROOT / "README.md", args.update_readme, results)
+        except ValueError as err:
+            parser.error(str(err))
+        print(f"README.md {'updated' if changed else 'already up to date'} from {results}", file=sys.stderr)
+        return {"readme_changed": changed}
+    check_args(args, parser)
+    command = "python -m agents.evaluate " + " ".join(sys.argv[1:] if argv is None else list(argv))
+    if args.suite is not None:
+        try:
+            suite = load_suite(args.suite, tuple(CONTROLLERS))
+        except STSOError as err:
+            parser.error(str(err))
+        out = Path(args.out) if args.out is not None else Path("runs") / "suites" / suite.name
+        results_dir = Path(args.results_dir) if args.results_dir else REPO_ROOT / "assets" / "results" / suite.name
+    else:
+        suite = setting_from_args(args, parser)
+        out = Path(args.out) if args.out is not None else Path("runs") / f"{suite.name}__{int(time.time())}"
+        results_dir = None
+    if args.suite is not None:  # a suite trains the proxy/policy it lacks into its own folder
+        out.mkdir(parents=True, exist_ok=True)
+        prepare_artefacts(suite, out, not args.no_progress)
+    check_resources(suite, parser)
+    out.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.time()
+    try:
+        grouped = execute(suite, out, args)
+    except STSOError as err:
+        raise SystemExit(f"error: {err}") from err
+    from stso_env.eval.engine import default_threads, resolve_engine
+
+    base_settings = {
+        "preset": suite.preset, "steps": suite.steps, "decision_interval": suite.decision_interval,
+        "seeds": suite.seeds, "controller_settings": {n: suite.settings.get(n, {}) for n in suite.controllers},
+        "test_tokens": suite.test_tokens, "val_windows": args.val_windows, "out": str(out),
+        "accounting": ("budget = nominal FLOPs of a full --steps run; total = main-run FLOPs on the kept trajectory "
+                       "+ FLOPs outside it; wasted = recovery FLOPs of the final model's lineage + FLOPs outside the "
+                       "main run; events on that lineage; see agents/evaluate.py"),
+        "versions": versions(),
+    }
+    if args.suite is None:
+        cell = suite.cells[0]
+        results = cell_outputs(suite, cell, grouped, out, base_settings)
+        results.pop("_curves")
+        if not args.no_progress:
+            print(f"wrote {out / 'results.json'}, {out / 'report.md'} and {len(results['figures'])} figures",
+                  file=sys.stderr)
+        return results
+
+    from stso_env.eval.published import publish_suite
+
+    cells = {cell.name: cell_outputs(suite, cell, grouped, out / cell.name, base_settings) for cell in suite.cells}
+    meta = {"command": command, **git_commit(), "versions": versions(), "machine": machine(),
+            "workers": args.workers, "threads": args.threads or default_threads(args.workers),
+            "engine": resolve_engine(args.engine, args.workers), "wall_seconds": time.time() - t0,
+            "runs_folder": str(out)}
+    summary = publish_suite(suite, cells, meta, results_dir)
+    if not args.no_progress:
+        print(f"wrote {results_dir / 'results.json'} and {results_dir / 'report.md'}", file=sys.stderr)
+    return summary
 
 
 if __name__ == "__main__":

@@ -334,7 +334,7 @@ def write_report(cfg: ControllerTrainConfig, run: Path, parts: dict[str, Any]) -
     lines += ["## 4. Held-out real episodes", "",
               f"{cfg.eval.seeds} seeds from {cfg.eval.seed_offset + cfg.seed} (never collected), {cfg.eval.steps} "
               "optimizer steps each, the same FLOPs budget for every controller. Full report: `eval/report.md`.",
-              "", "| controller | final val ppl | events / 100k steps | wasted FLOPs | total FLOPs |",
+              "", "| controller | final test ppl | model events / 100k steps | wasted FLOPs | total FLOPs |",
               "| --- | --- | --- | --- | --- |"]
     for name, block in ev["controllers"].items():
         s = block["summary"]
@@ -342,19 +342,20 @@ def write_report(cfg: ControllerTrainConfig, run: Path, parts: dict[str, Any]) -
         def m(key: str, digits: int = 3, s: dict[str, Any] = s) -> str:
             v = s.get(key, {})
             return f"{_fmt(v.get('mean'), digits)}" if isinstance(v, dict) else "n/a"
-        lines.append(f"| {name} | {m('final_val_ppl')} | {m('instability_events_per_100k_steps', 1)} | "
+        lines.append(f"| {name} | {m('final_test_ppl')} | {m('model_events_per_100k_steps', 1)} | "
                      f"{m('wasted_flops_fraction', 4)} | {m('total_flops', 0)} |")
     lines.append("")
-    test = ev.get("tests", {}).get("policy", {})
-    ppl = test.get("final_val_ppl", {}) if isinstance(test, dict) else {}
-    if ppl:
-        better = ppl.get("mean_a") is not None and ppl.get("mean_b") is not None and ppl["mean_a"] < ppl["mean_b"]
-        pval = ppl.get("p")
-        lines += [f"Learned policy vs fixed schedule, final validation perplexity: "
-                  f"{_fmt(ppl.get('mean_a'))} vs {_fmt(ppl.get('mean_b'))} (Welch p = {_fmt(pval)}). "
-                  + ("The policy is better and the difference is significant at 0.05." if better and pval is not None
-                     and pval < 0.05 else "The policy is **not** significantly better than the fixed schedule "
-                     "on these seeds."), ""]
+    cmp = ev.get("comparison", {}).get("metrics", {}).get("final_test_ppl", {}).get("policy")
+    if cmp:
+        paired = cmp["paired"]
+        verdict = cmp["verdict"]
+        lines += [f"Learned policy vs fixed schedule, final test perplexity (paired by seed): "
+                  f"{_fmt(paired.get('mean_a'))} vs {_fmt(paired.get('mean_b'))} (paired t p = {_fmt(paired.get('p'))}, "
+                  f"Holm-adjusted {_fmt(cmp.get('p_holm_paired_t'))}). "
+                  + {"better": "The policy is significantly better.",
+                     "worse": "The policy is significantly **worse** than the fixed schedule."}.get(
+                      verdict, "The policy is **not** significantly better than the fixed schedule on these seeds."),
+                  ""]
     lines += ["Loss curves per controller, and the uncertainty index with every decision on one timeline "
               "(from the evaluation):", "", "![loss curves](eval/figures/loss_curves.png)", "",
               "![index and decisions](eval/figures/uncertainty_timeline.png)", ""]

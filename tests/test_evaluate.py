@@ -14,8 +14,8 @@ from scipy import stats as sps
 from agents import evaluate
 from stso_env.eval.figures import make_figures
 from stso_env.eval.report import render_report
-from stso_env.eval.stats import (METRICS, mean_ci95, reference_tests, success_criteria, summarize_seeds,
-                                 welch_test)
+from stso_env.eval.stats import (METRICS, compare_to_reference, mean_ci95, reference_tests, success_criteria,
+                                 summarize_seeds, welch_test)
 
 # ---------------------------------------------------------------------- statistics
 
@@ -69,12 +69,13 @@ def _synthetic_results() -> dict:
     }
     controllers = {}
     for name, (ev, wa, ppl) in data.items():
-        seeds = [{m: 1.0 for m in METRICS} | {"instability_events_per_100k_steps": e, "wasted_flops_fraction": w,
-                                               "final_val_ppl": p, "seed": i}
+        seeds = [{m: 1.0 for m in METRICS} | {"model_events_per_100k_steps": e, "wasted_flops_fraction": w,
+                                               "final_test_ppl": p, "seed": i}
                  for i, (e, w, p) in enumerate(zip(ev, wa, ppl))]
         controllers[name] = {"seeds": seeds, "summary": summarize_seeds(seeds)}
     return {"settings": {"eval_name": "eval__spiky__0", "steps": 20, "seeds": 3}, "controllers": controllers,
             "tests": reference_tests(controllers), "criteria": success_criteria(controllers),
+            "comparison": compare_to_reference(controllers),
             "figures": {"loss_curves": "figures/loss_curves.png"}}
 
 
@@ -87,8 +88,10 @@ def test_criteria_and_report_render():
     assert crit["best_baseline"] == "zclip"
     md = render_report(results)
     assert "| **stso** | 3 |" in md and "| **fixed** | 3 |" in md
-    assert "| **zclip** | `final_val_ppl` |" in md
-    assert f"25.5 ± {(results['controllers']['stso']['summary']['final_val_ppl']['ci95'][1] - 25.5):.2g}" in md
+    assert "| **zclip** | `final_test_ppl` |" in md
+    assert f"25.5 ± {(results['controllers']['stso']['summary']['final_test_ppl']['ci95'][1] - 25.5):.2g}" in md
+    assert "## Paired comparison against `fixed`" in md and "### `final_test_ppl`" in md
+    assert results["comparison"]["metrics"]["final_test_ppl"]["stso"]["verdict"] == "better"
     assert "- M1 vs `fixed` **holds**" in md and "- M2 vs `fixed` **holds**" in md
     assert "Best single baseline" in md and "- M1 vs `zclip`" in md
     assert "![loss_curves](figures/loss_curves.png)" in md
@@ -164,7 +167,8 @@ def test_harness_tiny_budget(tmp_path: Path, registered, one_thread):
     results = evaluate.main(["--controllers", "fixed,zclip", "--seeds", "2", "--steps", "20",
                              "--decision-interval", "10", "--preset", "tiny", "--tokenizer", "byte",
                              "--scenario", "spiky", "--corpus", "builtin", "--builtin-chars", "20000",
-                             "--val-windows", "8", "--device", "cpu", "--out", str(out), "--no-progress"])
+                             "--val-windows", "8", "--device", "cpu", "--seed-offset", "0", "--out", str(out),
+                             "--no-progress"])
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["complete"] is True and on_disk == json.loads(json.dumps(results))
     budget = on_disk["settings"]["budget_flops"]
@@ -177,18 +181,24 @@ def test_harness_tiny_budget(tmp_path: Path, registered, one_thread):
             assert s["total_flops"] == pytest.approx(budget)  # a full 20-step run is exactly the budget
             assert s["branch_invoke_rate"] == 0.0 and s["proxy_latency_ms"] is None
             assert 0.0 <= s["wasted_flops_fraction"] <= 1.0 and s["final_val_ppl"] > 1.0
+            # The final score reads the whole (small) test split; the lineage is the 2 windows run.
+            assert s["final_test_ppl"] > 1.0 and s["test_tokens"] == (s["split_tokens"]["test"] - 1) // 64 * 64
+            assert s["lineage"]["lineage_steps"] == 20 and s["lineage"]["lineage_windows"] == 2
             assert s["accounting"]["main_steps"] == 20 and s["stop_reason"] == "schedule_end"
         for m in METRICS:
             assert set(c["summary"][m]) >= {"mean", "ci95", "n"}
-        assert c["summary"]["final_val_ppl"]["n"] == 2 and len(c["summary"]["final_val_ppl"]["ci95"]) == 2
+        assert c["summary"]["final_test_ppl"]["n"] == 2 and len(c["summary"]["final_test_ppl"]["ci95"]) == 2
     assert set(on_disk["tests"]) == {"zclip"}
-    assert set(on_disk["tests"]["zclip"]) == {"final_val_ppl", "instability_events"}
+    assert set(on_disk["tests"]["zclip"]) == {"final_test_ppl", "model_events_per_100k_steps"}
+    paired = on_disk["comparison"]["metrics"]["final_test_ppl"]["zclip"]
+    assert paired["seeds"] == [0, 1] and paired["verdict"] in ("better", "worse", "no_difference")
+    assert on_disk["headroom"]["available"] is False  # no oracle in this evaluation
     assert "not evaluated" in on_disk["criteria"]["note"]
     curves = json.loads((out / "curves.json").read_text())
     run = curves["controllers"]["fixed"][0]
     assert run["global_step"] == [10, 20] and len(run["uncertainty_index"]) == 2 and "decisions" in run
     md = (out / "report.md").read_text()
-    assert "| **fixed** | 2 |" in md and "| **zclip** | `final_val_ppl` |" in md
+    assert "| **fixed** | 2 |" in md and "### `final_test_ppl`" in md
     for rel in on_disk["figures"].values():
         assert (out / rel).read_bytes()[:4] == b"\x89PNG"
     assert np.isfinite(on_disk["controllers"]["fixed"]["summary"]["total_flops"]["mean"])

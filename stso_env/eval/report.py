@@ -16,6 +16,9 @@ from typing import Any
 from stso_env.files import write_text_atomic
 from stso_env.eval.stats import M1_EVENTS_DROP, M1_WASTED_DROP, M2_ALPHA, METRICS
 
+#: The metrics of the Welch table (the keys of ``reference_tests`` per controller).
+_WELCH_METRICS = ("final_test_ppl", "model_events_per_100k_steps")
+
 #: Settings shown first in the settings table (the rest follow in key order).
 _SETTING_ORDER = ("controllers", "seeds", "seed_list", "scenario", "corpus", "preset", "tokenizer", "steps",
                   "decision_interval", "budget_flops")
@@ -63,6 +66,20 @@ def fmt(x: Any, digits: int = 4) -> str:
 
 def fmt_pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:+.1f} %"
+
+
+def fmt_ci(ci: Any, pct: bool = False) -> str:
+    """``[lo, hi]`` of an interval (percentages when ``pct``), "n/a" when there is none."""
+    if not ci or ci[0] is None or ci[1] is None:
+        return "n/a"
+    if pct:
+        return f"[{fmt_pct(ci[0])}, {fmt_pct(ci[1])}]"
+    return f"[{fmt(ci[0], 3)}, {fmt(ci[1], 3)}]"
+
+
+def fmt_p(p: Any, p_adj: Any) -> str:
+    """A raw p-value and its Holm-adjusted value in brackets."""
+    return f"{fmt(p, 3)} ({fmt(p_adj, 3)})"
 
 
 def fmt_summary(s: Mapping[str, Any]) -> str:
@@ -126,12 +143,14 @@ def _tests_section(results: Mapping[str, Any]) -> list[str]:
         return lines
     rows = []
     for name, t in tests.items():
-        for metric, key in (("final_val_ppl", "final_val_ppl"), ("instability_events_per_100k_steps",
-                                                                  "instability_events")):
-            w = t[key]
+        for metric in _WELCH_METRICS:
+            w = t.get(metric)
+            if not w:
+                continue
             rows.append([f"**{name}**", f"`{metric}`", fmt(w["mean_a"]), fmt(w["mean_b"]), f"{w['n_a']}/{w['n_b']}",
                          fmt(w["t"], 3), fmt(w["df"], 3), fmt(w["p"], 3), w.get("reason") or ""])
-    lines += ["Two-sided Welch t-test, controller (a) against fixed (b); df by Welch–Satterthwaite.", "",
+    lines += ["Two-sided Welch t-test over all runs, controller (a) against fixed (b); df by Welch–Satterthwaite. "
+              "Unpaired: it ignores that the controllers ran the same seeds.", "",
               *_table(["controller", "metric", "mean a", "mean fixed", "n a/b", "t", "df", "p", "note"], rows), ""]
     return lines
 
@@ -143,15 +162,17 @@ def _verdict(holds: bool) -> str:
 def _criteria_lines(block: Mapping[str, Any], method: str) -> list[str]:
     ref = block["reference"]
     m1, m2 = block["M1"], block["M2"]
-    m1_line = (f"- M1 vs `{ref}` {_verdict(m1['holds'])}: instability events per 100k steps "
+    m1_line = (f"- M1 vs `{ref}` {_verdict(m1['holds'])}: model instability events per 100k steps "
                f"{fmt(m1['events_mean'])} vs {fmt(m1['events_mean_ref'])} ({fmt_pct(m1['events_change'])}, "
                f"needs <= -{100 * M1_EVENTS_DROP:.0f} %); wasted FLOPs fraction {fmt(m1['wasted_mean'])} vs "
                f"{fmt(m1['wasted_mean_ref'])} ({fmt_pct(m1['wasted_change'])}, needs <= -{100 * M1_WASTED_DROP:.0f} %)")
     if m1.get("reason"):
         m1_line += f"; {m1['reason']}"
-    m2_line = (f"- M2 vs `{ref}` {_verdict(m2['holds'])}: final validation perplexity {fmt(m2['ppl_mean'])} vs "
-               f"{fmt(m2['ppl_mean_ref'])} ({fmt_pct(m2['ppl_change'])}), Welch p = {fmt(m2['p'], 3)} "
-               f"(needs lower and p < {M2_ALPHA})")
+    welch = m2.get("welch") or {}
+    m2_line = (f"- M2 vs `{ref}` {_verdict(m2['holds'])}: final test perplexity {fmt(m2['ppl_mean'])} vs "
+               f"{fmt(m2['ppl_mean_ref'])} over {m2.get('n_pairs', 'n/a')} paired seeds "
+               f"({fmt_pct(m2['ppl_change'])}, 95 % CI {fmt_ci(m2.get('ppl_change_ci95'), pct=True)}), "
+               f"paired t p = {fmt(m2['p'], 3)} (needs lower and p < {M2_ALPHA}); Welch p = {fmt(welch.get('p'), 3)}")
     if m2.get("reason"):
         m2_line += f"; {m2['reason']}"
     return [m1_line, m2_line]
@@ -162,9 +183,10 @@ def _criteria_section(criteria: Mapping[str, Any] | None) -> list[str]:
     if not criteria:
         return lines + ["Not assessed.", ""]
     method = criteria.get("method", "stso")
-    lines += [f"For `{method}`: **M1** = instability events down by at least {100 * M1_EVENTS_DROP:.0f} % and "
-              f"wasted FLOPs fraction down by at least {100 * M1_WASTED_DROP:.0f} % (relative change of the means); "
-              f"**M2** = final validation perplexity lower with Welch p < {M2_ALPHA}.", ""]
+    lines += [f"For `{method}`: **M1** = model instability events per 100k steps down by at least "
+              f"{100 * M1_EVENTS_DROP:.0f} % and wasted FLOPs fraction down by at least {100 * M1_WASTED_DROP:.0f} % "
+              f"(relative change of the means); **M2** = final test perplexity lower with paired t-test "
+              f"p < {M2_ALPHA} over the seeds both ran (Welch's unpaired p shown beside it).", ""]
     if criteria.get("against_reference"):
         lines += _criteria_lines(criteria["against_reference"], method)
     if criteria.get("against_best_baseline"):
@@ -174,6 +196,60 @@ def _criteria_section(criteria: Mapping[str, Any] | None) -> list[str]:
     if criteria.get("note"):
         lines += [f"- Note: {criteria['note']}"]
     return lines + [""]
+
+
+def _with_ci(value: str, ci: str) -> str:
+    return value if ci == "n/a" else f"{value} {ci}"
+
+
+def comparison_section(comparison: Mapping[str, Any] | None) -> list[str]:
+    """Markdown lines of :func:`stso_env.eval.stats.compare_to_reference`'s dict: per metric, one table
+    with a row per controller (controller | mean | mean diff vs the reference [95 % CI] | rel. change
+    [95 % CI] | d_z | paired t p (Holm) | Wilcoxon p (Holm) | Welch p (Holm) | verdict), the reference's
+    own row first, and below it the reasons a test did not run, dropped pairs and unmatched seeds."""
+    if not comparison:
+        return []
+    ref = comparison.get("reference", "fixed")
+    lines = [f"## Paired comparison against `{ref}`", ""]
+    if comparison.get("note"):
+        return lines + [comparison["note"], ""]
+    alpha = comparison.get("alpha")
+    lines += [f"Runs are paired by seed (only seeds both controllers ran; a pair with a missing value is "
+              f"dropped). mean = the controller's mean over those seeds (for `{ref}`: over all its runs); "
+              f"mean diff = controller - `{ref}` with its 95 % t-interval; rel. change = mean diff / |mean of "
+              f"`{ref}`|; d_z = mean diff / SD of the differences. p-values are two-sided, raw (Holm-adjusted "
+              f"over the controllers on that metric). Verdict from the Holm-adjusted paired t p at alpha = "
+              f"{fmt(alpha)} and the sign of the difference; lower is better for every metric.", ""]
+    header = ["controller", "mean", f"mean diff vs {ref} [95 % CI]", "rel. change [95 % CI]", "d_z",
+              "paired t p (Holm)", "Wilcoxon p (Holm)", "Welch p (Holm)", "verdict"]
+    for metric, block in comparison.get("metrics", {}).items():
+        ref_summary = comparison.get("reference_summary", {}).get(metric, {})
+        rows = [[f"`{ref}` (reference)", fmt_summary(ref_summary), "", "", "", "", "", "", ""]]
+        notes = []
+        for name, c in block.items():
+            pt, w = c["paired"], c["welch"]
+            rows.append([f"**{name}** (n={pt['n']})", fmt(pt["mean_a"]),
+                         _with_ci(fmt(pt["mean_diff"]), fmt_ci(pt["diff_ci95"])),
+                         _with_ci(fmt_pct(pt["rel_change"]), fmt_ci(pt["rel_change_ci95"], pct=True)),
+                         fmt(pt["cohen_dz"], 3), fmt_p(pt["p"], c.get("p_holm_paired_t")),
+                         fmt_p(pt["wilcoxon_p"], c.get("p_holm_wilcoxon")), fmt_p(w["p"], c.get("p_holm_welch")),
+                         str(c.get("verdict", "n/a")).replace("_", " ")])
+            why = []
+            if pt["n_dropped"]:
+                why.append(f"{pt['n_dropped']} pair(s) dropped (missing value)")
+            unmatched = c.get("unmatched_seeds") or {}
+            alone = [f"only {who} ran {unmatched[side]}" for who, side in ((name, "controller"), (ref, "reference"))
+                     if unmatched.get(side)]
+            if alone:
+                why.append("seeds left out: " + ", ".join(alone))
+            why += [f"{label}: {r}" for label, r in (("paired t", pt["reason"]), ("Wilcoxon", pt["wilcoxon_reason"]),
+                                                     ("Welch", w["reason"])) if r]
+            if why:
+                notes.append(f"- {name}: " + "; ".join(why))
+        lines += [f"### `{metric}`", "", *_table(header, rows), ""]
+        if notes:
+            lines += [*notes, ""]
+    return lines
 
 
 def _figures_section(figures: Mapping[str, str] | None) -> list[str]:
@@ -187,8 +263,9 @@ def _figures_section(figures: Mapping[str, str] | None) -> list[str]:
 
 def render_report(results: Mapping[str, Any]) -> str:
     """The markdown report of a ``results.json`` dict: settings, metrics table (mean ± CI per controller),
-    Welch tests against ``fixed``, success criteria and links to the figures (``results["figures"]``,
-    paths relative to the report)."""
+    the paired comparison against ``fixed`` (:func:`comparison_section`, when ``results`` has a
+    ``"comparison"`` key), Welch tests against ``fixed``, success criteria and links to the figures
+    (``results["figures"]``, paths relative to the report)."""
     settings = results.get("settings", {})
     title = settings.get("eval_name") or "Evaluation"
     lines = [f"# {title}", ""]
@@ -198,6 +275,8 @@ def render_report(results: Mapping[str, Any]) -> str:
         lines += ["## Accounting", "", str(settings["accounting"]), ""]
     lines += _settings_section(settings)
     lines += _metrics_section(results.get("controllers", {}))
+    if "comparison" in results:
+        lines += comparison_section(results["comparison"])
     lines += _tests_section(results)
     lines += _criteria_section(results.get("criteria"))
     lines += _figures_section(results.get("figures"))

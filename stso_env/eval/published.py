@@ -1,0 +1,307 @@
+"""The committed results of a suite (``assets/results/<suite>/``) and the README tables made from them.
+
+:func:`publish_suite` writes, from the per-cell results of ``agents.evaluate --suite``:
+
+* ``results.json``: compact and committed: the command, commit, versions, thread count, workers and
+  machine; per cell the split sizes, per-controller summaries and per-seed headline metrics, the
+  paired comparison against ``fixed`` (Holm-corrected), the oracle's headroom; a suite summary
+  (per cell: headroom, which baselines beat or lose to ``fixed`` significantly; mean ranks).
+* ``report.md`` and ``figures/`` (suite figures plus each cell's loss curves and metric bars).
+
+:func:`readme_tables` renders the README's result block from ``results.json``; the README holds it
+between ``<!-- results:<suite>:begin -->`` and ``<!-- results:<suite>:end -->``, and
+``python -m agents.evaluate --update-readme`` (or :func:`update_readme`) rewrites it. A test fails
+when the two differ, so no result is ever typed by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stso_env.eval.report import _table, comparison_section, fmt, fmt_pct, fmt_summary, write_json_atomic
+from stso_env.eval.stats import COMPARE_METRICS, METRICS
+from stso_env.files import write_text_atomic
+
+REFERENCE = "fixed"
+ORACLE = "oracle"
+#: Per-seed values kept in the compact results (the full records stay in the runs folder).
+HEADLINE = ("final_test_ppl", "model_events_per_100k_steps", "data_events_per_100k_steps",
+            "mean_time_to_recover_steps", "recovery_flops_fraction", "wasted_flops_fraction", "tuning_flops",
+            "final_val_ppl", "had_model_event", "diverged")
+
+
+def _compact_cell(results: Mapping[str, Any]) -> dict[str, Any]:
+    settings = results["settings"]
+    return {
+        "scenario": settings["scenario"], "corpus": settings["corpus"], "tokenizer": settings["tokenizer"],
+        "split_tokens": settings.get("split_tokens"), "budget_flops": settings.get("budget_flops"),
+        "test_tokens_scored": next(iter(results["controllers"].values()))["seeds"][0].get("test_tokens"),
+        "controllers": {n: {"summary": c["summary"],
+                            "seeds": [{"seed": r["seed"], **{k: r.get(k) for k in HEADLINE}} for r in c["seeds"]],
+                            "describe": settings["controller_setup"].get(n, {}).get("describe")}
+                        for n, c in results["controllers"].items()},
+        "comparison": results["comparison"], "headroom": results["headroom"], "criteria": results["criteria"],
+    }
+
+
+def _mean(cell: Mapping[str, Any], name: str, metric: str) -> float | None:
+    c = cell["controllers"].get(name)
+    return None if c is None else c["summary"][metric]["mean"]
+
+
+def suite_summary(cells: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Per cell: headroom and the controllers significantly better / worse than ``fixed`` (Holm-corrected
+    paired t) per compared metric; across cells: mean rank of each controller by mean test perplexity and
+    by mean model events (1 = best; the oracle is left out)."""
+    per_cell: dict[str, Any] = {}
+    ranks: dict[str, dict[str, list[float]]] = {m: {} for m in ("final_test_ppl", "model_events_per_100k_steps")}
+    for cname, cell in cells.items():
+        verdicts = {}
+        for metric, block in cell["comparison"].get("metrics", {}).items():
+            verdicts[metric] = {v: sorted(n for n, r in block.items() if r["verdict"] == v)
+                                for v in ("better", "worse")}
+        per_cell[cname] = {"headroom": cell["headroom"], "verdicts": verdicts,
+                           "fixed_test_ppl": _mean(cell, REFERENCE, "final_test_ppl"),
+                           "fixed_event_rate": _fraction_with_event(cell, REFERENCE)}
+        for metric in ranks:
+            vals = {n: _mean(cell, n, metric) for n in cell["controllers"] if n != ORACLE}
+            order = sorted((v if v is not None else math.inf, n) for n, v in vals.items())
+            for pos, (_, n) in enumerate(order, start=1):
+                ranks[metric].setdefault(n, []).append(pos)
+    mean_rank = {m: {n: float(np.mean(r)) for n, r in sorted(v.items(), key=lambda kv: np.mean(kv[1]))}
+                 for m, v in ranks.items()}
+    return {"cells": per_cell, "mean_rank": mean_rank}
+
+
+def _fraction_with_event(cell: Mapping[str, Any], name: str) -> float | None:
+    c = cell["controllers"].get(name)
+    if not c or not c["seeds"]:
+        return None
+    return float(np.mean([bool(s.get("had_model_event")) for s in c["seeds"]]))
+
+
+# ---------------------------------------------------------------------- figures
+
+
+def headroom_figure(cells: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(cells)
+    ppl = [100 * (cells[n]["headroom"].get("ppl_gain") or 0.0) for n in names]
+    ev = [100 * (cells[n]["headroom"].get("events_drop") or 0.0) for n in names]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names) + 2), 4))
+    ax.bar(x - 0.2, ppl, 0.4, label="test perplexity gain (%)")
+    ax.bar(x + 0.2, ev, 0.4, label="model events drop (%)")
+    ax.axhline(100 * 0.10, color="grey", ls="--", lw=0.8, label="10 %")
+    ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("oracle over fixed (%)")
+    ax.set_title("Headroom per cell: what a hindsight oracle gains over the fixed schedule")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def comparison_heatmap(cells: Mapping[str, Mapping[str, Any]], path: Path, metric: str = "final_test_ppl") -> Path:
+    """Controllers x cells: relative change of the metric's mean against ``fixed``; * marks a Holm-significant
+    paired difference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({n for c in cells.values() for n in c["comparison"].get("metrics", {}).get(metric, {})})
+    cols = list(cells)
+    table = np.full((len(names), len(cols)), np.nan)
+    marks = [["" for _ in cols] for _ in names]
+    for j, c in enumerate(cols):
+        block = cells[c]["comparison"].get("metrics", {}).get(metric, {})
+        for i, n in enumerate(names):
+            r = block.get(n)
+            if r and r["paired"]["rel_change"] is not None:
+                table[i, j] = 100 * r["paired"]["rel_change"]
+                marks[i][j] = "*" if r["verdict"] in ("better", "worse") else ""
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(cols) + 3), 0.45 * len(names) + 2))
+    lim = np.nanmax(np.abs(table)) if np.isfinite(table).any() else 1.0
+    im = ax.imshow(table, cmap="RdYlGn_r", vmin=-lim, vmax=lim, aspect="auto")
+    for i in range(len(names)):
+        for j in range(len(cols)):
+            if np.isfinite(table[i, j]):
+                ax.text(j, i, f"{table[i, j]:+.1f}{marks[i][j]}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    fig.colorbar(im, ax=ax, label=f"{metric} vs fixed (%)")
+    ax.set_title(f"{metric}: change against fixed (* = significant after Holm, paired t)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------- report
+
+
+def _headroom_rows(cells: Mapping[str, Mapping[str, Any]], summary: Mapping[str, Any]) -> list[list[str]]:
+    rows = []
+    for n, cell in cells.items():
+        h = cell["headroom"]
+        s = summary["cells"][n]
+        if not h.get("available"):
+            rows.append([f"`{n}`", fmt(s["fixed_test_ppl"]), "n/a", "n/a", "n/a", "n/a (no oracle)"])
+            continue
+        rows.append([f"`{n}`", fmt(s["fixed_test_ppl"]), fmt_pct(s["fixed_event_rate"]).lstrip("+"),
+                     f"{fmt_pct(h['ppl_gain'])} (p {fmt(h['ppl_p'], 2)})", fmt_pct(h["events_drop"]),
+                     "yes" if h["has_headroom"] else "**no: cannot rank controllers**"])
+    return rows
+
+
+def _verdict_rows(cells: Mapping[str, Mapping[str, Any]], summary: Mapping[str, Any]) -> list[list[str]]:
+    rows = []
+    for n in cells:
+        v = summary["cells"][n]["verdicts"]
+        ppl, ev = v.get("final_test_ppl", {}), v.get("model_events_per_100k_steps", {})
+        rows.append([f"`{n}`", ", ".join(ppl.get("better", [])) or "none", ", ".join(ppl.get("worse", [])) or "none",
+                     ", ".join(ev.get("better", [])) or "none", ", ".join(ev.get("worse", [])) or "none"])
+    return rows
+
+
+def readme_tables(results: Mapping[str, Any]) -> str:
+    """The README's result block for a published suite (markdown, no markers)."""
+    cells, summary = results["cells"], results["summary"]
+    meta = results["meta"]
+    lines = [f"Generated from `assets/results/{results['suite']}/results.json` (`{meta['command']}`, commit "
+             f"`{(meta.get('commit') or 'unknown')[:10]}`{' with uncommitted changes' if meta.get('dirty') else ''}, "
+             f"torch {meta['versions']['torch']}, {meta['workers']} workers x {meta['threads']} threads on "
+             f"{meta['machine']['cores']} cores of {meta['machine']['cpu']}; {results['settings']['seeds']} seeds, "
+             f"{results['settings']['steps']} steps, preset `{results['settings']['preset']}`). "
+             f"Full report: `assets/results/{results['suite']}/report.md`.", "",
+             "Headroom (the hindsight oracle against the fixed schedule, test split):", ""]
+    lines += _table(["cell", "fixed test ppl", "fixed runs with a model event", "oracle: test ppl gain",
+                     "oracle: model events drop", "headroom"], _headroom_rows(cells, summary))
+    lines += ["", "Controllers significantly better or worse than `fixed` (paired t-test, Holm-corrected across "
+              "controllers, alpha 0.05):", ""]
+    lines += _table(["cell", "test ppl: better", "test ppl: worse", "model events: better", "model events: worse"],
+                    _verdict_rows(cells, summary))
+    ranks = summary["mean_rank"]
+    lines += ["", "Mean rank across cells (1 = best; by mean test perplexity, and by mean model events):", ""]
+    lines += _table(["controller", "rank: test ppl", "rank: model events"],
+                    [[f"`{n}`", f"{r:.2f}", f"{ranks['model_events_per_100k_steps'].get(n, math.nan):.2f}"]
+                     for n, r in ranks["final_test_ppl"].items()])
+    return "\n".join(lines) + "\n"
+
+
+def render_suite_report(results: Mapping[str, Any]) -> str:
+    cells, meta, st = results["cells"], results["meta"], results["settings"]
+    lines = [f"# Suite `{results['suite']}`", "", st.get("description") or "", "",
+             f"Command: `{meta['command']}`  ", f"Commit: `{meta.get('commit')}`"
+             + (" (with uncommitted changes)" if meta.get("dirty") else "") + "  ",
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + "  ",
+             f"Machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores, "
+             f"{meta['machine']['memory_gib']} GiB; "
+             f"engine {meta['engine']}, {meta['workers']} workers x {meta['threads']} torch threads; wall time "
+             f"{meta['wall_seconds'] / 3600:.2f} h.", "",
+             "## Coverage", "",
+             f"{len(cells)} cells x {len(st['controllers'])} controllers x {st['seeds']} seeds (seeds "
+             f"{st['seed_offset']}..{st['seed_offset'] + st['seeds'] - 1}, the same for every controller); preset "
+             f"`{st['preset']}`, {st['steps']} optimizer steps per run, decision interval {st['decision_interval']}. "
+             "Controllers: " + ", ".join(f"`{c}`" for c in st["controllers"]) + ".", "",
+             "Held-out data: controllers, rewards and branch selection see only the probe split; selection "
+             "(tuned_fixed's sweep, the oracle) reads the validation split; the final perplexity is the test split. "
+             "Tokens per split:", ""]
+    lines += _table(["cell", "train", "probe", "validation", "test", "test tokens scored"],
+                    [[f"`{n}`", *(str(c["split_tokens"].get(k, "n/a"))
+                                  for k in ("train", "probe", "validation", "test")),
+                      str(c.get("test_tokens_scored", "n/a"))] for n, c in cells.items()])
+    lines += ["", "## Summary", "", readme_tables(results), "",
+              "![headroom](figures/headroom.png)", "", "![test perplexity vs fixed](figures/test_ppl_vs_fixed.png)",
+              "", "![model events vs fixed](figures/model_events_vs_fixed.png)", ""]
+    for n, cell in cells.items():
+        h = cell["headroom"]
+        lines += [f"## Cell `{n}`", "", f"Scenario `{cell['scenario']}`, corpus `{Path(cell['corpus']).name}`, "
+                  f"tokenizer `{Path(cell['tokenizer']).name}`.", ""]
+        if h.get("available") and not h["has_headroom"]:
+            lines += ["**No headroom**: the hindsight oracle does not beat the fixed schedule here "
+                      f"({h['rule']}), so this cell cannot rank controllers.", ""]
+        header = ["controller", "n"] + [f"`{m}`" for m in METRICS]
+        rows = [[f"**{c}**", str(len(b["seeds"]))] + [fmt_summary(b["summary"].get(m, {})) for m in METRICS]
+                for c, b in cell["controllers"].items()]
+        lines += ["Mean over seeds ± half-width of the 95 % t-interval; lower is better.", "",
+                  *_table(header, rows), ""]
+        lines += comparison_section(cell["comparison"])
+        lines += [f"![loss curves](figures/{n}/loss_curves.png)", "", f"![metrics](figures/{n}/metric_bars.png)", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def publish_suite(suite: Any, cells_full: Mapping[str, Mapping[str, Any]], meta: Mapping[str, Any],
+                  results_dir: Path) -> dict[str, Any]:
+    """Write the committed results of a suite to ``results_dir``; returns the compact results dict."""
+    from stso_env.config import REPO_ROOT, to_dict
+    from stso_env.eval.figures import make_figures
+
+    results_dir = Path(results_dir)
+    cells = {n: _compact_cell(r) for n, r in cells_full.items()}
+    results = {"suite": suite.name, "meta": dict(meta), "settings": to_dict(suite), "cells": cells,
+               "summary": suite_summary(cells), "compare_metrics": list(COMPARE_METRICS)}
+    fig_dir = results_dir / "figures"
+    headroom_figure(cells, fig_dir / "headroom.png")
+    comparison_heatmap(cells, fig_dir / "test_ppl_vs_fixed.png", "final_test_ppl")
+    comparison_heatmap(cells, fig_dir / "model_events_vs_fixed.png", "model_events_per_100k_steps")
+    for n, full in cells_full.items():
+        figs = make_figures(full, full["_curves"], fig_dir / n)
+        for extra in set(figs) - {"loss_curves", "metric_bars"}:
+            Path(figs[extra]).unlink(missing_ok=True)  # the timeline per cell stays in the runs folder
+    write_json_atomic(results_dir / "results.json", results)
+    report = render_suite_report(json.loads((results_dir / "results.json").read_text()))
+    write_text_atomic(results_dir / "report.md", report)
+    if suite.report_copy:
+        # The copy sits at the repository root: its figure links point into the results folder.
+        write_text_atomic(REPO_ROOT / suite.report_copy,
+                          report.replace("](figures/", f"](assets/results/{suite.name}/figures/"))
+    if suite.readme:
+        update_readme(REPO_ROOT / "README.md", suite.name, results_dir / "results.json")
+    return results
+
+
+# ---------------------------------------------------------------------- README
+
+
+def _markers(suite: str) -> tuple[str, str]:
+    return f"<!-- results:{suite}:begin -->", f"<!-- results:{suite}:end -->"
+
+
+def readme_block(readme_text: str, suite: str) -> str | None:
+    """The text between the suite's markers in the README (None when the markers are missing)."""
+    begin, end = _markers(suite)
+    if begin not in readme_text or end not in readme_text:
+        return None
+    return readme_text.split(begin, 1)[1].split(end, 1)[0].strip("\n") + "\n"
+
+
+def update_readme(readme: Path, suite: str, results_json: Path) -> bool:
+    """Rewrite the suite's block of ``readme`` from ``results_json``; returns whether it changed. The
+    markers must already be in the README (a clear error says where to put them)."""
+    text = Path(readme).read_text(encoding="utf-8")
+    begin, end = _markers(suite)
+    if readme_block(text, suite) is None:
+        raise ValueError(f"{readme}: no '{begin}' ... '{end}' block; add both markers where the tables go")
+    block = readme_tables(json.loads(Path(results_json).read_text()))
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    new = f"{head}{begin}\n{block}{end}{tail}"
+    if new != text:
+        write_text_atomic(readme, new)
+    return new != text

@@ -1,0 +1,146 @@
+"""Evaluation suites: strict loading, parallel runs equal serial ones, resume, committed results."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from agents.controllers import CONTROLLERS
+from agents.evaluate import main as evaluate_main
+from stso_env.errors import ConfigError
+from stso_env.eval.engine import run_jobs
+from stso_env.eval.published import readme_block, readme_tables, update_readme
+from stso_env.eval.suite import SUITE_DIR, available_suites, load_suite
+
+REPO = Path(__file__).resolve().parent.parent
+
+SUITE = """
+name: mini
+description: one cell, two seeds, two controllers
+steps: 30
+decision_interval: 10
+seeds: 2
+seed_offset: 100000
+builtin_chars: 100000
+test_tokens: 65536
+controllers: [fixed, zclip]
+cells:
+  - {scenario: calm, corpus: builtin}
+"""
+
+# Wall-clock fields differ between any two runs; everything else must be equal.
+_TIMING = {"wall_seconds", "checkpoint_io_seconds", "io_seconds"}
+
+
+def _strip(obj):
+    if isinstance(obj, dict):
+        return {k: _strip(v) for k, v in obj.items() if k not in _TIMING}
+    if isinstance(obj, list):
+        return [_strip(v) for v in obj]
+    return obj
+
+
+def _records(out: Path) -> dict[str, dict]:
+    return {p.name: _strip(json.loads(p.read_text())["record"]) for p in sorted((out / "runs").rglob("*.json"))}
+
+
+def test_load_suite_is_strict(tmp_path: Path) -> None:
+    for name in available_suites():
+        suite = load_suite(name, tuple(CONTROLLERS))
+        assert suite.cells and suite.controllers
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(SUITE.replace("seeds: 2", "seeds: 2\nworkers: 3"))
+    with pytest.raises(ConfigError, match="workers: unknown key"):
+        load_suite(str(bad))
+    bad.write_text(SUITE.replace("[fixed, zclip]", "[fixed, zclipp]"))
+    with pytest.raises(ConfigError, match="unknown controller.*zclipp"):
+        load_suite(str(bad), tuple(CONTROLLERS))
+    bad.write_text(SUITE + "  - {scenario: calm, corpus: builtin}\n")
+    with pytest.raises(ConfigError, match="calm__builtin listed twice"):
+        load_suite(str(bad))
+    bad.write_text(SUITE.replace("steps: 30", "steps: 35"))
+    with pytest.raises(ConfigError, match="multiple of decision_interval"):
+        load_suite(str(bad))
+    with pytest.raises(ConfigError, match="known: .*smoke"):
+        load_suite("no-such-suite")
+
+
+def test_core_suite_covers_what_it_claims() -> None:
+    core = load_suite("core", tuple(CONTROLLERS))
+    builtin = {c.scenario for c in core.cells if c.corpus == "builtin"}
+    scenarios = {p.stem for p in (REPO / "configs" / "scenarios").glob("*.yaml")}
+    assert builtin == scenarios  # every scenario on the built-in corpus
+    wikitext = {c.scenario for c in core.cells if "wikitext-2" in c.corpus}
+    assert "spiky" in wikitext and len(wikitext) >= 2
+    assert core.seeds >= 5
+    assert set(core.controllers) == set(CONTROLLERS)  # every controller, the oracle and new baselines included
+
+
+def test_parallel_equals_serial_then_resume(tmp_path: Path) -> None:
+    """Two local worker processes with one thread each give exactly the serial results with one thread;
+    --resume reruns only what is missing, and a second run without it is refused."""
+    path = tmp_path / "mini.yaml"
+    path.write_text(SUITE)
+    common = ["--suite", str(path), "--threads", "1", "--no-progress"]
+    evaluate_main(common + ["--out", str(tmp_path / "serial"), "--results-dir", str(tmp_path / "res-s"),
+                            "--engine", "serial"])
+    evaluate_main(common + ["--out", str(tmp_path / "par"), "--results-dir", str(tmp_path / "res-p"),
+                            "--engine", "local", "--workers", "2"])
+    serial, par = _records(tmp_path / "serial"), _records(tmp_path / "par")
+    assert len(serial) == 4 and serial == par
+    res = json.loads((tmp_path / "res-p" / "results.json").read_text())
+    assert res["meta"]["workers"] == 2 and res["meta"]["threads"] == 1 and res["meta"]["engine"] == "local"
+    assert res["meta"]["versions"]["torch"].startswith("2.") and res["meta"]["machine"]["cores"] >= 1
+    cell = res["cells"]["calm__builtin"]
+    assert set(cell["split_tokens"]) == {"train", "probe", "validation", "test"}
+    assert cell["comparison"]["metrics"]["final_test_ppl"]["zclip"]["verdict"] in ("better", "worse", "no_difference")
+    assert (tmp_path / "res-p" / "report.md").read_text().startswith("# Suite `mini`")
+
+    with pytest.raises(SystemExit, match="--resume"):
+        evaluate_main(common + ["--out", str(tmp_path / "par"), "--results-dir", str(tmp_path / "res-p")])
+    gone = tmp_path / "par" / "runs" / "calm__builtin" / "zclip__seed100001.json"
+    kept = tmp_path / "par" / "runs" / "calm__builtin" / "fixed__seed100000.json"
+    kept_mtime = kept.stat().st_mtime_ns
+    gone.unlink()
+    evaluate_main(common + ["--out", str(tmp_path / "par"), "--results-dir", str(tmp_path / "res-p"), "--resume"])
+    assert kept.stat().st_mtime_ns == kept_mtime
+    assert _records(tmp_path / "par") == serial
+
+    # Resume refuses runs made under other settings.
+    path.write_text(SUITE.replace("steps: 30", "steps: 40"))
+    with pytest.raises(SystemExit, match="other settings"):
+        evaluate_main(common + ["--out", str(tmp_path / "par"), "--results-dir", str(tmp_path / "res-p"),
+                                "--resume"])
+
+
+def test_ray_engine_equals_serial() -> None:
+    pytest.importorskip("ray", reason="the distributed extra is part of make test's install")
+    jobs = [1.0, 4.0, 9.0, 16.0]
+    serial = dict(run_jobs(math.sqrt, jobs, engine="serial", threads=1))
+    ray_results = dict(run_jobs(math.sqrt, jobs, workers=2, engine="ray", threads=1))
+    assert ray_results == serial == {1.0: 1.0, 4.0: 2.0, 9.0: 3.0, 16.0: 4.0}
+
+
+def test_readme_tables_come_from_the_committed_results(tmp_path: Path) -> None:
+    """Every suite marked ``readme: true`` has committed results, and the README's block equals the tables
+    rendered from them: nothing in it is typed by hand."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    published = [p.stem for p in SUITE_DIR.glob("*.yaml") if load_suite(p.stem).readme]
+    assert published, "no suite feeds the README's result tables"
+    for name in published:
+        results = REPO / "assets" / "results" / name / "results.json"
+        assert results.is_file(), f"{results} is missing: run `python -m agents.evaluate --suite {name}`"
+        block = readme_block(readme, name)
+        assert block is not None, f"README.md has no results:{name} block"
+        assert block == readme_tables(json.loads(results.read_text())), (
+            f"README.md's {name} tables differ from {results}; regenerate with "
+            f"`python -m agents.evaluate --update-readme {name}`")
+    # update_readme rewrites exactly the block.
+    copy = tmp_path / "README.md"
+    name = published[0]
+    copy.write_text(readme.replace(readme_block(readme, name), "stale\n"))
+    assert update_readme(copy, name, REPO / "assets" / "results" / name / "results.json")
+    assert copy.read_text() == readme
