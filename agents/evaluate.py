@@ -294,7 +294,8 @@ def _finite(x: Any) -> float | None:
 
 
 class Ledger:
-    """The harness's own FLOPs and event accounting of one main run (see the module docstring).
+    """The harness's own FLOPs accounting of one main run (see the module docstring); events come from the
+    final model's lineage instead.
 
     ``outside()`` is the FLOPs spent off the kept trajectory: the controller's ``extra_flops``, at least
     what the harness saw rolled back while the controller acted and what the controller charged to the
@@ -306,13 +307,12 @@ class Ledger:
         self.rolled_back = 0.0  # main-run FLOPs that left the kept trajectory during act() (restores)
         self.act_trained = 0.0  # main-run FLOPs added during act() (a controller stepping the main run itself)
         self.window_flops = 0.0  # FLOPs of the windows the harness ran (reset + env.step)
-        self.events = 0  # events the main run went through, rolled-back windows included
         self.steps = 0  # optimizer steps the main run ran, rolled-back ones included
-        self._mark: tuple[float, int, int] | None = None
+        self._mark: tuple[float, int] | None = None
 
-    def _state(self) -> tuple[float, int, int]:
+    def _state(self) -> tuple[float, int]:
         b = self.base
-        return float(b._total_flops), int(b.monitor.events.n_events), int(b.trainer.global_step)
+        return float(b._total_flops), int(b.trainer.global_step)
 
     def charged(self) -> dict[str, float]:
         """The tracker's wasted FLOPs by reason (restores rewind it: a lower bound of what was charged)."""
@@ -332,16 +332,14 @@ class Ledger:
         self._mark = self._state()
 
     def after_act(self) -> None:
-        (f0, e0, g0), (f1, e1, g1) = self._mark, self._state()
+        (f0, g0), (f1, g1) = self._mark, self._state()
         self.rolled_back += max(0.0, f0 - f1)
         self.act_trained += max(0.0, f1 - f0)
-        self.events += max(0, e1 - e0)
         self.steps += max(0, g1 - g0)
 
     def window(self, info: dict[str, Any], steps: int) -> None:
         if steps > 0:  # a step() after a divergence at reset repeats the reset's info without training
             self.window_flops += float(info["flops"])
-            self.events += int(info["instability_events"])
             self.steps += steps
 
 
