@@ -12,14 +12,14 @@ from tests.helpers import tiny_config
 
 
 def test_shipped_scenarios_load_by_name_and_path():
-    assert {"calm", "spiky", "edge"} <= set(available_scenarios())
+    assert {"calm", "spiky", "edge", "adam_v_lag", "attn_logit"} <= set(available_scenarios())
     sp = load_scenario("spiky")
     assert sp.name == "spiky" and len(sp.events) >= 3
     assert load_scenario(str(SCENARIO_DIR / "edge.yaml")).lr_scale > 1
 
 
 def test_bad_scenarios(tmp_path):
-    with pytest.raises(ConfigError, match="neither a file nor a known scenario; known: calm"):
+    with pytest.raises(ConfigError, match="neither a file nor a known scenario; known: adam_v_lag, attn_logit, calm"):
         load_scenario("nope")
     p = tmp_path / "s.yaml"
     p.write_text("name: x\nevents:\n  - kind: meteor\n    every: 10\n")
@@ -100,3 +100,74 @@ def test_unstable_scenario_really_diverges():
     assert terminated and info["diverged"] and info["global_step"] <= 100
     assert reward < -5  # the divergence penalty (10) dominates the window's reward
     env.close()
+
+
+def test_scenario_optim_override_reaches_adamw():
+    sc = load_scenario("adam_v_lag")
+    assert sc.optim.beta2 == 0.999 and sc.optim.beta1 is None
+    t = Trainer(tiny_config(scenario="adam_v_lag", optim__beta1=0.8))
+    for group in t.optimizer.param_groups:  # the scenario's beta2 over the config's, the config's beta1 kept
+        assert group["betas"] == (0.8, 0.999) and group["eps"] == t.cfg.optim.eps
+    assert load_scenario("calm").adamw_kwargs(t.cfg.optim) == {"betas": (0.8, 0.95), "eps": 1e-8}
+
+
+def test_bad_scenario_optim(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text("name: x\noptim: {beta2: 0.999, weight_decay: 0.0}\nevents: []\n")
+    with pytest.raises(ConfigError, match=r"optim\.weight_decay: a scenario may override only Adam's constants "
+                                          r"\(beta1, beta2, eps\); set other optimizer values in the train config"):
+        load_scenario(str(p))
+    p.write_text("name: x\noptim: {beta2: 1.5}\nevents: []\n")
+    with pytest.raises(ConfigError, match=r"optim\.beta2: 1\.5 is out of range"):
+        load_scenario(str(p))
+    p.write_text("name: x\noptim: 0.999\nevents: []\n")
+    with pytest.raises(ConfigError, match="optim: expected a mapping"):
+        load_scenario(str(p))
+
+
+def _probe_losses(scenario: str, seed: int, windows: int, **env_kwargs) -> list[float]:
+    """Probe loss per window of the fixed schedule, at the calibration settings (preset tiny, corpus
+    builtin with its default size, a 600-step schedule, decision_interval 10), stopped after ``windows``
+    windows: the schedule, hence every step up to there, is the calibration run's."""
+    import gymnasium as gym
+
+    import stso_env  # noqa: F401  (registers the env)
+    from stso_env.envs.gpt2_env import NEUTRAL_ACTION
+
+    env = gym.make("STSO-GPT2-v0", preset="tiny", scenario=scenario, decision_interval=10, episode_steps=600,
+                   **env_kwargs)
+    env.reset(seed=seed)
+    for _ in range(windows - 1):
+        _, _, terminated, truncated, _ = env.step(NEUTRAL_ACTION)
+        assert not (terminated or truncated)
+    probe = list(env.unwrapped._history["probe_loss"])
+    env.close()
+    return probe
+
+
+def test_adam_v_lag_spikes_when_the_quiet_stretch_ends():
+    """Calibration seed 1001 (configs/scenarios/adam_v_lag.yaml): the first normal steps after the quiet
+    stretch (step 150, window 15) start a model instability event."""
+    from stso_env.monitor.events import model_instability_events
+
+    probe = _probe_losses("adam_v_lag", 1001, windows=17)
+    ev = model_instability_events(probe)
+    assert [start for start, _ in ev.events] == [15], (ev.events, probe)
+
+
+def test_attn_logit_spikes_at_the_jump_and_qk_norm_keeps_attention_alive():
+    """Calibration seed 1000 (configs/scenarios/attn_logit.yaml): the LR jump at step 40 starts a model
+    instability event in window 4; without QK-norm layer-0 attention has collapsed by step 50, with it not."""
+    from stso_env.config import TrainConfig, apply_overrides
+    from stso_env.monitor.events import model_instability_events
+
+    probe = _probe_losses("attn_logit", 1000, windows=6)
+    assert [start for start, _ in model_instability_events(probe).events] == [4], probe
+    entropy = {}
+    for qk in (False, True):  # the calibration's config: default data size and warm-up, a 600-step schedule
+        cfg = apply_overrides(TrainConfig(), {"scenario": "attn_logit", "seed": 1000, "steps": 600, "device": "cpu",
+                                              "checkpoint.every": 0, "model.qk_norm": qk})
+        t = Trainer(cfg)
+        t.train_steps(50)
+        entropy[qk] = t.probe()[1][0]["attn_entropy"]
+    assert entropy[False] < 0.2 < 0.5 < entropy[True], entropy  # measured: 0.09 and 0.73
