@@ -83,8 +83,10 @@ class QKNormConv1D(Conv1D):
 
     Why it helps: attention logits are ``q . k / sqrt(d)``; at a high LR the query and key weights
     grow, the logits grow with the product of their norms, the softmax saturates on one key
-    (attention entropy collapses) and the loss spikes. Normalising ``q`` and ``k`` bounds the logits
-    by the LayerNorm gains, which grow only as fast as any other parameter.
+    (attention entropy collapses) and the run breaks down (the paper: the loss diverges; on the tiny
+    preset it falls back to about the loss of a model without attention for tens of windows, see
+    ``configs/scenarios/attn_logit.yaml``). Normalising ``q`` and ``k`` bounds the logits by the
+    LayerNorm gains, which grow only as fast as any other parameter.
 
     Made by :meth:`patch` from the existing ``c_attn`` (its class is swapped in place), so the weight
     and bias keep their parameters, their names in ``state_dict`` and their random init; only
