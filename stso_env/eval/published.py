@@ -164,7 +164,8 @@ def _headroom_rows(cells: Mapping[str, Mapping[str, Any]], summary: Mapping[str,
             rows.append([f"`{n}`", fmt(s["fixed_test_ppl"]), "n/a", "n/a", "n/a", "n/a (no oracle)"])
             continue
         rows.append([f"`{n}`", fmt(s["fixed_test_ppl"]), fmt_pct(s["fixed_event_rate"]).lstrip("+"),
-                     f"{fmt_pct(h['ppl_gain'])} (p {fmt(h['ppl_p'], 2)})", fmt_pct(h["events_drop"]),
+                     f"{fmt_pct(h['ppl_gain'])} (p {fmt(h['ppl_p'], 2)})",
+                     f"{fmt_pct(h['events_drop'])} (p {fmt(h.get('events_p'), 2)})",
                      "yes" if h["has_headroom"] else "**no: cannot rank controllers**"])
     return rows
 
