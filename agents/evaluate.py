@@ -718,6 +718,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     meta = {"command": command, **git_commit(), "versions": versions(), "machine": machine(),
             "workers": args.workers, "threads": args.threads or default_threads(args.workers),
             "engine": resolve_engine(args.engine, args.workers), "wall_seconds": time.time() - t0,
+            # Summed over every run, also those a --resume kept from earlier invocations.
+            "run_seconds": sum(r["record"]["accounting"]["wall_seconds"] for runs in grouped.values() for r in runs),
             "runs_folder": str(out)}
     summary = publish_suite(suite, cells, meta, results_dir)
     if not args.no_progress:

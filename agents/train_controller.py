@@ -350,7 +350,8 @@ def write_report(cfg: ControllerTrainConfig, run: Path, parts: dict[str, Any]) -
         paired = cmp["paired"]
         verdict = cmp["verdict"]
         lines += [f"Learned policy vs fixed schedule, final test perplexity (paired by seed): "
-                  f"{_fmt(paired.get('mean_a'))} vs {_fmt(paired.get('mean_b'))} (paired t p = {_fmt(paired.get('p'))}, "
+                  f"{_fmt(paired.get('mean_a'))} vs {_fmt(paired.get('mean_b'))} "
+                  f"(paired t p = {_fmt(paired.get('p'))}, "
                   f"Holm-adjusted {_fmt(cmp.get('p_holm_paired_t'))}). "
                   + {"better": "The policy is significantly better.",
                      "worse": "The policy is significantly **worse** than the fixed schedule."}.get(

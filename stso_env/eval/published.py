@@ -213,8 +213,9 @@ def render_suite_report(results: Mapping[str, Any]) -> str:
              "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + "  ",
              f"Machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores, "
              f"{meta['machine']['memory_gib']} GiB; "
-             f"engine {meta['engine']}, {meta['workers']} workers x {meta['threads']} torch threads; wall time "
-             f"{meta['wall_seconds'] / 3600:.2f} h.", "",
+             f"engine {meta['engine']}, {meta['workers']} workers x {meta['threads']} torch threads; "
+             f"{meta.get('run_seconds', 0) / 3600:.2f} h of runs (summed over runs, also those kept by --resume), "
+             f"{meta['wall_seconds'] / 3600:.2f} h wall time of the last invocation.", "",
              "## Coverage", "",
              f"{len(cells)} cells x {len(st['controllers'])} controllers x {st['seeds']} seeds (seeds "
              f"{st['seed_offset']}..{st['seed_offset'] + st['seeds'] - 1}, the same for every controller); preset "
