@@ -25,13 +25,11 @@ Relative corpus paths are taken from the repository root, so a suite runs the sa
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stso_env.config import CONFIG_DIR, REPO_ROOT, _f, from_dict, load_yaml, to_dict
+from stso_env.config import CONFIG_DIR, REPO_ROOT, _f, from_dict, load_yaml
 from stso_env.errors import ConfigError
 
 SUITE_DIR = CONFIG_DIR / "suites"
@@ -92,11 +90,6 @@ class SuiteConfig:
     @property
     def seed_list(self) -> list[int]:
         return [self.seed_offset + i for i in range(self.seeds)]
-
-    def fingerprint(self) -> str:
-        """Hash of everything that changes a run's result (resume refuses runs made under another)."""
-        keep = {k: v for k, v in to_dict(self).items() if k not in ("description", "readme", "report_copy")}
-        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def available_suites() -> list[str]:

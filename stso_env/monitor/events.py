@@ -192,7 +192,30 @@ def summarize(loss: Sequence[float], grad_norm: Sequence[float] | None = None, *
     )
 
 
-class EventTracker:
+def _plain(v: Any) -> Any:
+    """A deep copy of tracker state as plain data: lists (tuples become lists), dicts and numbers."""
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+class _PlainState:
+    """``state_dict`` / ``load_state_dict`` of a tracker whose attributes are all plain data, so env
+    snapshots, forks and checkpoints can carry it; an unknown field in a loaded state is an error."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: _plain(v) for k, v in vars(self).items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            if not hasattr(self, k):
+                raise KeyError(f"{type(self).__name__} state has unknown field {k!r}")
+            setattr(self, k, _plain(v))
+
+
+class EventTracker(_PlainState):
     """Online instability accounting, one call per optimizer step.
 
     Applies the OLMo-core rule live (loss or grad norm above mean + ``n_sigma``
@@ -289,16 +312,6 @@ class EventTracker:
         self.wasted_flops += flops
         self.wasted_by_reason[reason] = self.wasted_by_reason.get(reason, 0.0) + flops
 
-    def state_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v)
-                for k, v in vars(self).items()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for k, v in state.items():
-            if not hasattr(self, k):
-                raise KeyError(f"EventTracker state has unknown field {k!r}")
-            setattr(self, k, list(v) if isinstance(v, (list, tuple)) else dict(v) if isinstance(v, dict) else v)
-
 
 # ----------------------------------------------------------------------------- model and data events
 
@@ -323,7 +336,7 @@ def _mad_scale(x: Sequence[float]) -> float:
     return float(1.4826 * np.median(np.abs(a - np.median(a))))
 
 
-class ModelEventTracker:
+class ModelEventTracker(_PlainState):
     """Online model-instability events on the per-window probe loss (rule in the module docstring).
 
     ``update(probe_loss, flops, steps)`` once per window returns ``{"new_event", "in_event",
@@ -392,20 +405,6 @@ class ModelEventTracker:
     def n_events(self) -> int:
         return len(self.events)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {k: (copy_list(v) if isinstance(v, list) else v) for k, v in vars(self).items()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for k, v in state.items():
-            if not hasattr(self, k):
-                raise KeyError(f"ModelEventTracker state has unknown field {k!r}")
-            setattr(self, k, copy_list(v) if isinstance(v, (list, tuple)) else v)
-
-
-def copy_list(v: Sequence[Any]) -> list[Any]:
-    """A deep copy of a list of numbers or lists of numbers (tracker states)."""
-    return [copy_list(x) if isinstance(x, (list, tuple)) else x for x in v]
-
 
 @dataclass
 class ModelEvents:
@@ -443,7 +442,7 @@ def model_instability_events(probe_loss: Sequence[float], flops: Sequence[float]
                        unrecovered=sum(b is None for _, b in events))
 
 
-class DataEventTracker:
+class DataEventTracker(_PlainState):
     """Online data events: a batch loss with robust z-score above ``z`` over the previous ``history``
     finite losses (median and 1.4826 x MAD, at least ``warmup`` of them), flags within ``cooldown``
     steps merged into one event. Flagged losses do not enter the history, so a burst of garbage does
@@ -481,15 +480,6 @@ class DataEventTracker:
             self.hist.append(x)
             del self.hist[: max(0, len(self.hist) - self.history)]
         return {"flag": flag, "new_event": new_event}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, list) else v) for k, v in vars(self).items()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for k, v in state.items():
-            if not hasattr(self, k):
-                raise KeyError(f"DataEventTracker state has unknown field {k!r}")
-            setattr(self, k, list(v) if isinstance(v, (list, tuple)) else v)
 
 
 def data_event_flags(loss: Sequence[float], **rule: Any) -> tuple[np.ndarray, int]:
