@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from stso_env.monitor.monitor import OBSERVATION_NAMES
 import stso_env  # noqa: F401  (registers the env)
 from agents.controllers import make_controller
 from agents.controllers.hypergradient import AdamHD, hypergradient
@@ -83,7 +84,7 @@ def test_rule_based_fires_holds_and_restores():
     ctrl = RuleBased(min_lr_scale=0.25, calm_windows=2)
     actions, _ = episode(ctrl, env)
     assert len(actions) == 3  # runs a real episode
-    obs = np.zeros(50, dtype=np.float32)
+    obs = np.zeros(len(OBSERVATION_NAMES), dtype=np.float32)
 
     def step(trigger, scale):
         return ctrl.act(obs, {"trigger": trigger, "uncertainty_index": 3.0 if trigger else 0.0,

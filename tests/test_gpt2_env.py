@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
+from stso_env.monitor.monitor import OBSERVATION_NAMES
 import stso_env  # noqa: F401  (registers the env)
 from stso_env.config import ASSETS_DIR
 from stso_env.envs.gpt2_env import GPT2Env
@@ -223,7 +224,7 @@ def test_log_db_and_tensorboard(tmp_path):
     table = read_log_db(tmp_path / "run" / "log_db.parquet")  # readable while the env is open
     assert table.num_rows == 5 and table.column("env_step").to_pylist() == [0, 1, 2, 3, 4]
     assert table.column("action").to_pylist()[1] == ACTIONS[1]
-    assert len(table.column("state").to_pylist()[0]) == 50
+    assert len(table.column("state").to_pylist()[0]) == len(OBSERVATION_NAMES)
     env.close()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(str(tmp_path / "run" / "tb"))
@@ -236,9 +237,9 @@ def test_vector_envs():
     for mode in ("sync", "async"):
         venv = gym.make_vec("STSO-GPT2-v0", num_envs=2, vectorization_mode=mode, **FAST)
         obs, _ = venv.reset(seed=[0, 1])
-        assert obs.shape == (2, 50)
+        assert obs.shape == (2, len(OBSERVATION_NAMES))
         obs, r, term, trunc, _ = venv.step(np.array([ACTIONS[1], ACTIONS[2]]))
-        assert obs.shape == (2, 50) and r.shape == (2,)
+        assert obs.shape == (2, len(OBSERVATION_NAMES)) and r.shape == (2,)
         venv.close()
 
 
@@ -247,7 +248,7 @@ def test_sb3_subproc_vec_env():
     venv = SubprocVecEnv([lambda: GPT2Env(**FAST), lambda: GPT2Env(**FAST)])
     venv.seed(0)
     obs = venv.reset()
-    assert obs.shape == (2, 50)
+    assert obs.shape == (2, len(OBSERVATION_NAMES))
     obs, r, done, info = venv.step(np.array([ACTIONS[0], ACTIONS[3]]))
-    assert obs.shape == (2, 50) and all(math.isfinite(x) for x in r)
+    assert obs.shape == (2, len(OBSERVATION_NAMES)) and all(math.isfinite(x) for x in r)
     venv.close()

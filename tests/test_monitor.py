@@ -20,9 +20,11 @@ def stats(step, loss=2.0, grad_norm=1.0, lr=1e-3, bound=math.inf, skipped=False,
 
 
 def test_names_layout():
-    assert len(OBSERVATION_NAMES) == 3 * len(BASE_FEATURES) + len(COMPONENT_NAMES) + 3 == 50
+    assert len(OBSERVATION_NAMES) == 3 * len(BASE_FEATURES) + len(COMPONENT_NAMES) + 3 == 53
     assert OBSERVATION_NAMES[:3] == ("loss", "loss_ema", "loss_delta")
-    assert OBSERVATION_NAMES[-3:] == ("uncertainty_index", "trigger", "progress")
+    # the probe loss came last so that the older features kept their indices
+    assert OBSERVATION_NAMES[-6:] == ("uncertainty_index", "trigger", "progress", "probe_loss", "probe_loss_ema",
+                                      "probe_loss_delta")
 
 
 def test_known_normalisation_and_window_aggregation():
@@ -50,6 +52,29 @@ def test_known_normalisation_and_window_aggregation():
     assert obs2["clip_bound"] == pytest.approx(math.log1p(2.0), rel=1e-6)
     assert obs2["momentum_reset_flag"] == 0.0
 
+
+
+def test_probe_loss_feature_known_answers_and_round_trip():
+    m = Monitor(vocab_size=257, budget_steps=100)
+    m.update(stats(0))
+    obs = dict(zip(OBSERVATION_NAMES, m.observe()))
+    assert obs["probe_loss"] == 0.0  # no probe measured yet: 0, as the schema says
+    m.update_probe(3.0, flops=1e9, steps=1)
+    m.update(stats(1))
+    obs = dict(zip(OBSERVATION_NAMES, m.observe()))
+    assert obs["probe_loss"] == pytest.approx(3.0 / math.log(257), rel=1e-6)
+    m.update_probe(2.5, flops=1e9, steps=1)
+    state = m.state_dict()
+    m.update(stats(2))
+    obs = dict(zip(OBSERVATION_NAMES, m.observe()))
+    assert obs["probe_loss_delta"] == pytest.approx(-0.5 / math.log(257), rel=1e-5)
+    restored = Monitor(vocab_size=257, budget_steps=100)
+    restored.load_state_dict(state)
+    restored.update(stats(2))
+    np.testing.assert_array_equal(restored.observe(), np.array([obs[n] for n in OBSERVATION_NAMES], np.float32))
+    m.update_probe(math.inf, flops=1e9, steps=1)
+    m.update(stats(3))
+    assert dict(zip(OBSERVATION_NAMES, m.observe()))["probe_loss"] == 100.0  # a diverged probe is the extreme
 
 def test_skipped_steps_are_not_spikes_and_nonfinite_is_clipped():
     m = Monitor(vocab_size=257, budget_steps=1000)

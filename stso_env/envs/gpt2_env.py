@@ -29,7 +29,7 @@ NEUTRAL_ACTION = (2, 1, 0, 0, 0, 0)
 ACTION_FIELDS = ("lr_change", "weight_decay", "clip_policy", "momentum_reset", "data_reorder", "skip_batch")
 LR_SCALE_LIMITS = (1e-2, 1e2)
 #: Per-window record of the env (``lineage()``); snapshots, forks and adopted states carry it.
-HISTORY_KEYS = ("global_step", "train_loss", "probe_loss", "index", "trigger", "lr_scale", "clip_policy",
+HISTORY_KEYS = ("global_step", "train_loss", "probe_loss", "index", "index_max", "trigger", "lr_scale", "clip_policy",
                 "events", "data_events", "olmo_events", "flops", "steps", "action")
 
 
@@ -110,7 +110,7 @@ class GPT2Env(gym.Env):
 
     ## Observation Space
 
-    ``Box(-100, 100, (50,), float32)``; names in ``env.unwrapped.observation_names``,
+    ``Box(-100, 100, (53,), float32)``; names in ``env.unwrapped.observation_names``,
     units and normalisation in ``assets/state_schema_v1.yaml`` (observation section).
 
     | index | name                   | unit / normalisation                          |
@@ -130,6 +130,7 @@ class GPT2Env(gym.Env):
     | 47    | uncertainty_index      | weighted sum of the z-scores                  |
     | 48    | trigger                | 1 while the index is above tau (hysteresis)   |
     | 49    | progress               | training steps done / budget                  |
+    | 50-52 | probe_loss, _ema, _delta | probe-batch loss after the window / ln(vocab) |
 
     ## Rewards
 
@@ -147,6 +148,15 @@ class GPT2Env(gym.Env):
     never earns reward by itself. Steps whose own batch loss is far above the
     recent median are *data events* (``info["data_events"]``): reported, never
     penalised, since no intervention can lower the loss of a garbage batch.
+
+    ## Info
+
+    Besides the reward's terms (``probe_loss``, ``instability_events``,
+    ``wasted_flops``, ``flops``, ``diverged``): ``uncertainty_index`` and
+    ``trigger`` at the window's last step, ``index_max`` and ``trigger_in_window``
+    over all its steps (a spike can push the index over tau and back under
+    ``tau - hysteresis`` within one window), ``data_events``, ``olmo_events``,
+    ``global_step``, ``steps``, ``lr_scale``, ``noise`` and ``action_overridden``.
 
     ## Starting State
 
@@ -337,6 +347,9 @@ class GPT2Env(gym.Env):
         olmo = data_events = flops = 0.0
         steps = 0
         diverged = False
+        # the trigger and index of any step in the window, not only the last: a spike can push the index
+        # over tau and back under tau - hysteresis within one window, and the controller decides per window
+        in_window, index_max = False, -math.inf
         noise: set[str] = set()
         last = None
         probe_before = self._probe
@@ -346,6 +359,8 @@ class GPT2Env(gym.Env):
                     break
                 s = tr.train_step()
                 ev = mon.update(s)
+                in_window = in_window or bool(ev["trigger"])
+                index_max = max(index_max, float(ev["index"]))
                 olmo += ev["new_event"]
                 data_events += ev["data_event"]
                 flops += s.flops
@@ -374,6 +389,7 @@ class GPT2Env(gym.Env):
         info = {
             "global_step": tr.global_step, "train_loss": last.loss, "probe_loss": self._probe,
             "uncertainty_index": reading["index"], "trigger": reading["trigger"],
+            "trigger_in_window": in_window, "index_max": index_max,
             "instability_event": bool(events), "instability_events": events, "model_event_open": model["in_event"],
             "data_events": int(data_events), "olmo_events": int(olmo), "diverged": diverged,
             "flops": float(flops), "wasted_flops": wasted, "steps": steps,
@@ -388,6 +404,7 @@ class GPT2Env(gym.Env):
         h["train_loss"].append(last.loss)
         h["probe_loss"].append(self._probe)
         h["index"].append(reading["index"])
+        h["index_max"].append(index_max)
         h["trigger"].append(bool(reading["trigger"]))
         h["lr_scale"].append(tr.knobs.lr_scale)
         h["clip_policy"].append(act["clip_policy"])
@@ -498,6 +515,8 @@ class GPT2Env(gym.Env):
         self._diverged_at_reset = bool(state["diverged_at_reset"])
         self._last_info = copy.deepcopy(state["last_info"])
         self._history = {k: list(v) for k, v in state["history"].items()}
+        # states saved before the window maximum was recorded: the end-of-window index stands in
+        self._history.setdefault("index_max", list(self._history.get("index", [])))
         self._total_flops = float(state["total_flops"])
 
     def fork(self) -> GPT2Env:

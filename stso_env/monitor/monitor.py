@@ -38,6 +38,7 @@ BASE_FEATURES = (
     "batch_loss_mean", "batch_loss_var",
     "act_entropy_mean", "act_entropy_min", "act_entropy_max",
     "attn_entropy_mean", "attn_entropy_min", "attn_entropy_max",
+    "probe_loss",
 )
 CLIP_BOUND_CAP = 100.0  # "no bound" is encoded as this bound
 OBS_LIMIT = 100.0  # every entry is clipped to [-OBS_LIMIT, OBS_LIMIT]
@@ -67,6 +68,8 @@ class Monitor:
         self.names = OBSERVATION_NAMES
         self._window: list[dict[str, float]] = []
         self._layers: dict[str, float] = {k: math.nan for k in BASE_FEATURES if "entropy" in k}
+        # latest probe loss in nats; None until the first probe (observed as 0, like the layer stats)
+        self._probe: float | None = None
         self._prev: dict[str, float] | None = None
         self._ema: dict[str, float] | None = None
         # z-scores, index and trigger of the latest step, kept as plain data so a restored
@@ -110,7 +113,9 @@ class Monitor:
 
     def update_probe(self, probe_loss: float, flops: float, steps: int) -> dict[str, Any]:
         """Account one window's probe loss (after its ``steps`` steps costing ``flops``): the model
-        instability rule's ``new_event``, ``in_event``, ``recovered`` and ``recovery_flops``."""
+        instability rule's ``new_event``, ``in_event``, ``recovered`` and ``recovery_flops``. The probe
+        loss also enters the next observation (``probe_loss``)."""
+        self._probe = float(probe_loss)
         return self.model_events.update(probe_loss, flops, steps)
 
     @property
@@ -144,6 +149,9 @@ class Monitor:
         }
         for k, val in self._layers.items():
             v[k] = val if math.isfinite(val) else 0.0  # before the first sample: 0, documented
+        # not measured yet: 0 (documented); measured but not finite (a diverged model): observe() maps
+        # the NaN/inf to OBS_LIMIT, the extreme it is
+        v["probe_loss"] = 0.0 if self._probe is None else self._probe / self.log_vocab
         return v
 
     def observe(self) -> np.ndarray:
@@ -182,6 +190,7 @@ class Monitor:
             "data_events": self.data_events.state_dict(),
             "window": [dict(r) for r in self._window],
             "layers": dict(self._layers),
+            "probe": self._probe,
             "prev": None if self._prev is None else dict(self._prev),
             "ema": None if self._ema is None else dict(self._ema),
             "global_step": self.global_step,
@@ -195,6 +204,8 @@ class Monitor:
         self.data_events.load_state_dict(state["data_events"])
         self._window = [dict(r) for r in state["window"]]
         self._layers = dict(state["layers"])
+        probe = state.get("probe")  # absent in states saved before the probe entered the observation
+        self._probe = None if probe is None else float(probe)
         self._prev = None if state["prev"] is None else dict(state["prev"])
         self._ema = None if state["ema"] is None else dict(state["ema"])
         self.global_step = int(state["global_step"])
