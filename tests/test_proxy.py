@@ -4,7 +4,7 @@ Per run, a hidden LR scale ``g`` is multiplied by the factor of action[0]
 (keep 1.0 / down 0.8 / up 1.25 / cut 0.5); the probe loss follows
 ``l' = l * (1 - 0.05 * min(g, 2)) + N(0, 0.01)``, plus a spike of ``0.1 * (g - 2)`` and one
 instability event whenever ``g > 2``; the run diverges (probe loss NaN, terminated) once
-``g > 3``. The state exposes ``l``, ``log g``, ``g`` and progress, padded with zeros to 50
+``g > 3``. The state exposes ``l``, ``log g``, ``g`` and progress, padded with zeros to the observation width
 features, so loss and divergence ``N`` steps ahead are predictable up to the randomness of
 the future actions.
 """
@@ -25,6 +25,7 @@ import pytest
 from stso_env.errors import ConfigError, DataError
 from stso_env.monitor.monitor import OBSERVATION_NAMES
 from stso_env.proxy.calibration import (
+    SCORE_NORMALISED,
     ConformalBounds,
     calibrate,
     conformal_bounds,
@@ -49,7 +50,7 @@ def synth_rows(run_seed: int, steps: int = 40) -> list[dict]:
     loss, scale = rng.uniform(2.0, 6.0), rng.uniform(0.5, 1.5)
     rows = []
     for t in range(steps):
-        state = np.zeros(50, np.float32)
+        state = np.zeros(len(OBSERVATION_NAMES), np.float32)
         state[:4] = (loss, np.log(scale), scale, t / steps)
         a = [int(rng.choice(4, p=LR_PROBS))] + [int(rng.integers(n)) for n in NVEC[1:]]
         before = loss
@@ -58,7 +59,7 @@ def synth_rows(run_seed: int, steps: int = 40) -> list[dict]:
         events = int(scale > 2.0)
         loss += 0.1 * (scale - 2.0) * events
         diverged = bool(scale > 3.0)
-        nxt = np.zeros(50, np.float32)
+        nxt = np.zeros(len(OBSERVATION_NAMES), np.float32)
         nxt[:4] = (np.inf if diverged else loss, np.log(scale), scale, (t + 1) / steps)
         rows.append(dict(
             run_id=f"run{run_seed}", episode=0, env_step=t, global_step=(t + 1) * 10, seed=run_seed,
@@ -104,7 +105,7 @@ def test_targets_follow_definitions():
     ok = np.flatnonzero(probe[:HORIZON] <= before[0])
     assert ds.recovery_time[0] == (ok[0] if ok.size else HORIZON)
     np.testing.assert_array_equal(ds.next_state[0], np.asarray(rows[0]["next_state"], np.float32))
-    assert ds.state.shape[1] + ds.action.shape[1] == 56 and len(ds.feature_names) == 67
+    assert ds.state.shape[1] + ds.action.shape[1] == 59 and len(ds.feature_names) == 70
 
 
 def test_divergence_uses_last_finite_loss():
@@ -159,19 +160,37 @@ def test_stored_conformal_bounds_equal_mapie_and_round_trip(trained, tmp_path):
     model, parts, report = trained
     bounds = conformal_bounds(model, parts["calib"])
     test = parts["test"]
-    mean = model.predict(test.state, test.action)
-    for level in (0.8, 0.9, 0.95):
-        np.testing.assert_allclose(bounds.upper("loss_at_n", mean["loss_at_n"], level),
-                                   conformal_upper(model, calibrate(model, parts["calib"]), test, level), atol=1e-5)
+    pred = model.predict(test.state, test.action)
+    assert bounds.scores == {"loss_at_n": SCORE_NORMALISED, "instability_risk": SCORE_NORMALISED}
+    # the floor is 10 % of the median spread on the calibration rows
+    calib_std = model.predict(parts["calib"].state, parts["calib"].action)["loss_at_n_std"]
+    assert bounds.floors["loss_at_n"] == pytest.approx(0.1 * np.median(calib_std), rel=1e-6)
+    for target in ("loss_at_n", "instability_risk"):
+        cal = calibrate(model, parts["calib"], target=target)
+        for level in (0.8, 0.9, 0.95):
+            stored = bounds.upper(target, pred[target], level, pred[target + "_std"])
+            np.testing.assert_allclose(stored, conformal_upper(model, cal, test, level), rtol=1e-6, atol=1e-6)
+    # locally adaptive: the widths follow the ensemble spread, so they differ between rows
+    up = bounds.upper("loss_at_n", pred["loss_at_n"], 0.9, pred["loss_at_n_std"])
+    margin = up - pred["loss_at_n"]
+    assert margin.std() > 0.1 * margin.mean() and np.corrcoef(margin, pred["loss_at_n_std"])[0, 1] > 0.999
+    for level in ("0.8", "0.9", "0.95"):
+        assert report["interval_width_std"][level] > 0.0 and report["interval_width"][level] > 0.0
+    assert report["conformal_score"] == SCORE_NORMALISED
     # the risk bound is an upper bound with (close to) its nominal one-sided coverage on held-out runs
     for level in ("0.8", "0.9", "0.95"):
         assert report["risk_upper_coverage"][level] >= float(level) - 0.05, report["risk_upper_coverage"]
     bounds.save(tmp_path)
+    doc = json.loads((tmp_path / "calibration.json").read_text())
+    assert doc["format_version"] == 2 and doc["score"] == SCORE_NORMALISED
     again = ConformalBounds.load(tmp_path)
-    assert again.quantiles == bounds.quantiles and again.n_calib == len(parts["calib"])
+    assert again == bounds and again.n_calib == len(parts["calib"])
+    np.testing.assert_array_equal(again.upper("loss_at_n", pred["loss_at_n"], 0.9, pred["loss_at_n_std"]), up)
     assert ConformalBounds.load(tmp_path / "nowhere") is None
     with pytest.raises(ConfigError, match="not calibrated"):
-        again.upper("loss_at_n", mean["loss_at_n"], 0.85)
+        again.upper("loss_at_n", pred["loss_at_n"], 0.85, pred["loss_at_n_std"])
+    with pytest.raises(ConfigError, match="upper std"):
+        again.upper("loss_at_n", pred["loss_at_n"], 0.9)
     (tmp_path / "calibration.json").write_text("{}")
     with pytest.raises(DataError, match="not a calibration file"):
         ConformalBounds.load(tmp_path)
@@ -206,7 +225,7 @@ def test_scores_500_candidates_in_one_batched_call(trained):
     x = np.repeat(parts["test"].state[:1], 500, axis=0)
     a = np.stack([rng.integers(n, size=500) for n in NVEC], axis=1)
     out = model.predict(x, a)
-    assert out["loss_at_n"].shape == (500,) and out["next_state"].shape == (500, 50)
+    assert out["loss_at_n"].shape == (500,) and out["next_state"].shape == (500, len(OBSERVATION_NAMES))
     best = float("inf")
     for _ in range(5):
         t0 = time.perf_counter()
