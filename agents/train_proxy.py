@@ -77,7 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m agents.train_proxy", description=__doc__.split("\n\n")[0])
     p.add_argument("--log-db", required=True, help="log database folder (part-*.parquet) or one Parquet file")
     p.add_argument("--out", required=True, help="output folder for proxy.json / proxy.safetensors / report")
-    p.add_argument("--horizon", type=int, default=10, help="env steps ahead the targets look (default 10)")
+    p.add_argument("--horizon", type=int, default=5,
+                   help="env steps ahead the targets look (default 5: 50 optimizer steps at decision interval 10)")
+    p.add_argument("--no-plans", dest="plans", action="store_false",
+                   help="condition on the first window's action only, not on the plan (action + continuation)")
     p.add_argument("--seed", type=int, default=0, help="seed for the split, initialisation and bootstrap")
     p.add_argument("--test-seeds", type=int, nargs="*", default=None,
                    help="episode seeds whose runs form the test set (default: largest ~20%% of seeds)")
@@ -98,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = ProxyConfig(horizon=args.horizon, hidden=args.hidden, layers=args.layers, ensemble=args.ensemble,
                           lr=args.lr, epochs=args.epochs, patience=args.patience, seed=args.seed)
         report = fit_proxy(Path(args.log_db), Path(args.out), cfg, test_seeds=args.test_seeds,
-                           calib_frac=args.calib_frac, valid_frac=args.valid_frac)
+                           calib_frac=args.calib_frac, valid_frac=args.valid_frac, plans=args.plans)
     except STSOError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -107,15 +110,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def fit_proxy(log_db: Path, out: Path, cfg: ProxyConfig, *, test_seeds: Sequence[int] | None = None,
-              calib_frac: float = 0.25, valid_frac: float = 0.15, progress: bool = True) -> dict[str, Any]:
+              calib_frac: float = 0.25, valid_frac: float = 0.15, progress: bool = True,
+              plans: bool = True) -> dict[str, Any]:
     """Split ``log_db`` by runs, fit ``cfg``'s ensemble with early stopping, calibrate and evaluate it,
-    and write ``proxy.json``, ``proxy.safetensors`` and ``proxy_report.json`` to ``out``; returns the report."""
+    and write ``proxy.json``, ``proxy.safetensors`` and ``proxy_report.json`` to ``out``; returns the report.
+
+    With ``plans`` (the default) the proxy conditions on plans, the first window's action and the
+    continuation of the horizon (:func:`stso_env.proxy.dataset.build_targets`)."""
     if not log_db.exists():
         raise DataError(f"--log-db {log_db}: does not exist; pass the log_db.parquet folder of a run")
     table = read_log_db(log_db)
     if table.num_rows == 0:
         raise DataError(f"--log-db {log_db}: the log database has no rows; collect episodes first")
-    ds = build_targets(table, cfg.horizon)
+    ds = build_targets(table, cfg.horizon, plans=plans)
     parts = split_runs(ds, test_seeds, calib_frac=calib_frac, valid_frac=valid_frac, seed=cfg.seed)
     model = ProxyEnsemble(cfg, state_dim=ds.state.shape[1], nvec=ds.action_nvec, state_names=ds.state_names)
     t0 = time.perf_counter()
@@ -130,6 +137,7 @@ def fit_proxy(log_db: Path, out: Path, cfg: ProxyConfig, *, test_seeds: Sequence
     model.save(out)
     conformal_bounds(model, parts["calib"]).save(out)
     report.update({
+        "loss_change_r2": loss_change_r2(model, parts["test"]), "plans": bool(plans),
         "horizon": cfg.horizon, "n_train": len(parts["train"]), "n_valid": len(parts["valid"]),
         "n_train_runs": int(len(np.unique(parts["train"].groups))),
         "test_seeds": parts["test_seeds"], "valid_is_calib": parts["valid_is_calib"],
@@ -140,13 +148,32 @@ def fit_proxy(log_db: Path, out: Path, cfg: ProxyConfig, *, test_seeds: Sequence
     return report
 
 
+def loss_change_r2(model: ProxyEnsemble, test: ProxyDataset) -> float | None:
+    """R² of the predicted *change* of the probe loss over the horizon (``loss_at_n - loss_before``) on
+    ``test``: the part of ``loss_at_n`` an intervention can move, which the level's R² flatters (most
+    of the level's variance is where the run already is)."""
+    if test.loss_before is None:
+        return None
+    ok = np.isfinite(test.loss_at_n) & np.isfinite(test.loss_before) & (test.diverged_at_n == 0)
+    if ok.sum() < 2:
+        return None
+    from sklearn.metrics import r2_score
+
+    pred = model.predict(test.state[ok], test.action[ok])["loss_at_n"].astype(np.float64)
+    before = test.loss_before[ok].astype(np.float64)
+    return float(r2_score(test.loss_at_n[ok].astype(np.float64) - before, pred - before))
+
+
 def print_report(report: dict[str, Any], out: Path) -> None:
     """One short summary of a :func:`fit_proxy` report on stdout."""
     auroc = report["divergence_auroc"]
     print(f"proxy: {report['n_train']} train / {report['n_calib']} calib / {report['n_test']} test rows, "
           f"{report['epochs_run']} epochs in {report['fit_seconds']:.1f}s")
     r2 = report["loss_r2"]
-    print(f"  loss_at_{report['horizon']}: R2 {'n/a' if r2 is None else f'{r2:.3f}'}  MAE {report['loss_mae']:.4f}")
+    dr2 = report.get("loss_change_r2")
+    print(f"  loss_at_{report['horizon']}: R2 {'n/a' if r2 is None else f'{r2:.3f}'}  MAE {report['loss_mae']:.4f}  "
+          f"R2 of the change {'n/a' if dr2 is None else f'{dr2:.3f}'}"
+          + ("  (plans)" if report.get("plans") else ""))
     print(f"  divergence: AUROC {'n/a' if auroc is None else f'{auroc:.3f}'}  "
           f"Brier {report['divergence_brier']:.4f}")
     rep = report["coverage_repeats"]

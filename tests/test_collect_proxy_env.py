@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from agents import collect
 from stso_env.envs.gpt2_env import ACTION_NVEC
 from stso_env.envs.proxy_env import ProxyEnv, ProxyVecModel
 from stso_env.errors import ConfigError, DataError
+from stso_env.monitor.monitor import OBSERVATION_NAMES
 from stso_env.proxy.dataset import build_targets
 from stso_env.proxy.logdb import read_log_db
 from stso_env.proxy.model import ProxyConfig, ProxyEnsemble
@@ -155,7 +157,7 @@ def test_batched_path_equals_single_steps(proxy_dir: Path, collected: Path):
         actions.append(a)
         singles.append((nxt, r, term))
     ns, rs, ts = vec.step_batch(np.array(states), np.array(actions))
-    assert ns.shape == (8, 50) and rs.shape == (8,) and ts.dtype == bool
+    assert ns.shape == (8, len(OBSERVATION_NAMES)) and rs.shape == (8,) and ts.dtype == bool
     for i, (nxt, r, term) in enumerate(singles):
         np.testing.assert_allclose(ns[i], nxt, rtol=1e-5, atol=1e-5)
         assert abs(rs[i] - r) < 1e-4 and ts[i] == term
@@ -184,14 +186,15 @@ def test_uncertainty_penalty_subtracts_member_disagreement(proxy_dir: Path, coll
     lam = 2.0
     pessimist = ProxyVecModel(str(proxy_dir), uncertainty_penalty=lam)
     rng = np.random.default_rng(0)
-    states = rng.normal(0, 0.3, size=(16, 50)).astype(np.float32)
+    states = rng.normal(0, 0.3, size=(16, len(OBSERVATION_NAMES))).astype(np.float32)
     actions = np.stack([rng.integers(n, size=16) for n in (4, 3, 4, 2, 2, 1)], axis=1)
     h = plain.heads(states, actions)
-    # the spread is the members' std of the loss-feature change, in nats
+    # the spread is the members' std of the probe-loss-feature change, in nats
     m = plain.model
     with torch.no_grad():
         out = m(m._encode(states, actions)) * m.y_std + m.y_mean
-    expected_spread = out[..., 4 + 0].std(0, unbiased=False).numpy() * plain.nats_per_loss_unit
+    probe = OBSERVATION_NAMES.index("probe_loss")
+    expected_spread = out[..., 4 + probe].std(0, unbiased=False).numpy() * plain.nats_per_loss_unit
     np.testing.assert_allclose(h["progress_spread"], expected_spread, rtol=1e-5)
     assert (h["progress_spread"] > 0).all()
     s1, r1, t1 = plain.step_batch(states, actions)
@@ -200,3 +203,22 @@ def test_uncertainty_penalty_subtracts_member_disagreement(proxy_dir: Path, coll
     np.testing.assert_allclose(r1 - r2, lam * plain.reward_weights.progress * expected_spread, rtol=1e-5)
     with pytest.raises(ConfigError, match="uncertainty_penalty"):
         ProxyVecModel(str(proxy_dir), uncertainty_penalty=-1.0)
+
+
+def test_loss_head_predicts_the_change_from_the_probe_loss_in_the_state(proxy_dir: Path, collected: Path):
+    model = ProxyEnsemble.load(proxy_dir)
+    # the probe_loss feature is probe loss / ln(vocab); the byte tokenizer has 257 ids
+    assert float(model.probe_scale) == pytest.approx(math.log(257), rel=1e-5)
+    ds = build_targets(read_log_db(collected / "log_db.parquet"), horizon=2)
+    np.testing.assert_allclose(model.loss_baseline(ds.state), ds.loss_before, rtol=1e-5)
+    with torch.no_grad():
+        raw = model(model._encode(ds.state, ds.action)) * model.y_std + model.y_mean
+    np.testing.assert_allclose(model.predict(ds.state, ds.action)["loss_at_n"],
+                               raw[..., 0].mean(0).numpy() + ds.loss_before, rtol=1e-5, atol=1e-5)
+    # a log whose probe feature has another scale per row mixes tokenizers: refused, not averaged
+    mixed = ds.subset(np.arange(len(ds)))
+    mixed.loss_before = mixed.loss_before * np.where(np.arange(len(ds)) % 2, 1.0, 2.0).astype(np.float32)
+    fresh = ProxyEnsemble(ProxyConfig(horizon=2, hidden=8, ensemble=2, epochs=1), state_dim=ds.state.shape[1],
+                          nvec=ds.action_nvec, state_names=ds.state_names)
+    with pytest.raises(DataError, match="mixes tokenizers"):
+        fresh.fit(mixed, mixed)

@@ -19,10 +19,11 @@ from gymnasium import spaces
 from stso_env.envs.gpt2_env import (ACTION_NVEC, OBS_LIMIT, OBSERVATION_NAMES, RewardWeights, action_mask,
                                     decode_action)
 from stso_env.errors import ConfigError, DataError
+from stso_env.proxy.dataset import PLAN_NVEC, as_plan
 from stso_env.proxy.model import _N_SCALAR, ProxyEnsemble
 
-#: Index of the training-loss feature (loss / ln(vocab)) in the observation.
-LOSS_INDEX = OBSERVATION_NAMES.index("loss")
+#: Index of the probe-loss feature (probe loss / ln(vocab)) in the observation: the reward's loss.
+PROBE_INDEX = OBSERVATION_NAMES.index("probe_loss")
 #: Nats per unit of the loss feature when no log is there to measure it: ln(257), the byte vocabulary.
 DEFAULT_NATS_PER_LOSS_UNIT = math.log(257)
 #: A predicted divergence probability above this ends the episode.
@@ -51,10 +52,13 @@ class ProxyVecModel:
                  nats_per_loss_unit: float = DEFAULT_NATS_PER_LOSS_UNIT, uncertainty_penalty: float = 0.0) -> None:
         self.model = proxy if isinstance(proxy, ProxyEnsemble) else ProxyEnsemble.load(proxy)
         self.model.eval()
-        if self.model.state_dim != len(OBSERVATION_NAMES) or tuple(self.model.nvec) != tuple(ACTION_NVEC):
+        if self.model.state_dim != len(OBSERVATION_NAMES) or tuple(self.model.nvec) not in (
+                tuple(ACTION_NVEC), tuple(PLAN_NVEC)):
             raise ConfigError(f"proxy: state dim {self.model.state_dim}, actions {list(self.model.nvec)}; "
-                              f"STSO-Proxy-v0 needs {len(OBSERVATION_NAMES)} features and {list(ACTION_NVEC)}; "
-                              "train the proxy on a STSO-GPT2-v0 log database")
+                              f"STSO-Proxy-v0 needs {len(OBSERVATION_NAMES)} features and {list(ACTION_NVEC)} "
+                              f"(or plans, {list(PLAN_NVEC)}); train the proxy on a STSO-GPT2-v0 log database")
+        # a plan proxy reads each action as "this now, then hold its settings" (dataset.as_plan)
+        self.plans = tuple(self.model.nvec) == tuple(PLAN_NVEC)
         if not (nats_per_loss_unit > 0 and math.isfinite(nats_per_loss_unit)):
             raise ConfigError(f"nats_per_loss_unit: must be positive and finite, got {nats_per_loss_unit!r}")
         if not (uncertainty_penalty >= 0 and math.isfinite(uncertainty_penalty)):
@@ -95,7 +99,7 @@ class ProxyVecModel:
         """Proxy heads per row: the ensemble mean, or member ``members[i]`` for row ``i`` when given."""
         s, a, overridden = self._check(states, actions)
         m = self.model
-        xt = m._encode(s, a)
+        xt = m._encode(s, as_plan(a) if self.plans else a)
         out = m(xt) * m.y_std + m.y_mean  # (E, B, out), target units, as ProxyEnsemble.predict
         if members is None:
             sel = out.mean(0)
@@ -105,11 +109,11 @@ class ProxyVecModel:
                 raise DataError(f"members: expected {s.shape[0]} indices in 0..{self.n_members - 1}")
             sel = out[torch.from_numpy(idx), torch.arange(s.shape[0])]
         prob = torch.sigmoid(out[..., 1]).mean(0) if members is None else torch.sigmoid(sel[:, 1])
-        # members' disagreement on the one-step loss change (the reward's progress term), in nats
-        spread = out[..., _N_SCALAR + LOSS_INDEX].std(0, unbiased=False) * self.nats_per_loss_unit
+        # members' disagreement on the one-step probe-loss change (the reward's progress term), in nats
+        spread = out[..., _N_SCALAR + PROBE_INDEX].std(0, unbiased=False) * self.nats_per_loss_unit
         return {"next_state": (sel[:, _N_SCALAR:] + xt[:, : m.state_dim]).numpy(),
                 "progress_spread": spread.numpy(),
-                "loss_at_n": sel[:, 0].numpy(), "diverged_prob": prob.numpy(),
+                "loss_at_n": sel[:, 0].numpy() + m.loss_baseline(s), "diverged_prob": prob.numpy(),
                 "instability_risk": sel[:, 2].numpy(), "recovery_time": sel[:, 3].numpy(),
                 "action": a, "action_overridden": overridden, "state": s}
 
@@ -125,8 +129,8 @@ class ProxyVecModel:
         state = np.nan_to_num(h["state"], nan=0.0, posinf=OBS_LIMIT, neginf=-OBS_LIMIT)
         nxt = np.clip(np.nan_to_num(h["next_state"], nan=0.0, posinf=OBS_LIMIT, neginf=-OBS_LIMIT),
                       -OBS_LIMIT, OBS_LIMIT).astype(np.float32)
-        progress = self.nats_per_loss_unit * (state[:, LOSS_INDEX].astype(np.float64)
-                                              - nxt[:, LOSS_INDEX].astype(np.float64))
+        progress = self.nats_per_loss_unit * (state[:, PROBE_INDEX].astype(np.float64)
+                                              - nxt[:, PROBE_INDEX].astype(np.float64))
         # the risk head counts events over the horizon: per env step that is risk / horizon
         events = np.clip(h["instability_risk"].astype(np.float64), 0.0, None) / self.horizon
         p_div = h["diverged_prob"].astype(np.float64)
@@ -157,7 +161,7 @@ class ProxyEnv(gym.Env):
 
     ## Observation Space
 
-    ``Box(-100, 100, (50,), float32)``, the STSO-GPT2-v0 state vector
+    ``Box(-100, 100, (53,), float32)``, the STSO-GPT2-v0 state vector
     (``env.unwrapped.observation_names``). Predicted states are clipped to the
     Box and NaN/inf mapped to its bounds, like the real monitor does.
 
@@ -174,15 +178,15 @@ class ProxyEnv(gym.Env):
 
     The STSO-GPT2-v0 formula with each term decoded from the proxy:
 
-    ``r = w_progress * c * (loss_t - loss_t+1) - w_instability * risk / N - w_divergence * p_div``
+    ``r = w_progress * c * (probe_t - probe_t+1) - w_instability * risk / N - w_divergence * p_div``
 
-    * progress: the proxy has no one-step probe-loss head, so the decrease of
-      the observation's ``loss`` feature (training loss / ln vocab) is used,
-      converted to nats with ``c`` = median of ``train_loss / next_state[loss]``
-      over the logged rows (``ln(257)`` when the log gives no finite ratio).
-      Training loss tracks the probe loss of the real env's reward closely
-      away from noise bursts; ``loss_at_n`` looks ``N`` steps ahead and would
-      mix horizons, so it is reported in ``info`` but not used here.
+    * progress: the decrease of the observation's ``probe_loss`` feature (probe
+      loss / ln vocab) from the state to the predicted next state, converted to
+      nats with ``c`` = median of ``probe_loss / next_state[probe_loss]`` over
+      the logged rows (``ln(257)`` when the log gives no finite ratio): the
+      quantity STSO-GPT2-v0 rewards, the probe loss, not a noisy single-batch
+      training loss. ``loss_at_n`` looks ``N`` steps ahead and would mix
+      horizons, so it is reported in ``info`` but not used here.
     * instability: ``instability_risk`` predicts the event *count* over the
       proxy's horizon ``N``; ``risk / N`` (clipped at 0) is the per-step rate.
     * wasted FLOPs: no proxy head predicts them, so the term is 0.
@@ -245,10 +249,10 @@ class ProxyEnv(gym.Env):
                                -OBS_LIMIT, OBS_LIMIT).astype(np.float32)
         nats = DEFAULT_NATS_PER_LOSS_UNIT
         loss_feat = np.asarray(table.column("next_state").combine_chunks().flatten()
-                               .to_numpy(zero_copy_only=False), dtype=np.float64).reshape(-1, width)[:, LOSS_INDEX]
-        train = table.column("train_loss").to_numpy(zero_copy_only=False).astype(np.float64)
+                               .to_numpy(zero_copy_only=False), dtype=np.float64).reshape(-1, width)[:, PROBE_INDEX]
+        probe = table.column("probe_loss").to_numpy(zero_copy_only=False).astype(np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = train / loss_feat
+            ratio = probe / loss_feat
         ratio = ratio[np.isfinite(ratio) & (ratio > 0)]
         if ratio.size:
             nats = float(np.median(ratio))
@@ -316,5 +320,5 @@ class ProxyEnv(gym.Env):
         if self._obs is None:
             raise RuntimeError("render() needs a reset env")
         last = self._last
-        return (f"proxy step {self._t}/{self.episode_steps} | loss feature {self._obs[LOSS_INDEX]:.3f} | "
+        return (f"proxy step {self._t}/{self.episode_steps} | probe feature {self._obs[PROBE_INDEX]:.3f} | "
                 f"p_div {last.get('diverged_prob', 0.0):.3f} | risk {last.get('instability_risk', 0.0):.2f}")

@@ -19,6 +19,10 @@ Targets (row ``t``, window = rows ``t .. t+N-1``):
 ``instability_risk``
     the *count* of instability events (``instability_events`` summed over the
     window); not a probability, so a larger spike cluster scores higher.
+``loss_before`` (an input, not a target)
+    ``probe_loss_before`` of row ``t``: the probe loss at the state. The proxy
+    regresses ``loss_at_n`` as a change from it (see
+    :mod:`stso_env.proxy.model`).
 ``recovery_time``
     ``k - 1`` for the smallest ``k`` in ``1..N`` whose probe loss after ``k``
     steps is at or below ``probe_loss_before`` of row ``t`` (the loss at the
@@ -26,6 +30,18 @@ Targets (row ``t``, window = rows ``t .. t+N-1``):
     diverges. 0 thus means "no setback", ``m`` means an ``m``-window setback.
 ``next_state``
     ``next_state`` of row ``t`` (the observation after one env step).
+
+Plans (``build_targets(..., plans=True)``): the proxy's input action becomes a *plan*, the
+executed action of row ``t`` followed by its *continuation*, the action of the remaining
+``N - 1`` windows summarised per dimension by its most frequent value over rows
+``t+1 .. t+N-1`` (ties to the smaller value). A plan proxy's action vector has
+``2 * len(ACTION_NVEC)`` entries (:data:`PLAN_NVEC`), so a branch decision can score
+"momentum reset now, then LR x0.9 for four windows" apart from "LR x0.9 now and then nothing".
+Where the window has no later row (horizon 1, or a divergence in the first window) the
+continuation is :func:`hold_continuation` of the row's own action. Episodes collected with
+held perturbations (``agents.collect``'s ``perturbed`` policy) give exact continuations;
+uniformly random episodes give their per-dimension mode, a summary the ensemble's spread and
+the conformal bounds account for.
 
 Rows whose window runs past the end of a trajectory that did *not* diverge
 (the step budget truncated it, or logging stopped) are dropped: the future is
@@ -44,6 +60,10 @@ from stso_env.errors import ConfigError, DataError
 
 #: MultiDiscrete sizes of the STSO-GPT2-v0 action space.
 ACTION_NVEC: tuple[int, ...] = (4, 3, 4, 2, 2, 2)
+#: MultiDiscrete sizes of a plan: the first window's action, then the continuation's.
+PLAN_NVEC: tuple[int, ...] = ACTION_NVEC + ACTION_NVEC
+#: Action dimensions that act once, on the window's first step (momentum reset, reorder, skip).
+ONE_SHOT_DIMS: tuple[int, ...] = (3, 4, 5)
 #: Names of the scalar targets, in the order of :meth:`ProxyDataset.scalar_targets`.
 SCALAR_TARGETS: tuple[str, ...] = ("loss_at_n", "diverged_at_n", "instability_risk", "recovery_time")
 _REQUIRED = ("run_id", "episode", "env_step", "seed", "state", "action", "next_state", "terminated",
@@ -65,6 +85,26 @@ def action_one_hot(action: np.ndarray, nvec: tuple[int, ...] = ACTION_NVEC) -> n
         out[rows, offset + col] = 1.0
         offset += size
     return out
+
+
+def hold_continuation(action: np.ndarray) -> np.ndarray:
+    """The continuation that holds ``action``'s settings (LR change, weight decay, clip policy) and repeats
+    none of its one-shot interventions: ``(n, D)`` -> ``(n, D)``."""
+    a = np.array(action, dtype=np.int64, copy=True).reshape(-1, len(ACTION_NVEC))
+    a[:, list(ONE_SHOT_DIMS)] = 0
+    return a
+
+
+def as_plan(action: np.ndarray, continuation: np.ndarray | None = None) -> np.ndarray:
+    """Plans ``(n, 2D)`` from first-window actions ``(n, D)`` and continuations (default: held settings)."""
+    a = np.asarray(action, dtype=np.int64).reshape(-1, len(ACTION_NVEC))
+    c = hold_continuation(a) if continuation is None else np.asarray(continuation, dtype=np.int64).reshape(a.shape)
+    return np.concatenate([a, c], axis=1)
+
+
+def _mode_rows(actions: np.ndarray) -> np.ndarray:
+    # per-dimension most frequent value (bincount's argmax: ties go to the smaller value)
+    return np.array([np.bincount(actions[:, d]).argmax() for d in range(actions.shape[1])], dtype=np.int64)
 
 
 def action_feature_names(nvec: tuple[int, ...] = ACTION_NVEC) -> list[str]:
@@ -90,6 +130,8 @@ class ProxyDataset:
     state_names: list[str] = field(default_factory=list)
     action_nvec: tuple[int, ...] = ACTION_NVEC
     target_names: tuple[str, ...] = SCALAR_TARGETS + ("next_state",)
+    #: (n,) float32 probe loss at the state (``probe_loss_before``, nats); None for hand-made sets
+    loss_before: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.state.shape[0])
@@ -117,7 +159,8 @@ class ProxyDataset:
                                                    "instability_risk", "recovery_time", "next_state",
                                                    "run_id", "episode", "seed")}
         return ProxyDataset(**take, horizon=self.horizon, state_names=list(self.state_names),
-                            action_nvec=self.action_nvec, target_names=self.target_names)
+                            action_nvec=self.action_nvec, target_names=self.target_names,
+                            loss_before=None if self.loss_before is None else self.loss_before[idx])
 
     def scalar_targets(self) -> np.ndarray:
         """``(n, 4)`` float32 in the order of :data:`SCALAR_TARGETS`."""
@@ -138,8 +181,10 @@ def _list_column(table: pa.Table, name: str, dtype: type) -> np.ndarray:
     return np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=dtype).reshape(-1, width)
 
 
-def build_targets(table: pa.Table, horizon: int, *, state_names: list[str] | None = None) -> ProxyDataset:
-    """Turn logged trajectories into supervised proxy examples (see the module docstring)."""
+def build_targets(table: pa.Table, horizon: int, *, state_names: list[str] | None = None,
+                  plans: bool = False) -> ProxyDataset:
+    """Turn logged trajectories into supervised proxy examples (see the module docstring); with ``plans``
+    the action of each example is its plan (first action + continuation, :data:`PLAN_NVEC`)."""
     if not isinstance(horizon, int) or horizon < 1:
         raise ConfigError(f"horizon: must be an integer >= 1, got {horizon!r}")
     missing = [c for c in _REQUIRED if c not in table.column_names]
@@ -176,6 +221,7 @@ def build_targets(table: pa.Table, horizon: int, *, state_names: list[str] | Non
            | t.column("terminated").to_numpy(zero_copy_only=False).astype(bool))
 
     keep: list[int] = []
+    conts: list[np.ndarray] = []
     targets: list[tuple[float, float, float, float]] = []
     # trajectory boundaries: a new (run_id, episode) pair starts a new trajectory
     starts = np.flatnonzero(np.r_[True, (run[1:] != run[:-1]) | (ep[1:] != ep[:-1])])
@@ -206,13 +252,24 @@ def build_targets(table: pa.Table, horizon: int, *, state_names: list[str] | Non
                 if ok.size:
                     rec = float(ok[0])
             keep.append(i)
+            if plans:
+                later = action[i + 1:last + 1]
+                conts.append(_mode_rows(later) if len(later) else hold_continuation(action[i])[0])
             targets.append((float(loss), float(diverged), float(np.nansum(events[i:last + 1])), rec))
     if not keep:
         raise DataError(f"log db: no trajectory is long enough for horizon {horizon} "
                         f"(longest has {int((ends - starts).max())} rows); lower --horizon or log longer episodes")
     k = np.asarray(keep)
     tg = np.asarray(targets, dtype=np.float32)
-    return ProxyDataset(state=state[k], action=action[k], loss_at_n=tg[:, 0], diverged_at_n=tg[:, 1],
+    acts = action[k]
+    if plans:
+        if action.shape[1] != len(ACTION_NVEC):
+            raise DataError(f"log db: plans need STSO-GPT2-v0 actions of {len(ACTION_NVEC)} dimensions, got "
+                            f"{action.shape[1]}")
+        acts = np.concatenate([acts, np.stack(conts)], axis=1)
+        nvec = PLAN_NVEC
+    return ProxyDataset(state=state[k], action=acts, loss_at_n=tg[:, 0], diverged_at_n=tg[:, 1],
                         instability_risk=tg[:, 2], recovery_time=tg[:, 3], next_state=next_state[k],
                         run_id=run[k].astype(str), episode=ep[k], seed=seed[k], horizon=horizon,
-                        state_names=list(state_names), action_nvec=nvec)
+                        state_names=list(state_names), action_nvec=nvec,
+                        loss_before=before[k].astype(np.float32))
