@@ -50,11 +50,11 @@ def test_registry_builds_every_name(proxy_dir, tmp_path):
         make_controller("stso", settings={"top_kk": 3}, proxy_dir=proxy_dir)
 
 
-def test_stso_verifies_holds_and_counts(proxy_dir, tmp_path):
-    ctrl = make_controller("stso", settings={"top_k": 2, "verify_steps": 10, "n_candidates": 12,
-                                             "cooldown_windows": 3, "adopt_fork": False},
+def test_stso_runs_its_plan_holds_and_counts(proxy_dir, tmp_path):
+    ctrl = make_controller("stso", settings={"top_k": 2, "n_candidates": 12, "cooldown_windows": 3,
+                                             "adopt_fork": False, "rollback": False},
                            proxy_dir=proxy_dir, branch_dir=tmp_path)
-    # trigger on at windows 1..6: one decision at 1, the next only after the hold (2 windows) + cooldown 3
+    # trigger on at windows 1..6: one decision at 1, the next only after the plan (2 windows) + cooldown 3
     env, actions = run(ctrl, 8, trigger_at={1, 2, 3, 4, 5, 6})
     assert ctrl.branch_invocations == 2 and len(ctrl.proxy_ms) == 2
     assert ctrl.main_run_share == 1.0  # no reserve by default: the schedule spans the whole budget
@@ -63,14 +63,13 @@ def test_stso_verifies_holds_and_counts(proxy_dir, tmp_path):
     steps = sorted(int(p.name) for p in (tmp_path / "r").iterdir())
     assert len(steps) == 2
     first = json.loads((tmp_path / "r" / str(steps[0]) / "decision.json").read_text())
-    chosen = first["chosen_action"]
+    plan = first["chosen_plan"]
     assert actions[0] == list(NEUTRAL_ACTION)
-    # the verified action runs for as many windows as it was verified for (10 steps / interval 5 = 2)
-    assert actions[1] == chosen and actions[2] == chosen
-    # then: neutral LR change and one-shots, the chosen weight decay and clip policy kept
-    assert actions[3] == [NEUTRAL_ACTION[0], chosen[1], chosen[2], 0, 0, 0]
+    # the plan runs over the proxy's horizon (2 windows): its first action, then its continuation
+    assert actions[1] == plan[:6] and actions[2] == plan[6:]
+    # then: neutral LR change and one-shots, the plan's weight decay and clip policy kept
+    assert actions[3] == [NEUTRAL_ACTION[0], plan[7], plan[8], 0, 0, 0]
     assert actions[4] == actions[3]
-    # second decision: 3 windows of cooldown after the first (windows 2, 3, 4), so at window 5
     assert ctrl.decisions[1]["global_step"] > ctrl.decisions[0]["global_step"]
     verify_flops = sum(v["flops"] for s in steps
                        for v in json.loads((tmp_path / "r" / str(s) / "decision.json").read_text())["verification"])
@@ -81,8 +80,8 @@ def test_stso_verifies_holds_and_counts(proxy_dir, tmp_path):
 
 
 def test_stso_adopts_the_verified_fork_by_default(proxy_dir, tmp_path):
-    ctrl = make_controller("stso", settings={"top_k": 2, "verify_steps": 10, "n_candidates": 12},
-                           proxy_dir=proxy_dir, branch_dir=tmp_path)
+    ctrl = make_controller("stso", settings={"top_k": 2, "n_candidates": 12}, proxy_dir=proxy_dir,
+                           branch_dir=tmp_path)
     env = gym.make("STSO-GPT2-v0", **ENV)
     obs, info = env.reset(seed=3)
     ctrl.reset(env, seed=3, run_name="r")
@@ -90,13 +89,80 @@ def test_stso_adopts_the_verified_fork_by_default(proxy_dir, tmp_path):
     action = ctrl.act(obs, dict(info, trigger=True))
     (folder,) = list((tmp_path / "r").iterdir())
     doc = json.loads((folder / "decision.json").read_text())
-    chosen = doc["chosen_action"]
+    plan = doc["chosen_plan"]
+    # the only snapshot is the current state: nothing to roll back
+    assert doc["restored_from"] is None and "nothing is undone" in doc["rollback"]["why"]
     assert doc["adopted"] and env.unwrapped.trainer.global_step == step0 + 10
-    # the chosen action already ran in the adopted fork: the next window keeps only its persistent settings
-    assert action.tolist() == [NEUTRAL_ACTION[0], chosen[1], chosen[2], 0, 0, 0]
+    # the plan already ran in the adopted fork: the next window keeps only its persistent settings
+    assert action.tolist() == [NEUTRAL_ACTION[0], plan[7], plan[8], 0, 0, 0]
     others = sum(v["flops"] for v in doc["verification"] if v["id"] != doc["chosen_id"])
     assert math.isclose(ctrl.extra_flops, others, rel_tol=1e-12)
     env.step(action)
+    env.close()
+
+
+BURST = """name: burst
+description: one 10-step burst of random-token batches at step 60
+lr_scale: 1.0
+events:
+  - {kind: random_tokens, every: 1000000, start: 60, duration: 10, strength: 1.0}
+"""
+
+
+@pytest.fixture(scope="module")
+def trained_proxy(tmp_path_factory):
+    """A plan proxy trained (briefly) and calibrated on two collected tiny runs of the burst scenario."""
+    from agents.collect import collect
+    from stso_env.proxy.calibration import conformal_bounds
+    from stso_env.proxy.dataset import build_targets
+    from stso_env.proxy.logdb import read_log_db
+
+    root = tmp_path_factory.mktemp("trained")
+    scenario = root / "burst.yaml"
+    scenario.write_text(BURST)
+    collect(episodes=2, run_dir=root / "col", scenarios=[str(scenario)], corpus="builtin", seed=50,
+            episode_steps=100, decision_interval=5, policy="perturbed", progress=False)
+    ds = build_targets(read_log_db(root / "col" / "log_db.parquet"), horizon=2, plans=True)
+    model = ProxyEnsemble(ProxyConfig(horizon=2, hidden=16, layers=1, ensemble=3, epochs=20, seed=0),
+                          state_dim=ds.state.shape[1], nvec=ds.action_nvec, state_names=ds.state_names)
+    model.fit(ds, ds)
+    out = root / "proxy"
+    model.save(out)
+    conformal_bounds(model, ds, levels=(0.9,)).save(out)
+    return out, scenario
+
+
+def test_stso_triggers_on_a_real_spike_rolls_back_and_keeps_the_lineage(trained_proxy, tmp_path):
+    proxy_dir, scenario = trained_proxy
+    env = gym.make("STSO-GPT2-v0", preset="tiny", scenario=str(scenario), decision_interval=5, episode_steps=100)
+    ctrl = make_controller("stso", settings={"top_k": 2, "n_candidates": 40, "cooldown_windows": 100},
+                           proxy_dir=proxy_dir, branch_dir=tmp_path)
+    obs, info = env.reset(seed=3)
+    ctrl.reset(env, seed=3, run_name="spike")
+    fired_at = []
+    done = False
+    while not done:
+        if info.get("trigger_in_window") and not fired_at:
+            fired_at.append(int(info["global_step"]))  # the trigger as the env measured it, not forced
+        obs, _, term, trunc, info = env.step(ctrl.act(obs, info))
+        done = term or trunc
+    # the burst (steps 60-69) fires the trigger in its window, and one decision follows at once
+    assert fired_at == [65] and ctrl.branch_invocations == 1
+    (folder,) = list((tmp_path / "spike").iterdir())
+    doc = json.loads((folder / "decision.json").read_text())
+    assert doc["step"] == 65 and doc["trigger_state"]["uncertainty_index"] is not None
+    # the index rose from the window ending at step 60: the run went back to the snapshot taken there
+    assert doc["rollback"]["rise_start_step"] == 60 and doc["restored_from"] == 60
+    assert doc["plans"] and doc["calibration_check"]["checked"] == len(doc["verification"])
+    assert doc["adopted"]
+    # accounting: rollback (5 steps) and the forks not adopted are outside the main run, charged as waste
+    wasted = env.unwrapped.monitor.events.wasted_by_reason
+    others = sum(v["flops"] for v in doc["verification"] if v["id"] != doc["chosen_id"])
+    assert math.isclose(wasted["rollback"], doc["wasted_flops"]["rollback"]) and wasted["rollback"] > 0
+    assert math.isclose(ctrl.extra_flops, others + wasted["rollback"], rel_tol=1e-9)
+    # the lineage of the final model: every window once, in order, the rolled-back window gone
+    lineage = env.unwrapped.lineage()["global_step"]
+    assert lineage == list(range(5, 101, 5))
     env.close()
 
 
@@ -107,10 +173,12 @@ def test_proxy_only_applies_proxy_best_without_forks(proxy_dir, tmp_path):
     doc = json.loads((folder / "decision.json").read_text())
     assert doc["verification"] == [] and doc["executor"] == "none"
     assert doc["chosen_action"] == doc["candidates"][0]["action"] == actions[1]
-    assert ctrl.extra_flops == 0.0 and ctrl.branch_invocations == 1
+    assert ctrl.branch_invocations == 1
     assert ctrl.main_run_share == 1.0  # nothing to verify, nothing reserved
-    assert "verification" not in env.unwrapped.monitor.events.wasted_by_reason or \
-        env.unwrapped.monitor.events.wasted_by_reason["verification"] == 0.0
+    wasted = env.unwrapped.monitor.events.wasted_by_reason
+    assert wasted.get("verification", 0.0) == 0.0
+    # the rollback is the only compute outside the main run (no forks)
+    assert math.isclose(ctrl.extra_flops, wasted.get("rollback", 0.0)) and doc["wasted_flops"]["verification"] == 0
     env.close()
 
 
@@ -151,3 +219,59 @@ def test_saved_policy_reloads_and_acts(tmp_path):
     bad.write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="not a Stable-Baselines3 zip"):
         make_controller("policy", policy_path=bad)
+
+
+def test_policy_shield_runs_a_change_only_when_its_bound_beats_the_neutral_one(trained_proxy, tmp_path,
+                                                                               monkeypatch):
+    from sb3_contrib import MaskablePPO
+
+    proxy_dir, _ = trained_proxy
+    env = gym.make("STSO-GPT2-v0", **ENV)
+    path = tmp_path / "policy.zip"
+    MaskablePPO("MlpPolicy", env, n_steps=8, batch_size=8, seed=0, device="cpu").save(str(path))
+    ctrl = make_controller("policy", policy_path=path, proxy_dir=proxy_dir)
+    assert ctrl.shield and ctrl.proxy is not None and ctrl.bounds is not None
+    obs, info = env.reset(seed=1)
+    ctrl.reset(env, seed=1, run_name="p")
+    proposal = np.array([0, 2, 1, 1, 0, 0])
+    monkeypatch.setattr(ctrl.model, "predict", lambda *a, **k: (proposal, None))
+    # known answers: (bound of the proposal, bound of neutral), (divergence probabilities)
+    for bounds, p_div, expected in (((1.0, 2.0), (0.1, 0.1), proposal.tolist()),
+                                    ((2.0, 1.0), (0.1, 0.1), list(NEUTRAL_ACTION)),
+                                    ((1.0, 2.0), (0.3, 0.1), list(NEUTRAL_ACTION))):
+        monkeypatch.setattr(ctrl, "_pessimistic", lambda o, a, b=bounds, p=p_div: (np.array(b), np.array(p)))
+        assert ctrl.act(obs, info).tolist() == expected
+    assert ctrl.proposed == 3 and ctrl.shielded == 2
+    d = ctrl.describe()
+    assert d["shield"] and d["proposed_changes"] == 3 and d["shielded_changes"] == 2
+    # the real bound: a plan proxy with its conformal bounds scores both candidates
+    monkeypatch.undo()
+    monkeypatch.setattr(ctrl.model, "predict", lambda *a, **k: (proposal, None))
+    upper, p_div = ctrl._pessimistic(obs, np.stack([proposal, np.asarray(NEUTRAL_ACTION)]))
+    assert upper.shape == p_div.shape == (2,) and np.isfinite(upper).all()
+    a = ctrl.act(obs, info)
+    assert a.tolist() == (proposal.tolist() if upper[0] < upper[1] and p_div[0] <= p_div[1]
+                          else list(NEUTRAL_ACTION))
+    # without a proxy there is no shield
+    assert not make_controller("policy", policy_path=path).shield
+    env.close()
+
+
+def test_policy_lr_drift_is_bounded(tmp_path, monkeypatch):
+    from sb3_contrib import MaskablePPO
+
+    env = gym.make("STSO-GPT2-v0", **ENV)
+    path = tmp_path / "policy.zip"
+    MaskablePPO("MlpPolicy", env, n_steps=8, batch_size=8, seed=0, device="cpu").save(str(path))
+    ctrl = make_controller("policy", policy_path=path)  # no proxy: no shield, only the LR bound
+    obs, info = env.reset(seed=1)
+    ctrl.reset(env, seed=1, run_name="p")
+    monkeypatch.setattr(ctrl.model, "predict", lambda *a, **k: (np.array([0, 1, 1, 0, 0, 0]), None))  # LR x0.8
+    assert ctrl.act(obs, dict(info, lr_scale=1.0)).tolist() == [0, 1, 1, 0, 0, 0]  # 0.8: inside [0.5, 2]
+    assert ctrl.act(obs, dict(info, lr_scale=0.6)).tolist() == [2, 1, 1, 0, 0, 0]  # 0.48: held at 0.6
+    monkeypatch.setattr(ctrl.model, "predict", lambda *a, **k: (np.array([3, 1, 0, 0, 0, 0]), None))  # LR x1.1
+    assert ctrl.act(obs, dict(info, lr_scale=1.9)).tolist() == list(NEUTRAL_ACTION)  # 2.09 > 2
+    assert ctrl.describe()["lr_changes_bounded"] == 2
+    with pytest.raises(ValueError, match="lr_bounds"):
+        make_controller("policy", policy_path=path, settings={"lr_bounds": [1.5, 2.0]})
+    env.close()

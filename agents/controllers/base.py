@@ -53,6 +53,21 @@ import numpy as np
 from stso_env.envs.gpt2_env import NEUTRAL_ACTION, GPT2Env
 
 
+def window_trigger(info: dict[str, Any], obs: np.ndarray | None = None) -> bool:
+    """Whether the uncertainty index's trigger was on at any step of the window just run
+    (``info["trigger_in_window"]``). The trigger at the window's last step alone misses most spikes:
+    a garbage burst drives the index far over tau and, within the same window, back under
+    ``tau - hysteresis`` (measured on a tiny spiky run: index 16-18 inside the burst's window,
+    2.2 at its end). Falls back to ``info["trigger"]``, then to the observation's ``trigger``."""
+    if "trigger_in_window" in info:
+        return bool(info["trigger_in_window"]) or bool(info.get("trigger", False))
+    if "trigger" in info:
+        return bool(info["trigger"])
+    from stso_env.monitor.monitor import OBSERVATION_NAMES
+
+    return obs is not None and bool(obs[OBSERVATION_NAMES.index("trigger")] > 0.5)
+
+
 class Controller:
     """Base class: the neutral action every window, with empty accounting (subclasses override ``act``)."""
 

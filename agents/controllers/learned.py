@@ -10,6 +10,22 @@ Trust: SB3 stores parts of a model's metadata with cloudpickle, so loading a
 ``policy.zip`` runs code from it, unlike STSO's own checkpoints (``.ptz``),
 which never unpickle. The module of the policy class is checked first, but
 load only policies you trust, as with any SB3 model.
+
+Bounded LR drift: LR changes compound, and a policy that lowers the LR a little every window
+ends with almost none (the failure of an unbounded policy: held-out perplexity 8.4 against 5.5
+for the fixed schedule). A change that would take the LR scale outside ``lr_bounds`` (default
+0.5-2.0 of the schedule) runs as "LR unchanged".
+
+Shield: with a proxy (``proxy_dir``: the world model the policy was trained in, with its
+``calibration.json``), every action that differs from the neutral schedule is checked before it
+runs. The proxy scores the policy's action and the neutral action from the current observation
+(as plans that hold their settings over the proxy's horizon when it is a plan proxy), and the
+policy's action runs only when its pessimistic outcome is better: its conformal upper bound of
+the probe loss ``N`` windows ahead is below the neutral action's, and its predicted divergence
+probability is no higher. Otherwise the neutral action runs. A policy learned in a model can
+exploit the model's errors; the shield falls back to "change nothing" wherever the model is not
+confident the change helps (the idea of a safety shield, 2018_Alshiekh_SafeRL, with the
+conformal bound as the confidence).
 """
 
 from __future__ import annotations
@@ -22,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from agents.controllers.base import Controller
+from stso_env.envs.gpt2_env import LR_CHANGES, NEUTRAL_ACTION
 
 
 def policy_algorithm(path: str | Path) -> str:
@@ -64,11 +81,52 @@ class LearnedPolicy(Controller):
 
     name = "policy"
 
-    def __init__(self, policy_path: str | Path) -> None:
+    def __init__(self, policy_path: str | Path, proxy_dir: str | Path | None = None, *, shield: bool = True,
+                 shield_level: float = 0.9, lr_bounds: tuple[float, float] | list[float] | None = (0.5, 2.0)) -> None:
         super().__init__()
+        if lr_bounds is not None:
+            lo, hi = (float(x) for x in lr_bounds)
+            if not 0 < lo <= 1.0 <= hi:
+                raise ValueError(f"lr_bounds={lr_bounds!r}: need 0 < low <= 1 <= high, e.g. [0.5, 2.0], or null")
+            lr_bounds = (lo, hi)
+        self.lr_bounds = lr_bounds
+        self.bounded = 0
         self.policy_path = Path(policy_path)
         self.algorithm = policy_algorithm(self.policy_path)
         self.model = load_policy(self.policy_path)
+        if not isinstance(shield, bool):
+            raise ValueError(f"shield={shield!r}: must be true or false")
+        if not 0.0 < float(shield_level) < 1.0:
+            raise ValueError(f"shield_level={shield_level!r}: a conformal level in (0, 1), e.g. 0.9")
+        self.shield_level = float(shield_level)
+        self.proxy_dir = None if proxy_dir is None else Path(proxy_dir)
+        self.shield = shield and self.proxy_dir is not None
+        self.proxy = self.bounds = None
+        if self.shield:
+            from stso_env.proxy.calibration import ConformalBounds
+            from stso_env.proxy.model import ProxyEnsemble
+
+            self.proxy = ProxyEnsemble.load(self.proxy_dir)
+            self.bounds = ConformalBounds.load(self.proxy_dir)
+        self.proposed = self.shielded = 0
+
+    def reset(self, env, *, seed: int, run_name: str) -> None:
+        super().reset(env, seed=seed, run_name=run_name)
+        self.proposed = self.shielded = self.bounded = 0
+
+    def _pessimistic(self, obs: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Conformal upper bound of the probe loss N windows ahead (mean + std without calibration) and the
+        divergence probability, per candidate action."""
+        from stso_env.proxy.dataset import PLAN_NVEC, as_plan
+
+        acts = as_plan(actions) if tuple(self.proxy.nvec) == tuple(PLAN_NVEC) else actions
+        states = np.repeat(np.asarray(obs, dtype=np.float32).reshape(1, -1), len(acts), axis=0)
+        p = self.proxy.predict(states, acts)
+        if self.bounds is not None and self.bounds.has("loss_at_n"):
+            upper = self.bounds.upper("loss_at_n", p["loss_at_n"], self.shield_level, std=p["loss_at_n_std"])
+        else:
+            upper = p["loss_at_n"] + p["loss_at_n_std"]
+        return np.asarray(upper, dtype=np.float64), np.asarray(p["diverged_prob"], dtype=np.float64)
 
     def act(self, obs: np.ndarray, info: dict[str, Any]) -> np.ndarray:
         if self.algorithm == "maskable_ppo":
@@ -76,9 +134,31 @@ class LearnedPolicy(Controller):
         else:
             action, _ = self.model.predict(obs, deterministic=True)
         action = np.asarray(action, dtype=np.int64).reshape(-1)
-        if action.tolist() != [2, 1, 0, 0, 0, 0]:
-            self.record("policy", action, "policy action differs from the neutral schedule")
+        if self.lr_bounds is not None:
+            scale = float(info["lr_scale"]) if "lr_scale" in info else float(self.base.trainer.knobs.lr_scale)
+            after = scale * LR_CHANGES[int(action[0])]
+            if not self.lr_bounds[0] - 1e-12 <= after <= self.lr_bounds[1] + 1e-12:
+                action = action.copy()
+                action[0] = NEUTRAL_ACTION[0]
+                self.bounded += 1
+        if action.tolist() == list(NEUTRAL_ACTION):
+            return action
+        self.proposed += 1
+        if self.shield:
+            upper, p_div = self._pessimistic(obs, np.stack([action, np.asarray(NEUTRAL_ACTION, dtype=np.int64)]))
+            if not (upper[0] < upper[1] and p_div[0] <= p_div[1]):
+                self.shielded += 1
+                return np.asarray(NEUTRAL_ACTION, dtype=np.int64)
+            self.record("policy", action, f"policy action passed the shield: probe-loss bound {upper[0]:.4f} < "
+                                          f"{upper[1]:.4f} for the neutral action")
+            return action
+        self.record("policy", action, "policy action differs from the neutral schedule")
         return action
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "policy_path": str(self.policy_path), "algorithm": self.algorithm}
+        return {**super().describe(), "policy_path": str(self.policy_path), "algorithm": self.algorithm,
+                "shield": self.shield, "shield_level": self.shield_level,
+                "proxy_dir": None if self.proxy_dir is None else str(self.proxy_dir),
+                "proposed_changes": self.proposed, "shielded_changes": self.shielded,
+                "lr_bounds": None if self.lr_bounds is None else list(self.lr_bounds),
+                "lr_changes_bounded": self.bounded}

@@ -7,12 +7,11 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from agents.controllers.base import Controller
+from agents.controllers.base import Controller, window_trigger
 from stso_env.envs.gpt2_env import LR_CHANGES, NEUTRAL_ACTION
 
 #: observation indices (``assets/state_schema_v1.yaml``)
 OBS_UNCERTAINTY_INDEX = 47
-OBS_TRIGGER = 48
 
 _LR_DOWN, _LR_HOLD, _LR_UP = 0, 2, 3  # lr_change choices x0.8, x1.0, x1.1
 _CLIP_OFF, _CLIP_ZCLIP = 0, 1
@@ -35,7 +34,8 @@ class RuleBased(Controller):
     No paper of its own; the clipping it switches on is ZClip (2025_Kumar_ZClip), which replaces the
     static norm cap while it is on.
 
-    Rules, checked every window on the trigger (``info["trigger"]``, else observation index 48;
+    Rules, checked every window on the trigger (any step of the window,
+    :func:`~agents.controllers.base.window_trigger`, else observation index 48;
     the index itself, observation 47 / ``info["uncertainty_index"]``, is only reported):
 
     * **fire** (triggered): LR x0.8 (choice 0) and ZClip (clip choice 1), except that the LR is
@@ -74,7 +74,7 @@ class RuleBased(Controller):
         self.active, self.calm, self.firings = False, 0, 0
 
     def act(self, obs: np.ndarray, info: dict[str, Any]) -> np.ndarray:
-        triggered = bool(info["trigger"]) if "trigger" in info else bool(obs[OBS_TRIGGER] > 0.5)
+        triggered = window_trigger(info, obs)
         index = float(info.get("uncertainty_index", obs[OBS_UNCERTAINTY_INDEX]))
         scale = float(info["lr_scale"]) if "lr_scale" in info else float(self.base.trainer.knobs.lr_scale)
         action = np.asarray(NEUTRAL_ACTION, dtype=np.int64)
