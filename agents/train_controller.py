@@ -54,8 +54,11 @@ ENVS = ("STSO-GPT2-v0", "STSO-Proxy-v0")
 class CollectSettings:
     """Real episodes logged for the proxy (step 1)."""
 
-    episodes: int = _f(12, "real episodes to collect", range=(2, 100_000))
-    episode_steps: int = _f(300, "optimizer steps per collected episode", range=(2, 10**9))
+    episodes: int = _f(16, "real episodes to collect", range=(2, 100_000))
+    episode_steps: int = _f(600, "optimizer steps per collected episode", range=(2, 10**9))
+    scenarios: list[str] | None = _f(["spiky", "adam_v_lag"],
+                                     "scenarios collected in turn (None: the run's scenario); the policy learns "
+                                     "from all of them and is evaluated on the run's scenario")
     policy: str = _f("mixed", "exploration policy of agents.collect", choices=("random", "perturbed", "mixed"))
 
 
@@ -67,6 +70,7 @@ class ProxySettings:
     ensemble: int = _f(5, "ensemble members", range=(1, 64))
     hidden: int = _f(128, "hidden width", range=(4, 8192))
     epochs: int = _f(200, "maximum training epochs (early stopping ends sooner)", range=(1, 100_000))
+    plans: bool = _f(True, "condition on plans (the first window's action, then the continuation of the horizon)")
 
 
 @dataclass
@@ -95,7 +99,7 @@ class RLSettings:
 class EvalSettings:
     """The held-out real evaluation (step 4, through agents.evaluate)."""
 
-    seeds: int = _f(3, "held-out real episodes per controller", range=(1, 1000))
+    seeds: int = _f(5, "held-out real episodes per controller", range=(1, 1000))
     seed_offset: int = _f(100_000, "first evaluation seed (collection uses seed .. seed + episodes)",
                           range=(0, 2**31 - 1))
     steps: int = _f(600, "optimizer steps per evaluation episode", range=(1, 10**9))
@@ -174,7 +178,8 @@ def build_config(args: argparse.Namespace) -> ControllerTrainConfig:
 def collect_episodes(cfg: ControllerTrainConfig, run: Path, progress: bool) -> dict[str, Any]:
     from agents.collect import collect
 
-    return collect(episodes=cfg.collect.episodes, run_dir=run, scenarios=[cfg.scenario], corpus=cfg.corpus,
+    scenarios = list(cfg.collect.scenarios) if cfg.collect.scenarios else [cfg.scenario]
+    return collect(episodes=cfg.collect.episodes, run_dir=run, scenarios=scenarios, corpus=cfg.corpus,
                    seed=cfg.seed, episode_steps=cfg.collect.episode_steps, decision_interval=cfg.decision_interval,
                    policy=cfg.collect.policy, preset=cfg.preset, builtin_chars=cfg.builtin_chars,
                    progress=progress)
@@ -186,7 +191,7 @@ def fit_world_model(cfg: ControllerTrainConfig, run: Path, progress: bool) -> di
 
     pcfg = ProxyConfig(horizon=cfg.proxy.horizon, ensemble=cfg.proxy.ensemble, hidden=cfg.proxy.hidden,
                        epochs=cfg.proxy.epochs, seed=cfg.seed)
-    return fit_proxy(run / "log_db.parquet", run / "proxy", pcfg, progress=progress)
+    return fit_proxy(run / "log_db.parquet", run / "proxy", pcfg, progress=progress, plans=cfg.proxy.plans)
 
 
 def make_training_env(cfg: ControllerTrainConfig, run: Path, *, for_eval: bool = False):
@@ -297,6 +302,27 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
+def levers(cfg: ControllerTrainConfig) -> list[tuple[str, bool, str]]:
+    """The levers of a better-than-nothing policy, which of them this configuration uses, and how."""
+    proxy = cfg.uses_proxy
+    scen = cfg.collect.scenarios or [cfg.scenario]
+    return [
+        ("proxy-env reward on the probe loss, the quantity the real env rewards", proxy,
+         "progress = decrease of the probe_loss feature (STSO-Proxy-v0 docstring)"),
+        ("plans: the proxy conditions on the first window's action and the continuation", proxy and cfg.proxy.plans,
+         f"horizon {cfg.proxy.horizon} env steps"),
+        ("MOPO-style penalty on the ensemble's disagreement", proxy and cfg.rl.uncertainty_penalty > 0,
+         f"lambda {cfg.rl.uncertainty_penalty}"),
+        ("conformal shield: the neutral action unless the policy's choice has the better conformal bound",
+         proxy, "LearnedPolicy with the run's proxy and calibration.json, level 0.9"),
+        ("collection over several scenarios", len(scen) > 1, ", ".join(scen)),
+        ("more and longer collected episodes", proxy, f"{cfg.collect.episodes} x {cfg.collect.episode_steps} steps"),
+        ("model-based iterations (collect with the policy, refit, retrain)", False, "not implemented yet"),
+        ("fine-tuning in the real env with vector envs", False, "not implemented yet"),
+        ("a bounded LR drift", True, "LearnedPolicy keeps the LR scale within 0.5-2.0 of the schedule"),
+    ]
+
+
 def write_report(cfg: ControllerTrainConfig, run: Path, parts: dict[str, Any]) -> Path:
     """``run/report.md``: what ran, the proxy's accuracy, the learning curve and the held-out comparison."""
     lines = [f"# Controller training: `{run.name}`", "",
@@ -317,12 +343,17 @@ def write_report(cfg: ControllerTrainConfig, run: Path, parts: dict[str, Any]) -
         lines += ["## 2. Proxy world model", "",
                   f"Horizon {p['horizon']} env steps; {p['n_train']} training rows ({p['n_train_runs']} runs), "
                   f"{p['n_calib_runs']} calibration runs, {p['n_test_runs']} test runs (seeds never trained on).",
-                  "", f"- loss@N: R² {_fmt(p['loss_r2'])}, MAE {_fmt(p['loss_mae'], 4)}",
+                  "", f"- loss@N: R² {_fmt(p['loss_r2'])}, MAE {_fmt(p['loss_mae'], 4)}; R² of the change of the "
+                      f"probe loss over the horizon {_fmt(p.get('loss_change_r2'))} (the part an intervention "
+                      "can move; the level's R² is small where the held-out runs' loss is flat)",
                   f"- divergence: AUROC {_fmt(p['divergence_auroc'])}, Brier {_fmt(p['divergence_brier'], 4)}",
                   f"- conformal coverage, nominal -> empirical (mean over run-level re-partitions of the "
                   f"held-out runs): {cov}", "",
                   "Full report: `proxy/proxy_report.json`.", ""]
     rl = parts["rl"]
+    lines += ["## Levers", "", "What this run used to make the policy better than doing nothing:", ""]
+    lines += [f"- {name}: **{'on' if on else 'off'}**{': ' + note if note else ''}" for name, on, note in levers(cfg)]
+    lines += [""]
     lines += ["## 3. Policy learning", "",
               f"{rl['timesteps']} env steps in {rl['seconds']:.1f} s; policy saved to `policy.zip`; TensorBoard "
               "logs in `tb/` (`tensorboard --logdir " + str(run / "tb") + "`).", ""]

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
 
 import numpy as np
 import pytest
@@ -270,16 +269,3 @@ def test_component_names_and_vector():
     assert UncertaintyIndex.component_names == COMPONENT_NAMES
     assert tuple(r.z) == tuple(r.raw) == COMPONENT_NAMES
     assert r.z_vector().dtype == np.float32 and r.z_vector().shape == (5,)
-
-
-def test_report_update_cost(capsys):
-    """Mean update() time over 500 steps, printed (timing is not asserted: machines differ)."""
-    loss, grad = calm_series(700, seed=6)
-    index = UncertaintyIndex()
-    run(index, loss[:200], grad[:200])  # past the forecasters' start-up
-    start = time.perf_counter()
-    for i in range(200, 700):
-        index.update(float(loss[i]), float(grad[i]), 4.0 if i % 5 == 0 else None, 3.0 if i % 5 == 0 else None)
-    mean_ms = (time.perf_counter() - start) / 500 * 1e3
-    with capsys.disabled():
-        print(f"\nUncertaintyIndex.update: {mean_ms:.3f} ms per step (mean of 500, training included)")
