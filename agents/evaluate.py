@@ -551,8 +551,14 @@ def _run_path(out: Path, job: dict[str, Any]) -> Path:
 
 
 def _job_key(job: dict[str, Any]) -> str:
-    """What identifies a run's result (paths of outputs excluded)."""
+    """What identifies a run's result: paths of outputs excluded, and the proxy and policy only for the
+    controllers that read them (a baseline's run does not change when the suite's proxy does)."""
     keep = {k: v for k, v in job.items() if k not in ("branch_dir", "tuning_dir")}
+    name = job.get("controller")
+    if name not in PROXY_CONTROLLERS + POLICY_CONTROLLERS:
+        keep.pop("proxy", None)
+    if name not in POLICY_CONTROLLERS:
+        keep.pop("policy", None)
     return json.dumps(keep, sort_keys=True, default=str)
 
 
@@ -571,7 +577,8 @@ def execute(suite: Any, out: Path, args: argparse.Namespace) -> dict[tuple[str, 
                 raise SystemExit(f"error: {out} already holds finished runs (e.g. {path.relative_to(out)}); pass "
                                  "--resume to keep them and run the rest, or choose another --out")
             data = json.loads(path.read_text())
-            if data.get("job_key") != _job_key(job):
+            # recomputed from the stored job, so runs kept under an older key rule still match
+            if _job_key(data.get("job", {})) != _job_key(job):
                 raise SystemExit(f"error: {path} was made under other settings than this run's; --resume only "
                                  "continues the same suite (use another --out, or delete the folder)")
             done[str(path)] = data

@@ -144,3 +144,16 @@ def test_readme_tables_come_from_the_committed_results(tmp_path: Path) -> None:
     copy.write_text(readme.replace(readme_block(readme, name), "stale\n"))
     assert update_readme(copy, name, REPO / "assets" / "results" / name / "results.json")
     assert copy.read_text() == readme
+
+
+def test_run_identity_ignores_resources_a_controller_does_not_read() -> None:
+    from agents.evaluate import _job_key
+
+    base = {"cell": "c", "scenario": "spiky", "controller": "zclip", "seed": 1, "settings": {},
+            "proxy": "a/proxy", "policy": "a/policy.zip", "branch_dir": "x", "tuning_dir": "y"}
+    moved = dict(base, proxy="b/proxy", policy="b/policy.zip", branch_dir="z")
+    assert _job_key(base) == _job_key(moved)  # a baseline reads neither: its stored run still counts
+    assert _job_key(base) != _job_key(dict(base, seed=2))
+    for name in ("stso", "policy"):  # these read the proxy (the policy's shield too)
+        assert _job_key(dict(base, controller=name)) != _job_key(dict(moved, controller=name))
+    assert _job_key(dict(base, controller="stso")) == _job_key(dict(base, controller="stso", policy="other"))
