@@ -200,6 +200,14 @@ class ProxyEnsemble(nn.Module):
         y[~np.isfinite(y)] = np.nan  # inf deltas too: NaN is what the statistics and the loss mask skip
         return y
 
+    def _loss_head_error(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean squared error of the ensemble-mean loss head on standardised targets (the early-stopping
+        criterion: the head branch scores and the shield rank on)."""
+        yz = (y[..., 0] - self.y_mean[0]) / self.y_std[0]
+        mask = torch.isfinite(yz)
+        err = torch.where(mask, pred[..., 0].mean(0) - torch.nan_to_num(yz), torch.zeros(()))
+        return err.pow(2).sum() / mask.sum().clamp_min(1)
+
     def _loss(self, pred: torch.Tensor, y: torch.Tensor, *, with_state: bool = True) -> torch.Tensor:
         """Mean loss per member ``(E,)``: Huber on standardised regression targets + BCE on the logit;
         ``with_state=False`` leaves out the next-state heads (the early-stopping criterion)."""
@@ -221,7 +229,7 @@ class ProxyEnsemble(nn.Module):
 
     def fit(self, train: ProxyDataset, valid: ProxyDataset,
             progress: Callable[[int, float, float], None] | None = None) -> list[dict[str, float]]:
-        """Train all members on bootstrap resamples of ``train``; early-stop on ``valid`` loss.
+        """Train all members on bootstrap resamples of ``train``; early-stop on the loss head's error on ``valid``.
 
         ``progress(epoch, train_loss, valid_loss)`` is called after every epoch. The weights of
         the best validation epoch are restored. Returns the training curve (also kept in ``curve``).
@@ -255,7 +263,7 @@ class ProxyEnsemble(nn.Module):
                                 weight_decay=cfg.weight_decay)
         self.eval()
         with torch.no_grad():  # the linear path alone is a candidate too: the MLP must beat it
-            best = float(self._loss(self(xv), yv.unsqueeze(0), with_state=False).mean())
+            best = float(self._loss_head_error(self(xv), yv))
         best_state, bad = {k: v.detach().clone() for k, v in self.state_dict().items()}, 0
         self.curve = []
         for epoch in range(cfg.epochs):
@@ -271,10 +279,10 @@ class ProxyEnsemble(nn.Module):
                 total += float(loss.detach()) * idx.shape[1] / e
             self.eval()
             with torch.no_grad():
-                # early stopping watches the heads branch decisions rank on (loss, divergence, risk,
-                # recovery): the 53 next-state heads overfit sooner, and stopping on them left the loss
-                # head under-fitted (held-out R² of the loss change 0.83 against 0.9x)
-                vloss = float(self._loss(self(xv), yv.unsqueeze(0), with_state=False).mean())
+                # early stopping watches the loss head, which branch scores and the shield rank on: the
+                # next-state heads overfit sooner, and stopping on them left it under-fitted (held-out R²
+                # of the probe-loss change on 16 collected runs: 0.60-0.82 against 0.65-0.72)
+                vloss = float(self._loss_head_error(self(xv), yv))
             tloss = total / n
             self.curve.append({"epoch": epoch, "train_loss": tloss, "valid_loss": vloss})
             if progress is not None:
@@ -311,7 +319,7 @@ class ProxyEnsemble(nn.Module):
             w = torch.linalg.solve(gram.double() + alpha * n * eye.double(), rhs.double()).float()
             self.lin_w.copy_(w)
             # the MLP's head starts at zero, so this is the linear model alone
-            v = float(self._loss(self(xv), yv.unsqueeze(0), with_state=False).mean())
+            v = float(self._loss_head_error(self(xv), yv))
             if v < best:
                 best, best_w = v, w
         self.lin_w.copy_(best_w)
