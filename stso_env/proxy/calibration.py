@@ -88,16 +88,11 @@ def _ensemble_predict(model: ProxyEnsemble | None, X: np.ndarray, owner: str) ->
     return model.predict(x[:, :s], np.rint(x[:, s:]).astype(np.int64))
 
 
-class LossRegressor(RegressorMixin, BaseEstimator):
-    """scikit-learn view of a trained :class:`ProxyEnsemble` predicting one head (``target``, default ``loss_at_n``).
+class _PrefitEnsembleView(RegressorMixin, BaseEstimator):
+    """What the two scikit-learn views of a trained ensemble share: they are fitted when they hold a
+    model, take the :meth:`ProxyDataset.features` columns, and ``fit`` does nothing."""
 
-    ``X`` is ``ProxyDataset.features()``: the state columns followed by the integer
-    MultiDiscrete action columns. ``fit`` does nothing: the model is trained already.
-    """
-
-    def __init__(self, model: ProxyEnsemble | None = None, target: str = "loss_at_n") -> None:
-        self.model = model
-        self.target = target
+    model: ProxyEnsemble | None
 
     @property
     def n_features_in_(self) -> int:
@@ -108,16 +103,28 @@ class LossRegressor(RegressorMixin, BaseEstimator):
     def __sklearn_is_fitted__(self) -> bool:
         return self.model is not None
 
-    def fit(self, X: np.ndarray, y: np.ndarray | None = None) -> LossRegressor:
-        """No-op (prefit model)."""
+    def fit(self, X: np.ndarray, y: np.ndarray | None = None) -> _PrefitEnsembleView:
+        """No-op (the ensemble is trained already)."""
         return self
+
+
+class LossRegressor(_PrefitEnsembleView):
+    """scikit-learn view of a trained :class:`ProxyEnsemble` predicting one head (``target``, default ``loss_at_n``).
+
+    ``X`` is ``ProxyDataset.features()``: the state columns followed by the integer
+    MultiDiscrete action columns. ``fit`` does nothing: the model is trained already.
+    """
+
+    def __init__(self, model: ProxyEnsemble | None = None, target: str = "loss_at_n") -> None:
+        self.model = model
+        self.target = target
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Ensemble-mean prediction of ``target`` for the rows of ``X``."""
         return _ensemble_predict(self.model, X, "LossRegressor")[self.target].astype(np.float64)
 
 
-class SpreadRegressor(RegressorMixin, BaseEstimator):
+class SpreadRegressor(_PrefitEnsembleView):
     """Prefit residual-scale estimator for MAPIE's ``ResidualNormalisedScore``: ``r(X) = sigma(X) + floor``.
 
     ``sigma`` is the ensemble's spread (std across members, ``model.predict(...)[target + "_std"]``)
@@ -131,19 +138,6 @@ class SpreadRegressor(RegressorMixin, BaseEstimator):
         self.model = model
         self.target = target
         self.floor = floor
-
-    @property
-    def n_features_in_(self) -> int:
-        if self.model is None:
-            raise AttributeError("n_features_in_")
-        return self.model.state_dim + len(self.model.nvec)
-
-    def __sklearn_is_fitted__(self) -> bool:
-        return self.model is not None
-
-    def fit(self, X: np.ndarray, y: np.ndarray | None = None) -> SpreadRegressor:
-        """No-op (the scale is the prefit ensemble's spread)."""
-        return self
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Residual scale ``sigma(X) + floor`` of ``target`` for the rows of ``X``."""
