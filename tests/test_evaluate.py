@@ -101,6 +101,50 @@ def test_criteria_and_report_render():
     assert "'stso' was not evaluated" in render_report(results)
 
 
+def _cell(scenario: str, ppl: dict[str, list[float]], events: dict[str, list[float]]) -> dict:
+    controllers = {}
+    for name in ppl:
+        seeds = [{m: 0.1 for m in METRICS} | {"final_test_ppl": p, "model_events_per_100k_steps": e,
+                                              "wasted_flops_fraction": e / 100, "seed": i}
+                 for i, (p, e) in enumerate(zip(ppl[name], events[name]))]
+        controllers[name] = {"seeds": seeds, "summary": summarize_seeds(seeds)}
+    return {"scenario": scenario, "controllers": controllers, "criteria": evaluate.criteria(controllers),
+            "comparison": compare_to_reference(controllers), "headroom": {"available": False}}
+
+
+def test_suite_criteria_per_method_with_known_answers():
+    from stso_env.eval.published import criteria_lines, suite_summary
+
+    fixed = [10.0, 10.5, 11.0, 10.2, 10.8]
+    spiky = _cell("spiky", {"fixed": fixed, "zclip": [p - 0.3 for p in fixed],
+                            "rule": [p - 2.0 for p in fixed],  # an ablation: never the best baseline
+                            "stso": [p - 1.0 + 0.01 * i for i, p in enumerate(fixed)],
+                            "policy": [p + 0.5 + 0.01 * i for i, p in enumerate(fixed)]},
+                  {"fixed": [10.0] * 5, "zclip": [9.0] * 5, "rule": [9.0] * 5, "stso": [5.0] * 5,
+                   "policy": [9.0] * 5})
+    calm = _cell("calm", {"fixed": fixed, "zclip": fixed, "rule": fixed,
+                          "stso": [p + d for p, d in zip(fixed, (0.02, -0.03, 0.01, -0.01, 0.0))],
+                          "policy": [p + 1.0 + 0.01 * i for i, p in enumerate(fixed)]},
+                 {n: [1.0] * 5 for n in ("fixed", "zclip", "rule", "stso", "policy")})
+    assert [c["method"] for c in spiky["criteria"]] == ["stso", "policy"]
+    assert spiky["criteria"][0]["best_baseline"] == "zclip"  # rule has lower perplexity, but is ours
+    crit = suite_summary({"spiky": spiky, "calm": calm})["criteria"]
+    stso, policy = crit["stso"], crit["policy"]
+    assert stso["stress_cells"] == ["spiky"] and stso["calm_cells"] == ["calm"]
+    assert stso["M1_cells"] == ["spiky"] and stso["M2_cells"] == ["spiky"] and stso["calm_harm"] == []
+    assert stso["cells"]["spiky"]["events_change"] == pytest.approx(-0.5)
+    # ranks by mean test ppl: rule, stso, zclip, fixed, policy on spiky; stso, then the tie fixed, rule, zclip
+    # (by name), then policy on calm: fixed (4 + 2) / 2 = 3 is the best-ranked baseline, zclip 3.5
+    assert stso["worse_than_best"] == [] and stso["best_baseline_by_rank"] == "fixed"
+    assert stso["mean_rank"] == 1.5 and stso["best_baseline_mean_rank"] == 3.0
+    assert stso["mean_rank"] < stso["best_baseline_mean_rank"] and stso["better_mean_rank"]
+    assert policy["M1_cells"] == [] and policy["M2_cells"] == [] and policy["calm_harm"] == ["calm"]
+    assert policy["worse_than_best"] == ["spiky", "calm"] and not policy["better_mean_rank"]
+    md = "\n".join(criteria_lines(crit))
+    assert "`stso`: M1 holds on 1/1 stress cells, M2 on 1/1; on `calm` no significant harm" in md
+    assert "`policy`: M1 holds on 0/1 stress cells, M2 on 0/1; on `calm` significant harm" in md
+
+
 def test_figures_from_synthetic_curves(tmp_path: Path):
     results = _synthetic_results()
     steps = [10, 20, 30, 20, 30]  # a rollback from step 30 to step 10 and two windows re-run
@@ -193,7 +237,7 @@ def test_harness_tiny_budget(tmp_path: Path, registered, one_thread):
     paired = on_disk["comparison"]["metrics"]["final_test_ppl"]["zclip"]
     assert paired["seeds"] == [0, 1] and paired["verdict"] in ("better", "worse", "no_difference")
     assert on_disk["headroom"]["available"] is False  # no oracle in this evaluation
-    assert "not evaluated" in on_disk["criteria"]["note"]
+    assert [c["method"] for c in on_disk["criteria"]] == ["stso"] and "not evaluated" in on_disk["criteria"][0]["note"]
     curves = json.loads((out / "curves.json").read_text())
     run = curves["controllers"]["fixed"][0]
     assert run["global_step"] == [10, 20] and len(run["uncertainty_index"]) == 2 and "decisions" in run

@@ -5,7 +5,8 @@
 * ``results.json``: compact and committed: the command, commit, versions, thread count, workers and
   machine; per cell the split sizes, per-controller summaries and per-seed headline metrics, the
   paired comparison against ``fixed`` (Holm-corrected), the oracle's headroom; a suite summary
-  (per cell: headroom, which baselines beat or lose to ``fixed`` significantly; mean ranks).
+  (per cell: headroom, which baselines beat or lose to ``fixed`` significantly; mean ranks; the success
+  criteria of ``stso`` and ``policy``, :func:`criteria_summary`).
 * ``report.md`` and ``figures/`` (suite figures plus each cell's loss curves and metric bars).
 
 :func:`readme_tables` renders the README's result block from ``results.json``; the README holds it
@@ -25,11 +26,13 @@ from typing import Any
 import numpy as np
 
 from stso_env.eval.report import _table, comparison_section, fmt, fmt_pct, fmt_summary, write_json_atomic
-from stso_env.eval.stats import COMPARE_METRICS, METRICS
+from stso_env.eval.stats import COMPARE_METRICS, METRICS, OURS
 from stso_env.files import write_text_atomic
 
 REFERENCE = "fixed"
 ORACLE = "oracle"
+#: The cell scenario where no control is needed: the criterion there is "no significant harm".
+CALM = "calm"
 #: Per-seed values kept in the compact results (the full records stay in the runs folder).
 HEADLINE = ("final_test_ppl", "model_events_per_100k_steps", "data_events_per_100k_steps",
             "mean_time_to_recover_steps", "recovery_flops_fraction", "wasted_flops_fraction", "tuning_flops",
@@ -76,7 +79,62 @@ def suite_summary(cells: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
                 ranks[metric].setdefault(n, []).append(pos)
     mean_rank = {m: {n: float(np.mean(r)) for n, r in sorted(v.items(), key=lambda kv: np.mean(kv[1]))}
                  for m, v in ranks.items()}
-    return {"cells": per_cell, "mean_rank": mean_rank}
+    return {"cells": per_cell, "mean_rank": mean_rank, "criteria": criteria_summary(cells, mean_rank)}
+
+
+def _criteria_blocks(cell: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    crit = cell.get("criteria")
+    if not crit:
+        return []
+    return [crit] if isinstance(crit, Mapping) else list(crit)
+
+
+def criteria_summary(cells: Mapping[str, Mapping[str, Any]],
+                     mean_rank: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
+    """The research guide's success criteria per method across the suite.
+
+    Per stress cell (every scenario but ``calm``): M1 and M2 against ``fixed``; on ``calm``: no significant
+    harm (test perplexity not higher with paired p < 0.05); in every cell: not significantly worse than the
+    cell's best single baseline (same test). Across cells: the method's mean rank by test perplexity against
+    the best mean rank of any baseline (STSO's own controllers and the oracle left out).
+    """
+    out: dict[str, Any] = {}
+    methods = [b["method"] for c in cells.values() for b in _criteria_blocks(c) if b.get("against_reference")]
+    for method in dict.fromkeys(methods):
+        rows, stress = {}, []
+        for cname, cell in cells.items():
+            block = next((b for b in _criteria_blocks(cell) if b["method"] == method), None)
+            if block is None or not block.get("against_reference"):
+                continue
+            ref, best = block["against_reference"], block.get("against_best_baseline")
+            m2 = ref["M2"]
+            harm = bool(m2["mean_diff"] is not None and m2["mean_diff"] > 0 and m2["p"] is not None
+                        and m2["p"] < m2["alpha"])
+            worse_best = bool(best and best["M2"]["mean_diff"] is not None and best["M2"]["mean_diff"] > 0
+                              and best["M2"]["p"] is not None and best["M2"]["p"] < best["M2"]["alpha"])
+            is_calm = cell["scenario"] == CALM
+            rows[cname] = {"calm": is_calm, "M1": ref["M1"]["holds"], "M2": m2["holds"], "harm": harm,
+                           "events_change": ref["M1"]["events_change"], "wasted_change": ref["M1"]["wasted_change"],
+                           "ppl_change": m2["ppl_change"], "p": m2["p"], "best_baseline": block.get("best_baseline"),
+                           "best_ppl_change": best["M2"]["ppl_change"] if best else None,
+                           "best_p": best["M2"]["p"] if best else None, "worse_than_best": worse_best}
+            if not is_calm:
+                stress.append(cname)
+        ranks = mean_rank.get("final_test_ppl", {})
+        baselines = {n: r for n, r in ranks.items() if n not in (method, *OURS)}
+        best_rank = min(baselines.items(), key=lambda kv: kv[1]) if baselines else None
+        calm = [n for n, r in rows.items() if r["calm"]]
+        out[method] = {
+            "cells": rows, "stress_cells": stress,
+            "M1_cells": [n for n in stress if rows[n]["M1"]], "M2_cells": [n for n in stress if rows[n]["M2"]],
+            "calm_harm": [n for n in calm if rows[n]["harm"]], "calm_cells": calm,
+            "worse_than_best": [n for n, r in rows.items() if r["worse_than_best"]],
+            "mean_rank": ranks.get(method), "best_baseline_by_rank": best_rank[0] if best_rank else None,
+            "best_baseline_mean_rank": best_rank[1] if best_rank else None,
+            "better_mean_rank": bool(best_rank and ranks.get(method) is not None and ranks[method] < best_rank[1]),
+        }
+    return out
+
 
 
 def _fraction_with_event(cell: Mapping[str, Any], name: str) -> float | None:
@@ -180,6 +238,43 @@ def _verdict_rows(cells: Mapping[str, Mapping[str, Any]], summary: Mapping[str, 
     return rows
 
 
+def _yes(flag: bool) -> str:
+    return "**yes**" if flag else "no"
+
+
+def criteria_lines(crit: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The success-criteria table and verdicts of each method (markdown lines)."""
+    lines: list[str] = []
+    for method, m in crit.items():
+        rows = []
+        for cname, r in m["cells"].items():
+            if r["calm"]:
+                m1 = m2 = "n/a (calm)"
+                verdict = "**yes**" if r["harm"] else "no"
+            else:
+                m1, m2 = _yes(r["M1"]), _yes(r["M2"])
+                verdict = "n/a"
+            rows.append([f"`{cname}`", fmt_pct(r["events_change"]), fmt_pct(r["wasted_change"]), m1,
+                         f"{fmt_pct(r['ppl_change'])} (p {fmt(r['p'], 2)})", m2, verdict,
+                         f"`{r['best_baseline']}`: {fmt_pct(r['best_ppl_change'])} (p {fmt(r['best_p'], 2)})",
+                         "**yes**" if r["worse_than_best"] else "no"])
+        n = len(m["stress_cells"])
+        rank = m["mean_rank"]
+        lines += [f"Success criteria for `{method}` (M1: model events -30 % and wasted FLOPs -20 % vs `fixed`; "
+                  "M2: test perplexity lower, paired p < 0.05; changes are relative to the mean of `fixed`, or of "
+                  "the cell's best single baseline, which is never one of STSO's own controllers):", ""]
+        lines += _table(["cell", "model events vs fixed", "wasted FLOPs vs fixed", "M1", "test ppl vs fixed", "M2",
+                         "calm: significant harm", "vs best baseline: test ppl", "significantly worse than it"], rows)
+        lines += ["", f"`{method}`: M1 holds on {len(m['M1_cells'])}/{n} stress cells, M2 on {len(m['M2_cells'])}/{n}; "
+                  f"on `calm` {'significant harm' if m['calm_harm'] else 'no significant harm'}; significantly "
+                  f"worse than the best baseline in {len(m['worse_than_best'])} cell(s)"
+                  + (f" ({', '.join(m['worse_than_best'])})" if m["worse_than_best"] else "")
+                  + f"; mean rank by test perplexity {fmt(rank, 3)} against {fmt(m['best_baseline_mean_rank'], 3)} "
+                  f"for the best-ranked baseline `{m['best_baseline_by_rank']}` "
+                  f"({'better' if m['better_mean_rank'] else 'not better'}).", ""]
+    return lines
+
+
 def readme_tables(results: Mapping[str, Any]) -> str:
     """The README's result block for a published suite (markdown, no markers)."""
     cells, summary = results["cells"], results["summary"]
@@ -197,6 +292,8 @@ def readme_tables(results: Mapping[str, Any]) -> str:
               "controllers, alpha 0.05):", ""]
     lines += _table(["cell", "test ppl: better", "test ppl: worse", "model events: better", "model events: worse"],
                     _verdict_rows(cells, summary))
+    if summary.get("criteria"):
+        lines += [""] + criteria_lines(summary["criteria"])[:-1]
     ranks = summary["mean_rank"]
     lines += ["", "Mean rank across cells (1 = best; by mean test perplexity, and by mean model events):", ""]
     lines += _table(["controller", "rank: test ppl", "rank: model events"],

@@ -439,6 +439,12 @@ def _criteria_against(controllers: Mapping[str, Mapping[str, Any]], method: str,
     return {"reference": ref, "M1": m1, "M2": m2}
 
 
+#: The methods held to the success criteria, and all of STSO's own controllers (the branch method, its
+#: ablations and the learned policy), which are never a method's "best single baseline".
+METHODS = ("stso", "policy")
+OURS = ("stso", "rule", "proxy_only", "single_trigger", "policy")
+
+
 def best_baseline(controllers: Mapping[str, Mapping[str, Any]], exclude: Iterable[str]) -> str | None:
     """The controller outside ``exclude`` with the lowest mean ``final_test_ppl`` (None if there is none)."""
     skip = set(exclude)
@@ -448,7 +454,7 @@ def best_baseline(controllers: Mapping[str, Mapping[str, Any]], exclude: Iterabl
 
 
 def success_criteria(controllers: Mapping[str, Mapping[str, Any]], method: str = "stso",
-                     reference: str = "fixed") -> dict[str, Any]:
+                     reference: str = "fixed", exclude: Iterable[str] = ()) -> dict[str, Any]:
     """The success criteria of ``method`` against ``reference`` and against the best single baseline.
 
     * **M1**: mean model-instability events per 100k steps (``model_events_per_100k_steps``) down by at
@@ -458,8 +464,9 @@ def success_criteria(controllers: Mapping[str, Mapping[str, Any]], method: str =
       seeds both controllers ran (pairs with a missing perplexity dropped). Welch's unpaired test on the
       same seeds is reported beside it (``M2["welch"]``) but does not decide.
 
-    The best single baseline is the controller other than ``method`` and ``reference`` with the lowest
-    mean final test perplexity. ``controllers`` maps names to ``{"seeds": [...], "summary": {...}}``; the
+    The best single baseline is the controller other than ``method``, ``reference`` and ``exclude`` (the
+    method's own ablations and sibling methods, which are not baselines) with the lowest mean final test
+    perplexity. ``controllers`` maps names to ``{"seeds": [...], "summary": {...}}``; the
     per-run records need a ``"seed"`` key (see :func:`align_by_seed`).
     """
     out: dict[str, Any] = {"method": method, "reference": reference, "against_reference": None,
@@ -472,7 +479,7 @@ def success_criteria(controllers: Mapping[str, Mapping[str, Any]], method: str =
         out["against_reference"] = _criteria_against(controllers, method, reference)
     else:
         notes.append(f"the reference controller {reference!r} was not evaluated")
-    best = best_baseline(controllers, (method, reference))
+    best = best_baseline(controllers, (method, reference, *exclude))
     out["best_baseline"] = best
     if best is not None:
         out["against_best_baseline"] = _criteria_against(controllers, method, best)

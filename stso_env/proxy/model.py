@@ -89,8 +89,8 @@ def _sanitize(x: np.ndarray) -> np.ndarray:
 class ProxyEnsemble(nn.Module):
     """``E`` MLP members (Linear -> LayerNorm -> GELU) x layers with five heads each."""
 
-    def __init__(self, config: ProxyConfig, state_dim: int = len(OBSERVATION_NAMES), nvec: tuple[int, ...] = ACTION_NVEC,
-                 state_names: list[str] | None = None) -> None:
+    def __init__(self, config: ProxyConfig, state_dim: int = len(OBSERVATION_NAMES),
+                 nvec: tuple[int, ...] = ACTION_NVEC, state_names: list[str] | None = None) -> None:
         super().__init__()
         self.config = config
         self.state_dim = int(state_dim)
