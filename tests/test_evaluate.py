@@ -246,3 +246,18 @@ def test_harness_tiny_budget(tmp_path: Path, registered, one_thread):
     for rel in on_disk["figures"].values():
         assert (out / rel).read_bytes()[:4] == b"\x89PNG"
     assert np.isfinite(on_disk["controllers"]["fixed"]["summary"]["total_flops"]["mean"])
+
+
+def test_budget_use_known_answer():
+    from stso_env.eval.published import budget_use
+
+    def rec(main, ver, rb, branches, stop):
+        return {"stop_reason": stop, "accounting": {
+            "budget_flops": 100.0, "main_steps": main, "episode_steps": 600, "branch_invocations": branches,
+            "tracker_wasted_by_reason": {"verification": ver, "rollback": rb}}}
+
+    u = budget_use([rec(400, 30.0, 2.0, 1, "budget"), rec(500, 20.0, 0.0, 2, "schedule_end")])
+    assert u["main_steps"] == 450 and u["episode_steps"] == 600 and u["branches_per_run"] == 1.5
+    assert u["verification_share"] == pytest.approx(0.25) and u["rollback_share"] == pytest.approx(0.01)
+    assert u["stop_reasons"] == {"budget": 1, "schedule_end": 1}
+    assert budget_use([{"stop_reason": "x"}]) == {}

@@ -39,6 +39,27 @@ HEADLINE = ("final_test_ppl", "model_events_per_100k_steps", "data_events_per_10
             "final_val_ppl", "had_model_event", "diverged")
 
 
+def budget_use(records: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """Where a controller's budget went, mean over its runs: optimizer steps of the main run, shares of the
+    budget spent on verification forks and on rolled-back steps, branch invocations per run, stop reasons."""
+    acc = [r.get("accounting") or {} for r in records]
+    if not acc or any("budget_flops" not in a for a in acc):
+        return {}
+
+    def share(a: Mapping[str, Any], reason: str) -> float:
+        return float((a.get("tracker_wasted_by_reason") or {}).get(reason, 0.0)) / float(a["budget_flops"])
+
+    stops: dict[str, int] = {}
+    for r in records:
+        stops[str(r.get("stop_reason"))] = stops.get(str(r.get("stop_reason")), 0) + 1
+    return {"main_steps": float(np.mean([a.get("main_steps", 0) for a in acc])),
+            "episode_steps": float(np.mean([a.get("episode_steps", 0) for a in acc])),
+            "verification_share": float(np.mean([share(a, "verification") for a in acc])),
+            "rollback_share": float(np.mean([share(a, "rollback") for a in acc])),
+            "branches_per_run": float(np.mean([a.get("branch_invocations", 0) for a in acc])),
+            "stop_reasons": dict(sorted(stops.items()))}
+
+
 def _compact_cell(results: Mapping[str, Any]) -> dict[str, Any]:
     settings = results["settings"]
     return {
@@ -47,7 +68,8 @@ def _compact_cell(results: Mapping[str, Any]) -> dict[str, Any]:
         "test_tokens_scored": next(iter(results["controllers"].values()))["seeds"][0].get("test_tokens"),
         "controllers": {n: {"summary": c["summary"],
                             "seeds": [{"seed": r["seed"], **{k: r.get(k) for k in HEADLINE}} for r in c["seeds"]],
-                            "describe": settings["controller_setup"].get(n, {}).get("describe")}
+                            "describe": settings["controller_setup"].get(n, {}).get("describe"),
+                            "budget_use": budget_use(c["seeds"])}
                         for n, c in results["controllers"].items()},
         "comparison": results["comparison"], "headroom": results["headroom"], "criteria": results["criteria"],
     }
@@ -302,6 +324,29 @@ def readme_tables(results: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _budget_section(cells: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Per cell, where the budget of each controller that forks or rolls back went (what a method that
+    loses on perplexity paid for)."""
+    rows = []
+    for n, cell in cells.items():
+        for c, b in cell["controllers"].items():
+            u = b.get("budget_use") or {}
+            if not u or (u["verification_share"] == 0 and u["rollback_share"] == 0 and u["branches_per_run"] == 0):
+                continue
+            rows.append([f"`{n}`", f"`{c}`", f"{u['main_steps']:.0f} / {u['episode_steps']:.0f}",
+                         fmt_pct(u["verification_share"]).lstrip("+"), fmt_pct(u["rollback_share"]).lstrip("+"),
+                         f"{u['branches_per_run']:.2f}", ", ".join(f"{k} {v}" for k, v in u["stop_reasons"].items())])
+    if not rows:
+        return []
+    return ["## Where the budget went", "",
+            "Controllers that fork or roll back, mean over seeds: optimizer steps of the main run (of the "
+            "schedule's), budget shares spent on verification forks and on rolled-back steps, branch invocations "
+            "per run, and why runs stopped (`budget`: the shared FLOPs budget ran out before the schedule ended, "
+            "so the learning rate never finished its decay).", "",
+            *_table(["cell", "controller", "main steps", "verification", "rollback", "branches / run", "stops"],
+                    rows), ""]
+
+
 def render_suite_report(results: Mapping[str, Any]) -> str:
     cells, meta, st = results["cells"], results["meta"], results["settings"]
     lines = [f"# Suite `{results['suite']}`", "", st.get("description") or "", "",
@@ -328,6 +373,7 @@ def render_suite_report(results: Mapping[str, Any]) -> str:
     lines += ["", "## Summary", "", readme_tables(results), "",
               "![headroom](figures/headroom.png)", "", "![test perplexity vs fixed](figures/test_ppl_vs_fixed.png)",
               "", "![model events vs fixed](figures/model_events_vs_fixed.png)", ""]
+    lines += _budget_section(cells)
     for n, cell in cells.items():
         h = cell["headroom"]
         lines += [f"## Cell `{n}`", "", f"Scenario `{cell['scenario']}`, corpus `{Path(cell['corpus']).name}`, "
