@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -49,9 +50,7 @@ def budget_use(records: list[Mapping[str, Any]]) -> dict[str, Any]:
     def share(a: Mapping[str, Any], reason: str) -> float:
         return float((a.get("tracker_wasted_by_reason") or {}).get(reason, 0.0)) / float(a["budget_flops"])
 
-    stops: dict[str, int] = {}
-    for r in records:
-        stops[str(r.get("stop_reason"))] = stops.get(str(r.get("stop_reason")), 0) + 1
+    stops = Counter(str(r.get("stop_reason")) for r in records)
     return {"main_steps": float(np.mean([a.get("main_steps", 0) for a in acc])),
             "episode_steps": float(np.mean([a.get("episode_steps", 0) for a in acc])),
             "verification_share": float(np.mean([share(a, "verification") for a in acc])),
@@ -111,6 +110,12 @@ def _criteria_blocks(cell: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return [crit] if isinstance(crit, Mapping) else list(crit)
 
 
+def _significantly_higher(m2: Mapping[str, Any]) -> bool:
+    """Whether an M2 block finds the method's test perplexity higher, with paired p below its alpha."""
+    return bool(m2["mean_diff"] is not None and m2["mean_diff"] > 0 and m2["p"] is not None
+                and m2["p"] < m2["alpha"])
+
+
 def criteria_summary(cells: Mapping[str, Mapping[str, Any]],
                      mean_rank: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
     """The research guide's success criteria per method across the suite.
@@ -130,10 +135,8 @@ def criteria_summary(cells: Mapping[str, Mapping[str, Any]],
                 continue
             ref, best = block["against_reference"], block.get("against_best_baseline")
             m2 = ref["M2"]
-            harm = bool(m2["mean_diff"] is not None and m2["mean_diff"] > 0 and m2["p"] is not None
-                        and m2["p"] < m2["alpha"])
-            worse_best = bool(best and best["M2"]["mean_diff"] is not None and best["M2"]["mean_diff"] > 0
-                              and best["M2"]["p"] is not None and best["M2"]["p"] < best["M2"]["alpha"])
+            harm = _significantly_higher(m2)
+            worse_best = bool(best) and _significantly_higher(best["M2"])
             is_calm = cell["scenario"] == CALM
             rows[cname] = {"calm": is_calm, "M1": ref["M1"]["holds"], "M2": m2["holds"], "harm": harm,
                            "events_change": ref["M1"]["events_change"], "wasted_change": ref["M1"]["wasted_change"],
@@ -156,7 +159,6 @@ def criteria_summary(cells: Mapping[str, Mapping[str, Any]],
             "better_mean_rank": bool(best_rank and ranks.get(method) is not None and ranks[method] < best_rank[1]),
         }
     return out
-
 
 
 def _fraction_with_event(cell: Mapping[str, Any], name: str) -> float | None:
@@ -272,14 +274,14 @@ def criteria_lines(crit: Mapping[str, Mapping[str, Any]]) -> list[str]:
         for cname, r in m["cells"].items():
             if r["calm"]:
                 m1 = m2 = "n/a (calm)"
-                verdict = "**yes**" if r["harm"] else "no"
+                verdict = _yes(r["harm"])
             else:
                 m1, m2 = _yes(r["M1"]), _yes(r["M2"])
                 verdict = "n/a"
             rows.append([f"`{cname}`", fmt_pct(r["events_change"]), fmt_pct(r["wasted_change"]), m1,
                          f"{fmt_pct(r['ppl_change'])} (p {fmt(r['p'], 2)})", m2, verdict,
                          f"`{r['best_baseline']}`: {fmt_pct(r['best_ppl_change'])} (p {fmt(r['best_p'], 2)})",
-                         "**yes**" if r["worse_than_best"] else "no"])
+                         _yes(r["worse_than_best"])])
         n = len(m["stress_cells"])
         rank = m["mean_rank"]
         lines += [f"Success criteria for `{method}` (M1: model events -30 % and wasted FLOPs -20 % vs `fixed`; "
