@@ -313,8 +313,8 @@ def levers(cfg: ControllerTrainConfig) -> list[tuple[str, bool, str]]:
          f"horizon {cfg.proxy.horizon} env steps"),
         ("MOPO-style penalty on the ensemble's disagreement", proxy and cfg.rl.uncertainty_penalty > 0,
          f"lambda {cfg.rl.uncertainty_penalty}"),
-        ("conformal shield: the neutral action unless the policy's choice has the better conformal bound",
-         proxy, "LearnedPolicy with the run's proxy and calibration.json, level 0.9"),
+        ("conformal shield: the neutral action unless the policy's choice is better beyond both conformal "
+         "intervals", proxy, "LearnedPolicy with the run's proxy and calibration.json, level 0.9, dominance rule"),
         ("collection over several scenarios", len(scen) > 1, ", ".join(scen)),
         ("more and longer collected episodes", proxy, f"{cfg.collect.episodes} x {cfg.collect.episode_steps} steps"),
         ("model-based iterations (collect with the policy, refit, retrain)", False, "not implemented yet"),

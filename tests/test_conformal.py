@@ -27,6 +27,7 @@ from stso_env.proxy.calibration import (
     ConformalBounds,
     _coverage,
     _coverage_from_predictions,
+    _level_index,
     calibrate,
     conformal_bounds,
     conformal_upper,
@@ -81,11 +82,14 @@ def test_equal_mean_different_spread_gives_different_upper_bounds():
     up = bounds.upper("loss_at_n", mean, 0.9, std)
     np.testing.assert_allclose(up, [3.0 + 1.5 * 0.11, 3.0 + 1.5 * 0.51])
     assert up[0] < up[1]  # the candidate the ensemble agrees on is bounded lower, so it ranks first
+    # the lower end mirrors the upper one about the mean (MAPIE's intervals are symmetric)
+    np.testing.assert_allclose(bounds.lower("loss_at_n", mean, 0.9, std), [3.0 - 1.5 * 0.11, 3.0 - 1.5 * 0.51])
     # an absolute-residual bound adds the same q to both: it can never change a ranking
     legacy = ConformalBounds({"loss_at_n": {"0.9": 0.25}})
     assert legacy.score("loss_at_n") == SCORE_ABSOLUTE
     np.testing.assert_array_equal(legacy.upper("loss_at_n", mean, 0.9, std), [3.25, 3.25])
     np.testing.assert_array_equal(legacy.upper("loss_at_n", mean, 0.9), [3.25, 3.25])
+    np.testing.assert_array_equal(legacy.lower("loss_at_n", mean, 0.9), [2.75, 2.75])
 
 
 def test_missing_or_bad_std_is_a_clear_error():
@@ -97,6 +101,8 @@ def test_missing_or_bad_std_is_a_clear_error():
         bounds.upper("loss_at_n", np.zeros(2), 0.9, np.zeros(3))
     with pytest.raises(DataError, match="negative spread"):
         bounds.upper("loss_at_n", np.zeros(2), 0.9, np.array([0.1, -0.1]))
+    with pytest.raises(ConfigError, match=r"lower std: .*loss_at_n_std"):
+        bounds.lower("loss_at_n", np.zeros(2), 0.9)
     with pytest.raises(ConfigError, match=r"floors\['loss_at_n'\]"):
         ConformalBounds({"loss_at_n": {"0.9": 1.5}}, scores={"loss_at_n": SCORE_NORMALISED})
     with pytest.raises(ConfigError, match="unknown"):
@@ -147,6 +153,10 @@ def test_stored_bounds_equal_mapie_upper_ends_and_round_trip(data, tmp_path):
         for level in (0.8, 0.9, 0.95):
             np.testing.assert_allclose(bounds.upper(target, pred[target], level, pred[target + "_std"]),
                                        conformal_upper(stub, cal, test, level), rtol=1e-9, atol=1e-9)
+            _, pis = cal.predict_interval(test.features())
+            i = _level_index(cal, level)
+            np.testing.assert_allclose(bounds.lower(target, pred[target], level, pred[target + "_std"]),
+                                       pis[:, 0, i], rtol=1e-9, atol=1e-9)
     with pytest.raises(ConfigError, match="another proxy model"):
         conformal_upper(StubProxy(), calibrate(stub, calib), test, 0.9)
     path = bounds.save(tmp_path)

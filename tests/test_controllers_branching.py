@@ -229,26 +229,42 @@ def test_policy_shield_runs_a_change_only_when_its_bound_beats_the_neutral_one(t
     env = gym.make("STSO-GPT2-v0", **ENV)
     path = tmp_path / "policy.zip"
     MaskablePPO("MlpPolicy", env, n_steps=8, batch_size=8, seed=0, device="cpu").save(str(path))
-    ctrl = make_controller("policy", policy_path=path, proxy_dir=proxy_dir)
+    ctrl = make_controller("policy", policy_path=path, proxy_dir=proxy_dir, settings={"shield_rule": "upper"})
     assert ctrl.shield and ctrl.proxy is not None and ctrl.bounds is not None
     obs, info = env.reset(seed=1)
     ctrl.reset(env, seed=1, run_name="p")
     proposal = np.array([0, 2, 1, 1, 0, 0])
     monkeypatch.setattr(ctrl.model, "predict", lambda *a, **k: (proposal, None))
-    # known answers: (bound of the proposal, bound of neutral), (divergence probabilities)
-    for bounds, p_div, expected in (((1.0, 2.0), (0.1, 0.1), proposal.tolist()),
-                                    ((2.0, 1.0), (0.1, 0.1), list(NEUTRAL_ACTION)),
-                                    ((1.0, 2.0), (0.3, 0.1), list(NEUTRAL_ACTION))):
-        monkeypatch.setattr(ctrl, "_pessimistic", lambda o, a, b=bounds, p=p_div: (np.array(b), np.array(p)))
+    # known answers: (upper bound of the proposal, upper bound of neutral), (divergence probabilities);
+    # the lower bounds sit 0.5 below the upper ones
+    cases = (((1.0, 2.0), (0.1, 0.1), proposal.tolist()),
+             ((2.0, 1.0), (0.1, 0.1), list(NEUTRAL_ACTION)),
+             ((1.0, 2.0), (0.3, 0.1), list(NEUTRAL_ACTION)),
+             ((1.0, 1.3), (0.1, 0.1), proposal.tolist()))
+    for bounds, p_div, expected in cases:
+        monkeypatch.setattr(ctrl, "_bounds", lambda o, a, b=bounds, p=p_div: (np.array(b) - 0.5, np.array(b),
+                                                                             np.array(p)))
         assert ctrl.act(obs, info).tolist() == expected
-    assert ctrl.proposed == 3 and ctrl.shielded == 2
+    assert ctrl.proposed == 4 and ctrl.shielded == 2
     d = ctrl.describe()
-    assert d["shield"] and d["proposed_changes"] == 3 and d["shielded_changes"] == 2
-    # the real bound: a plan proxy with its conformal bounds scores both candidates
+    assert d["shield"] and d["proposed_changes"] == 4 and d["shielded_changes"] == 2 and d["shield_rule"] == "upper"
+    # dominance (the default): the proposal's upper bound must be below the neutral action's lower bound
+    dom = make_controller("policy", policy_path=path, proxy_dir=proxy_dir)
+    assert dom.describe()["shield_rule"] == "dominance"
+    dom.reset(env, seed=1, run_name="p")
+    monkeypatch.setattr(dom.model, "predict", lambda *a, **k: (proposal, None))
+    for bounds, expected in (((1.0, 2.0), proposal.tolist()), ((1.0, 1.3), list(NEUTRAL_ACTION))):
+        monkeypatch.setattr(dom, "_bounds", lambda o, a, b=bounds: (np.array(b) - 0.5, np.array(b),
+                                                                   np.array([0.1, 0.1])))
+        assert dom.act(obs, info).tolist() == expected
+    with pytest.raises(ValueError, match="shield_rule"):
+        make_controller("policy", policy_path=path, proxy_dir=proxy_dir, settings={"shield_rule": "lower"})
+    # the real bounds: a plan proxy with its conformal bounds scores both candidates
     monkeypatch.undo()
     monkeypatch.setattr(ctrl.model, "predict", lambda *a, **k: (proposal, None))
-    upper, p_div = ctrl._pessimistic(obs, np.stack([proposal, np.asarray(NEUTRAL_ACTION)]))
-    assert upper.shape == p_div.shape == (2,) and np.isfinite(upper).all()
+    lower, upper, p_div = ctrl._bounds(obs, np.stack([proposal, np.asarray(NEUTRAL_ACTION)]))
+    assert upper.shape == lower.shape == p_div.shape == (2,) and np.isfinite(upper).all()
+    assert (lower < upper).all()
     a = ctrl.act(obs, info)
     assert a.tolist() == (proposal.tolist() if upper[0] < upper[1] and p_div[0] <= p_div[1]
                           else list(NEUTRAL_ACTION))

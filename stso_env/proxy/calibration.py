@@ -312,6 +312,15 @@ class ConformalBounds:
         ``mean + q * (std + floor)``; absolute-residual bounds (older files) return ``mean + q``
         and ignore it.
         """
+        return np.asarray(mean, dtype=np.float64) + self._half_width(target, mean, level, std, "upper")
+
+    def lower(self, target: str, mean: np.ndarray, level: float, std: np.ndarray | None = None) -> np.ndarray:
+        """Lower end of the same interval as :meth:`upper`: ``mean - q * (std + floor)`` (``mean - q``
+        for absolute-residual bounds); the interval is symmetric about the ensemble mean, as MAPIE's."""
+        return np.asarray(mean, dtype=np.float64) - self._half_width(target, mean, level, std, "lower")
+
+    def _half_width(self, target: str, mean: np.ndarray, level: float, std: np.ndarray | None,
+                    end: str) -> np.ndarray:
         kind = self.score(target)
         q = _match_level(self.quantiles[target], level)
         if q is None:
@@ -319,19 +328,19 @@ class ConformalBounds:
                               f"{sorted(self.quantiles[target])}")
         m = np.asarray(mean, dtype=np.float64)
         if kind == SCORE_ABSOLUTE:
-            return m + q
+            return np.full_like(m, q)
         if std is None:
-            raise ConfigError(f"ConformalBounds.upper std: the {target!r} bounds use the {SCORE_NORMALISED} score "
+            raise ConfigError(f"ConformalBounds.{end} std: the {target!r} bounds use the {SCORE_NORMALISED} score "
                               f"and need the ensemble spread of the same candidates; pass "
                               f"std=model.predict(...)[{target + '_std'!r}]")
         s = np.asarray(std, dtype=np.float64)
         if s.shape != m.shape:
-            raise DataError(f"ConformalBounds.upper std: shape {s.shape} differs from mean's {m.shape}; pass one "
+            raise DataError(f"ConformalBounds.{end} std: shape {s.shape} differs from mean's {m.shape}; pass one "
                             "spread per candidate")
         if (s < 0).any():
-            raise DataError(f"ConformalBounds.upper std: negative spread for {target!r}; pass the ensemble std "
+            raise DataError(f"ConformalBounds.{end} std: negative spread for {target!r}; pass the ensemble std "
                             f"({target}_std), not a signed difference")
-        return m + q * (s + self.floors[target])
+        return q * (s + self.floors[target])
 
     def save(self, directory: str | Path) -> Path:
         """Write ``calibration.json`` (layout version :data:`CALIBRATION_FORMAT_VERSION`) into ``directory``."""
