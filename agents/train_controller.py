@@ -323,6 +323,22 @@ def levers(cfg: ControllerTrainConfig) -> list[tuple[str, bool, str]]:
     ]
 
 
+def shield_counts(eval_dir: Path) -> dict[str, Any] | None:
+    """How many of the policy's proposed changes its shield let run, over the evaluation's runs."""
+    proposed = shielded = 0
+    rule = level = None
+    for path in sorted(eval_dir.glob("runs/*/policy__seed*.json")):
+        d = json.loads(path.read_text(encoding="utf-8"))["setup"]["describe"]
+        if not d.get("shield"):
+            return None
+        proposed += int(d["proposed_changes"])
+        shielded += int(d["shielded_changes"])
+        rule, level = d.get("shield_rule"), d.get("shield_level")
+    if rule is None:
+        return None
+    return {"rule": rule, "level": level, "proposed": proposed, "ran": proposed - shielded}
+
+
 def write_report(cfg: ControllerTrainConfig, run: Path, parts: dict[str, Any]) -> Path:
     """``run/report.md``: what ran, the proxy's accuracy, the learning curve and the held-out comparison."""
     lines = [f"# Controller training: `{run.name}`", "",
@@ -388,6 +404,10 @@ def write_report(cfg: ControllerTrainConfig, run: Path, parts: dict[str, Any]) -
                      "worse": "The policy is significantly **worse** than the fixed schedule."}.get(
                       verdict, "The policy is **not** significantly better than the fixed schedule on these seeds."),
                   ""]
+    shield = shield_counts(run / "eval")
+    if shield is not None:
+        lines += [f"Shield (rule `{shield['rule']}`, level {shield['level']}): {shield['ran']} of "
+                  f"{shield['proposed']} changes the policy proposed ran; the others ran as the neutral action.", ""]
     lines += ["Loss curves per controller, and the uncertainty index with every decision on one timeline "
               "(from the evaluation):", "", "![loss curves](eval/figures/loss_curves.png)", "",
               "![index and decisions](eval/figures/uncertainty_timeline.png)", ""]

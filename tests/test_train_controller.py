@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from agents.train_controller import ControllerTrainConfig, build_config, parse_args
+from agents.train_controller import ControllerTrainConfig, build_config, parse_args, shield_counts
 from stso_env.config import from_dict
 from stso_env.errors import ConfigError
 
@@ -69,6 +69,7 @@ def test_end_to_end_tiny(tmp_path):
     assert len(results["controllers"]["policy"]["seeds"]) == 2
     report = (run / "report.md").read_text()
     assert "## 4. Held-out real episodes" in report and "| policy |" in report
+    assert "Shield (rule `dominance`, level 0.9)" in report
     # a second run into the same folder is refused without --overwrite, and nothing is lost
     before = (run / "policy.zip").read_bytes()
     again = subprocess.run([sys.executable, "-m", "agents.train_controller", "--config", str(path), "--run-name",
@@ -97,3 +98,15 @@ def test_model_free_ppo_in_the_real_env(tmp_path):
     assert list((run / "tb").rglob("events.out.tfevents.*"))
     results = json.loads((run / "eval" / "results.json").read_text())
     assert set(results["controllers"]) == {"fixed", "policy"}
+
+
+def test_shield_counts_add_up_over_the_policy_runs(tmp_path):
+    cell = tmp_path / "runs" / "spiky__builtin"
+    cell.mkdir(parents=True)
+    for seed, (proposed, shielded) in enumerate(((10, 7), (5, 5))):
+        describe = {"shield": True, "shield_rule": "dominance", "shield_level": 0.9,
+                    "proposed_changes": proposed, "shielded_changes": shielded}
+        (cell / f"policy__seed{seed}.json").write_text(json.dumps({"setup": {"describe": describe}}))
+    (cell / "fixed__seed0.json").write_text(json.dumps({"setup": {"describe": {}}}))
+    assert shield_counts(tmp_path) == {"rule": "dominance", "level": 0.9, "proposed": 15, "ran": 3}
+    assert shield_counts(tmp_path / "nothing") is None
