@@ -302,6 +302,16 @@ def load_yaml(path: str | Path) -> Any:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
 
 
+def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (an empty file is ``{}``); anything else is a ConfigError."""
+    raw = load_yaml(path)
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    return raw
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> T:
     """Load ``cls`` from a YAML file, then apply dotted-key ``overrides`` (e.g. ``{"optim.lr": 1e-3}``).
 
@@ -311,13 +321,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[st
     data: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
-        raw = load_yaml(path)
-        source = str(path)
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{source}: top level must be a mapping, got {type(raw).__name__}")
-        data = raw
+        data, source = load_yaml_mapping(path), str(path)
     obj = from_dict(cls, data, source=source)
     if overrides:
         obj = apply_overrides(obj, overrides)

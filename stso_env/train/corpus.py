@@ -289,6 +289,11 @@ def _lexicon() -> _Lexicon:
     )
 
 
+def lexicon() -> _Lexicon:
+    """The built-in grammar's fixed lexicon (word classes and forms), for scorers that check its text."""
+    return _lexicon()
+
+
 def _zipf_cdf(n: int) -> np.ndarray:
     weights = 1.0 / (np.arange(n) + 2.7) ** 1.1
     return np.cumsum(weights / weights.sum())
