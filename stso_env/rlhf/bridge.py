@@ -1,0 +1,184 @@
+"""Step a TRL ``GRPOTrainer`` from outside: the loop stays TRL's, control comes back every few steps.
+
+A Gymnasium env must return after ``decision_interval`` optimizer steps, but ``trainer.train()``
+owns its loop until the run ends. :class:`SteppedGRPO` runs ``train()`` in one worker thread; a
+``TrainerCallback`` blocks it at ``on_step_end`` every ``interval`` steps and hands control to the
+caller, who reads the trainer, changes its knobs (``trainer.beta``, the LR scale, ...) and calls
+:meth:`SteppedGRPO.advance` for the next stretch. Only one of the two threads runs at a time, so
+the run is as deterministic as a plain ``train()``.
+
+Snapshots are in-memory copies taken while the worker is paused: model, optimizer, LR scheduler,
+the torch / numpy / python RNGs (generation samples with torch's global RNG), and the trainer's
+generation counters. :meth:`SteppedGRPO.restore` writes them back into the live trainer, and the
+steps that follow repeat bit-exactly on CPU. Two details make that hold:
+
+* Prompts come from a prompt stream with a cursor that the snapshot keeps, chosen when
+  completions are generated (:meth:`_StreamedGRPOTrainer._generate_and_score_completions`),
+  not when the dataloader fetches rows: accelerate's dataloader fetches one batch ahead, so a
+  batch fetched before a snapshot would otherwise be replayed with the prompts of after it.
+* The trainer's dataset is a placeholder that the bridge sizes to last the whole run: at an
+  epoch boundary the Trainer builds a new dataloader iterator, which draws a seed from the torch
+  RNG, and after a restore that boundary would fall at another step.
+* ``trainer.state.global_step`` keeps counting after a restore (it is the trainer's own loop
+  variable); the bridge reports steps since the start of the stream as :attr:`SteppedGRPO.step`.
+"""
+
+from __future__ import annotations
+
+import copy
+import queue
+import random
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
+from trl import GRPOTrainer
+
+_STOP, _GO = "stop", "go"
+
+
+class _StreamedGRPOTrainer(GRPOTrainer):
+    """GRPO whose prompts are group ``cursor, cursor + 1, ...`` of a stream instead of the sampler's rows."""
+
+    prompt_of: Callable[[int], str]
+    cursor: int = 0
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        g = self.num_generations
+        rows = []
+        for j in range(len(inputs) // g):  # the sampler repeats each row g times in a row: one group
+            prompt = self.prompt_of(self.cursor + j)
+            rows += [dict(inputs[j * g + r], prompt=prompt) for r in range(g)]
+        self.cursor += len(inputs) // g
+        return super()._generate_and_score_completions(rows)
+
+
+class _Pause(TrainerCallback):
+    def __init__(self, interval: int) -> None:
+        self.interval = interval
+        self.to_caller: queue.Queue = queue.Queue()
+        self.to_worker: queue.Queue = queue.Queue()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.interval == 0:
+            self.to_caller.put(("paused", None))
+            if self.to_worker.get() == _STOP:
+                control.should_training_stop = True
+        return control
+
+
+class SteppedGRPO:
+    """A ``GRPOTrainer`` advanced ``interval`` optimizer steps at a time, with exact snapshots.
+
+    Args:
+        prompt_of: prompt of group ``i`` of the stream (a pure function of ``i``, e.g. a seeded
+            permutation of the train prompts).
+        interval: optimizer steps per :meth:`advance`.
+        trainer_kwargs: keyword arguments of ``GRPOTrainer`` (``model``, ``reward_funcs``,
+            ``args``, ``processing_class``, ...) except ``train_dataset``, which the bridge makes
+            (one epoch of placeholder rows; the prompts come from ``prompt_of``); ``args.max_steps``
+            (> 0) bounds the run.
+    """
+
+    def __init__(self, prompt_of: Callable[[int], str], interval: int, **trainer_kwargs: Any) -> None:
+        if interval < 1:
+            raise ValueError(f"SteppedGRPO interval: must be >= 1 optimizer step, got {interval}")
+        if "train_dataset" in trainer_kwargs:
+            raise ValueError("SteppedGRPO: pass prompts through prompt_of, not train_dataset (the bridge makes it)")
+        args = trainer_kwargs.get("args")
+        if args is None or getattr(args, "max_steps", 0) <= 0:
+            raise ValueError("SteppedGRPO args: a GRPOConfig with max_steps > 0 (the run's length) is required")
+        # rows the run consumes: each row is one group of num_generations completions
+        rows = args.max_steps * args.per_device_train_batch_size * args.steps_per_generation // args.num_generations
+        trainer_kwargs["train_dataset"] = Dataset.from_dict({"prompt": [""] * (rows + 1)})
+        self._pause = _Pause(interval)
+        callbacks = list(trainer_kwargs.pop("callbacks", None) or []) + [self._pause]
+        self.trainer = _StreamedGRPOTrainer(callbacks=callbacks, **trainer_kwargs)
+        self.trainer.prompt_of = prompt_of
+        self.interval = interval
+        self.step = 0
+        self.finished = False
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        try:
+            self.trainer.train()
+            self._pause.to_caller.put(("finished", None))
+        except BaseException as exc:  # handed to the caller's thread, which raises it
+            self._pause.to_caller.put(("error", exc))
+
+    def _wait(self) -> None:
+        kind, payload = self._pause.to_caller.get()
+        if kind == "error":
+            self.finished = True
+            raise RuntimeError(f"the GRPO trainer failed: {payload!r}") from payload
+        if kind == "finished":
+            self.finished = True
+        else:
+            self.step += self.interval
+
+    def advance(self) -> int:
+        """Run the next ``interval`` optimizer steps; returns :attr:`step`. After the last step
+        (``args.max_steps``) :attr:`finished` is True."""
+        if self.finished:
+            raise RuntimeError("the run has finished (args.max_steps); build a new SteppedGRPO")
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="grpo-trainer", daemon=True)
+            self._thread.start()
+        else:
+            self._pause.to_worker.put(_GO)
+        self._wait()
+        return self.step
+
+    def snapshot(self) -> dict[str, Any]:
+        """In-memory copy of everything the next steps depend on (take it between :meth:`advance` calls)."""
+        t = self.trainer
+        return {"model": copy.deepcopy(t.model.state_dict()),
+                "ref_model": None if t.ref_model is None else copy.deepcopy(t.ref_model.state_dict()),
+                "optimizer": copy.deepcopy(t.optimizer.state_dict()),
+                "scheduler": copy.deepcopy(t.lr_scheduler.state_dict()),
+                "beta": t.beta, "cursor": t.cursor, "_step": t._step,
+                "buffered_inputs": copy.deepcopy(t._buffered_inputs), "step": self.step,
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        """Write a :meth:`snapshot` back into the paused trainer; the following steps repeat exactly."""
+        if self.finished or self._thread is None:
+            raise RuntimeError("restore needs a paused run (after advance(), before the run finishes)")
+        t = self.trainer
+        t.model.load_state_dict(snap["model"])
+        if snap["ref_model"] is not None:
+            t.ref_model.load_state_dict(snap["ref_model"])
+        t.optimizer.load_state_dict(snap["optimizer"])
+        t.lr_scheduler.load_state_dict(snap["scheduler"])
+        t.beta, t.cursor, t._step = snap["beta"], snap["cursor"], snap["_step"]
+        t._buffered_inputs = copy.deepcopy(snap["buffered_inputs"])
+        self.step = snap["step"]
+        torch.set_rng_state(snap["rng"]["torch"])
+        np.random.set_state(snap["rng"]["numpy"])
+        random.setstate(snap["rng"]["python"])
+
+    def close(self) -> None:
+        """Stop the worker thread (the trainer ends its loop at the current step)."""
+        if self._thread is not None and self._thread.is_alive() and not self.finished:
+            self._pause.to_worker.put(_STOP)
+            self._thread.join(timeout=60)
+        self.finished = True
+
+
+def stream_of(prompts: Sequence[str], seed: int) -> Callable[[int], str]:
+    """Prompt ``i`` of a stream that walks seeded permutations of ``prompts``, one per epoch."""
+    if not prompts:
+        raise ValueError("stream_of prompts: need at least one prompt")
+    items = list(prompts)
+
+    def prompt_of(i: int) -> str:
+        epoch, pos = divmod(int(i), len(items))
+        order = np.random.default_rng([seed, epoch]).permutation(len(items))
+        return items[int(order[pos])]
+
+    return prompt_of
