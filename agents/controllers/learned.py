@@ -170,11 +170,10 @@ class LearnedPolicy(Controller):
             lower, upper, p_div = self._bounds(obs, np.stack([action, np.asarray(NEUTRAL_ACTION, dtype=np.int64)]))
             # "upper": the policy's pessimistic outcome beats the neutral action's pessimistic outcome;
             # "dominance": it beats the neutral action's optimistic outcome (the intervals do not overlap)
-            rival = upper[1] if self.shield_rule == "upper" else lower[1]
+            end, rival = ("upper", upper[1]) if self.shield_rule == "upper" else ("lower", lower[1])
             if not (upper[0] < rival and p_div[0] <= p_div[1]):
                 self.shielded += 1
                 return np.asarray(NEUTRAL_ACTION, dtype=np.int64)
-            end = "upper" if self.shield_rule == "upper" else "lower"
             self.record("policy", action, f"policy action passed the shield: probe-loss upper bound {upper[0]:.4f} "
                                           f"< {rival:.4f}, the {end} bound of the neutral action")
             return action

@@ -233,7 +233,8 @@ def build_reward_model(cfg: RLHFPrepareConfig, policy: Built, prefs: PreferenceS
         output_dir=str(tmp / "trainer"), use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
         report_to="none", save_strategy="no", disable_tqdm=not progress, logging_steps=10**9,
         per_device_train_batch_size=r.batch_size, num_train_epochs=r.epochs, learning_rate=r.lr,
-        warmup_steps=r.warmup_ratio, weight_decay=r.weight_decay, lr_scheduler_type="linear",
+        warmup_steps=r.warmup_ratio,  # transformers 5: a float in [0, 1) is a share of the steps
+        weight_decay=r.weight_decay, lr_scheduler_type="linear",
         max_length=int(model.config.n_positions), seed=cfg.seed, data_seed=cfg.seed, dataloader_num_workers=0,
     )
     train = Dataset.from_dict(pairs_as_columns(prefs.train)).remove_columns("corruption")
