@@ -665,7 +665,18 @@ def prepare_artefacts(suite: Any, out: Path, progress: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run the evaluation (one setting or a suite); returns the results dict (a cell's, or the suite's)."""
+    """Run the evaluation (one setting or a suite); returns the results dict (a cell's, or the suite's).
+
+    ``--env STSO-RLHF-v0`` hands the arguments to :mod:`agents.rlhf_evaluate` (the RLHF controllers and M3)."""
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if "STSO-RLHF-v0" in raw and ("--env" in raw or "--env=STSO-RLHF-v0" in raw):
+        from agents import rlhf_evaluate
+
+        code = rlhf_evaluate.main(raw)
+        if code:
+            raise SystemExit(code)
+        out = Path(rlhf_evaluate.parse_args(raw).out) / "results.json"
+        return json.loads(out.read_text(encoding="utf-8"))
     from agents.controllers import CONTROLLERS
     from stso_env.config import REPO_ROOT
     from stso_env.errors import STSOError

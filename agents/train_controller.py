@@ -44,7 +44,7 @@ from stso_env.config import _f, describe, from_dict, load_yaml, to_dict
 from stso_env.errors import ConfigError, STSOError
 
 ALGOS = ("model_based", "maskable_ppo", "ppo")
-ENVS = ("STSO-GPT2-v0", "STSO-Proxy-v0")
+ENVS = ("STSO-GPT2-v0", "STSO-Proxy-v0", "STSO-RLHF-v0")  # the last one: agents.rlhf_train_controller
 
 
 # ---------------------------------------------------------------------- settings
@@ -448,22 +448,33 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def run_folder(runs_dir: str | Path, name: str, overwrite: bool) -> Path:
+    """``runs_dir/name``, created empty; an existing non-empty one is an error unless ``overwrite``."""
+    if any(s in name for s in ("/", "\\")) or name in (".", ".."):
+        raise ConfigError(f"--run-name {name!r}: must be a plain folder name")
+    run = Path(runs_dir) / name
+    if run.exists() and any(run.iterdir()) and not overwrite:
+        raise ConfigError(f"run folder {run} exists and is not empty; choose another --run-name or pass "
+                          "--overwrite")
+    if run.exists() and overwrite:
+        # outputs of the previous run must not mix with this one's (a stale report would look current)
+        shutil.rmtree(run)
+    run.mkdir(parents=True, exist_ok=True)
+    return run
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if "STSO-RLHF-v0" in raw and ("--env" in raw or "--env=STSO-RLHF-v0" in raw):
+        from agents.rlhf_train_controller import main as rlhf_main  # Phase 2: a program of its own
+
+        return rlhf_main(raw)
     args = parse_args(argv)
     progress = not args.no_progress
     try:
         cfg = build_config(args)
         name = cfg.run_name or f"{cfg.rl.env}__{cfg.rl.algo}__{cfg.seed}__{int(time.time())}"
-        if any(s in name for s in ("/", "\\")) or name in (".", ".."):
-            raise ConfigError(f"--run-name {name!r}: must be a plain folder name")
-        run = Path(cfg.runs_dir) / name
-        if run.exists() and any(run.iterdir()) and not args.overwrite:
-            raise ConfigError(f"run folder {run} exists and is not empty; choose another --run-name or pass "
-                              "--overwrite")
-        if run.exists() and args.overwrite:
-            # outputs of the previous run must not mix with this one's (a stale report would look current)
-            shutil.rmtree(run)
-        run.mkdir(parents=True, exist_ok=True)
+        run = run_folder(cfg.runs_dir, name, args.overwrite)
         (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
         print(f"run folder: {run}", file=sys.stderr)
         parts: dict[str, Any] = {"seconds": {}}

@@ -271,6 +271,18 @@ def from_dict(cls: type[T], data: Any, *, source: str = "<dict>", prefix: str = 
     return obj
 
 
+def instance_or_kwargs(cls: type[T], value: Any, name: str) -> T:
+    """``value`` itself when it is a ``cls``, else ``cls(**value)`` (None: the defaults); an unknown
+    keyword is a :class:`ConfigError` naming ``name`` and the allowed keys."""
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls(**(value or {}))
+    except TypeError as exc:
+        allowed = ", ".join(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+        raise ConfigError(f"{name}: {exc}; allowed keys: {allowed}") from None
+
+
 def to_dict(obj: Any) -> dict[str, Any]:
     """Plain-data view of a config dataclass (tuples become lists, for YAML/JSON)."""
     def conv(v: Any) -> Any:

@@ -24,3 +24,15 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("STSO_CACHE", str(tmp_path_factory.getbasetemp() / "stso-cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def rlhf_tiny(tmp_path_factory):
+    """The tiny RLHF preparation (policy + reward model), built once per test session: (cfg, root, summary)."""
+    from stso_env.rlhf.config import tiny_config
+    from stso_env.rlhf.prepare import prepare
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("rlhf")
+    cfg = tiny_config()
+    return cfg, root, prepare(cfg, root, progress=False)

@@ -63,16 +63,17 @@ def test_restore_replays_the_same_steps_bit_exactly(policy_dir, tmp_path):
 
 def test_prompts_follow_the_stream_and_the_run_finishes(policy_dir, tmp_path):
     seen: list[str] = []
-    run = make(policy_dir, tmp_path, seen, max_steps=4)
+    run = make(policy_dir, tmp_path, seen, max_steps=6)
+    run.start()
+    assert run.step == 0 and seen == []  # paused before the first step
     run.advance()
     run.advance()
-    assert not run.finished
+    assert not run.finished and run.step == 4
     prompt_of = stream_of(PROMPTS, seed=3)
     # each step one batch of 4 rows = 2 groups of 2 generations; group i takes prompt i of the stream
     assert seen[:8] == [p for i in range(4) for p in [prompt_of(i)] * 2]
     assert sorted({prompt_of(i) for i in range(16)}) == sorted(PROMPTS)  # one epoch is a permutation
-    run.advance()
-    assert run.finished
+    assert run.advance() == 6 and run.finished
     with pytest.raises(RuntimeError, match="has finished"):
         run.advance()
 
@@ -89,3 +90,21 @@ def test_a_failing_trainer_raises_in_the_caller(policy_dir, tmp_path):
         SteppedGRPO(stream_of(PROMPTS, 0), interval=0)
     with pytest.raises(ValueError, match="max_steps"):
         SteppedGRPO(stream_of(PROMPTS, 0), interval=2, args=None)
+
+
+def test_a_fresh_run_takes_another_runs_snapshot_and_continues_it(policy_dir, tmp_path):
+    seen: list[str] = []
+    run = make(policy_dir, tmp_path / "a", seen)
+    run.advance()
+    run.advance()
+    snap = run.snapshot()
+    run.advance()
+    expected = params(run)
+    other = make(policy_dir, tmp_path / "b", [])
+    other.start()
+    other.restore(snap)
+    assert other.step == 4 and other.advance() == 6
+    got = params(other)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    run.close()
+    other.close()

@@ -164,11 +164,8 @@ def test_cli_bad_config_exits_2_with_the_field(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("rlhf")
-    cfg = tiny_config()
-    return cfg, root, prepare(cfg, root, progress=False)
+def prepared(rlhf_tiny):
+    return rlhf_tiny  # the session's tiny build (conftest); its summary is the first build's
 
 
 def test_tiny_prepare_builds_a_loadable_policy_and_a_reward_model_that_beats_chance(prepared):

@@ -6,9 +6,7 @@ import copy
 import math
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +14,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from stso_env.config import TrainConfig, apply_overrides, load_config
+from stso_env.config import TrainConfig, apply_overrides, instance_or_kwargs, load_config
+from stso_env.envs.plumbing import checked_action, OwnRNG, TransitionLogs
 from stso_env.errors import ConfigError
 from stso_env.monitor.monitor import OBS_LIMIT, OBSERVATION_NAMES, Monitor
 from stso_env.monitor.uncertainty import load_uncertainty_config
@@ -45,16 +44,7 @@ class RewardWeights:
 
 def decode_action(action: Any) -> dict[str, Any]:
     """Validate a MultiDiscrete action and name its parts; a bad action is a clear error."""
-    a = np.asarray(action)
-    if a.shape != (6,) or not np.issubdtype(a.dtype, np.integer) and not (
-            np.issubdtype(a.dtype, np.floating) and np.all(a == np.round(a))):
-        raise ValueError(f"action {action!r}: expected 6 integers (MultiDiscrete{list(ACTION_NVEC)}), "
-                         f"got shape {a.shape} dtype {a.dtype}")
-    a = a.astype(np.int64)
-    bad = [f"{ACTION_FIELDS[i]}={a[i]} (allowed 0..{n - 1})" for i, n in enumerate(ACTION_NVEC)
-           if not 0 <= a[i] < n]
-    if bad:
-        raise ValueError(f"action {a.tolist()} is outside the action space: {', '.join(bad)}")
+    a = checked_action(action, ACTION_NVEC, ACTION_FIELDS)
     return {
         "lr_change": LR_CHANGES[a[0]], "weight_decay_scale": WD_SCALES[a[1]], "clip_policy": CLIP_POLICIES[a[2]],
         "momentum_reset": bool(a[3]), "data_reorder": "shuffle_block" if a[4] else "none",
@@ -71,7 +61,7 @@ def action_mask(allow_skip_batch: bool) -> np.ndarray:
     return mask
 
 
-class GPT2Env(gym.Env):
+class GPT2Env(OwnRNG, gym.Env):
     """
     ## Description
 
@@ -217,14 +207,7 @@ class GPT2Env(gym.Env):
             "model.preset": preset, "scenario": scenario, "data.corpus": corpus, "data.tokenizer": tokenizer,
             "steps": episode_steps, "checkpoint.every": 0,
         })
-        if isinstance(reward_weights, RewardWeights):
-            self.reward_weights = reward_weights
-        else:
-            try:
-                self.reward_weights = RewardWeights(**(reward_weights or {}))
-            except TypeError as exc:
-                raise ConfigError(f"reward_weights: {exc}; allowed keys: "
-                                  f"{', '.join(asdict(RewardWeights()))}") from None
+        self.reward_weights = instance_or_kwargs(RewardWeights, reward_weights, "reward_weights")
         self.uncertainty_config = load_uncertainty_config(uncertainty_config)
         self.decision_interval = decision_interval
         self.episode_steps = episode_steps
@@ -247,31 +230,9 @@ class GPT2Env(gym.Env):
         self._diverged_at_reset = False
         self._last_info: dict[str, Any] = {}
         self._store = None
-        self._logdb = None
-        self._tb = None
+        self._logs = TransitionLogs(self.run_dir, OBSERVATION_NAMES) if self.run_dir is not None else None
         self._history: dict[str, list] = {}
         self._total_flops = 0.0
-
-    # ------------------------------------------------------------------ RNG isolation
-
-    @contextmanager
-    def _own_rng(self) -> Iterator[None]:
-        """Run with this env's global-RNG streams swapped in.
-
-        The trainer's state includes the process-global python/numpy/torch RNGs;
-        swapping them per env keeps forks and vectorised copies in one process
-        from drawing from each other's streams.
-        """
-        from stso_env.train.trainer import capture_rng, restore_rng
-
-        outer = capture_rng()
-        if self._rng_state is not None:
-            restore_rng(self._rng_state)
-        try:
-            yield
-        finally:
-            self._rng_state = capture_rng()
-            restore_rng(outer)
 
     # ------------------------------------------------------------------ gym API
 
@@ -432,18 +393,10 @@ class GPT2Env(gym.Env):
 
     def _log(self, prev_obs, act, overridden, reward, obs, terminated, truncated, info, last, probe_before,
              noise, seconds) -> None:
-        if self.run_dir is None:
+        if self._logs is None:
             return
-        from stso_env.proxy.logdb import LogDB
-
-        if self._logdb is None:
-            self._logdb = LogDB(self.run_dir / "log_db.parquet", observation_names=self.observation_names)
-        if self._tb is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(self.run_dir / "tb"))
         gs = info["global_step"]
-        self._logdb.append({
+        self._logs.append({
             "run_id": self.run_dir.name, "episode": self._episode, "env_step": len(self._history["action"]) - 2,
             "global_step": gs, "seed": self._seed, "scenario": self.trainer.scenario.name,
             "state": prev_obs.tolist(), "action": list(act["raw"]), "action_overridden": overridden,
@@ -454,21 +407,15 @@ class GPT2Env(gym.Env):
             "diverged": info["diverged"], "flops": info["flops"], "wasted_flops": info["wasted_flops"],
             "noise": ",".join(sorted(noise)), "wall_seconds": seconds,
         })
-        tb = self._tb
-        tag = f"episode_{self._episode}"
-        for name, val in (("env/reward", reward), ("train/loss", last.loss), ("probe/loss", info["probe_loss"]),
-                          ("monitor/uncertainty_index", info["uncertainty_index"]),
-                          ("monitor/trigger", float(info["trigger"])), ("train/lr", last.lr),
-                          ("train/grad_norm", last.grad_norm), ("events/instability", info["instability_events"]),
-                          ("events/wasted_flops", info["wasted_flops"])):
-            if math.isfinite(val):
-                tb.add_scalar(f"{tag}/{name}", val, gs)
+        self._logs.scalars(f"episode_{self._episode}", [
+            ("env/reward", reward), ("train/loss", last.loss), ("probe/loss", info["probe_loss"]),
+            ("monitor/uncertainty_index", info["uncertainty_index"]), ("monitor/trigger", float(info["trigger"])),
+            ("train/lr", last.lr), ("train/grad_norm", last.grad_norm),
+            ("events/instability", info["instability_events"]), ("events/wasted_flops", info["wasted_flops"])], gs)
 
     def _flush_logs(self) -> None:
-        if self._logdb is not None:
-            self._logdb.flush()
-        if self._tb is not None:
-            self._tb.flush()
+        if self._logs is not None:
+            self._logs.flush()
 
     # ------------------------------------------------------------------ state, fork, snapshots
 
@@ -584,13 +531,8 @@ class GPT2Env(gym.Env):
         return timeline_rgb(h, tau=self.uncertainty_config.tau, budget=self.episode_steps)
 
     def close(self) -> None:
-        self._flush_logs()
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
-        if self._logdb is not None:
-            self._logdb.close()
-            self._logdb = None
+        if self._logs is not None:
+            self._logs.close()
         if self._store is not None:
             self._store.close()
             self._store = None

@@ -441,11 +441,15 @@ def readme_block(readme_text: str, suite: str) -> str | None:
 def update_readme(readme: Path, suite: str, results_json: Path) -> bool:
     """Rewrite the suite's block of ``readme`` from ``results_json``; returns whether it changed. The
     markers must already be in the README (a clear error says where to put them)."""
+    return replace_readme_block(readme, suite, readme_tables(json.loads(Path(results_json).read_text())))
+
+
+def replace_readme_block(readme: Path, name: str, block: str) -> bool:
+    """Put ``block`` between the ``results:<name>`` markers of ``readme``; returns whether it changed."""
     text = Path(readme).read_text(encoding="utf-8")
-    begin, end = _markers(suite)
-    if readme_block(text, suite) is None:
+    begin, end = _markers(name)
+    if readme_block(text, name) is None:
         raise ValueError(f"{readme}: no '{begin}' ... '{end}' block; add both markers where the tables go")
-    block = readme_tables(json.loads(Path(results_json).read_text()))
     head, rest = text.split(begin, 1)
     tail = rest.split(end, 1)[1]
     new = f"{head}{begin}\n{block}{end}{tail}"

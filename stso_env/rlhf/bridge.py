@@ -7,6 +7,12 @@ caller, who reads the trainer, changes its knobs (``trainer.beta``, the LR scale
 :meth:`SteppedGRPO.advance` for the next stretch. Only one of the two threads runs at a time, so
 the run is as deterministic as a plain ``train()``.
 
+The pause falls at ``on_step_begin`` of the step after the window, not at ``on_step_end`` of its
+last step: the Trainer logs a step (``on_log``) and TRL syncs the reference model
+(``SyncRefModelCallback.on_step_end``) after the step's ``on_step_end``, so only at the next step's
+beginning is a window's work complete. :meth:`SteppedGRPO.start` pauses before the very first
+step, which is where a fresh trainer can take a snapshot of another run (a fork).
+
 Snapshots are in-memory copies taken while the worker is paused: model, optimizer, LR scheduler,
 the torch / numpy / python RNGs (generation samples with torch's global RNG), and the trainer's
 generation counters. :meth:`SteppedGRPO.restore` writes them back into the live trainer, and the
@@ -57,17 +63,21 @@ class _StreamedGRPOTrainer(GRPOTrainer):
         return super()._generate_and_score_completions(rows)
 
 
+class _Stopped(Exception):
+    """Raised inside the worker to end the run at a pause (SteppedGRPO.close)."""
+
+
 class _Pause(TrainerCallback):
     def __init__(self, interval: int) -> None:
         self.interval = interval
         self.to_caller: queue.Queue = queue.Queue()
         self.to_worker: queue.Queue = queue.Queue()
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step % self.interval == 0:
-            self.to_caller.put(("paused", None))
+            self.to_caller.put(("paused", state.global_step))
             if self.to_worker.get() == _STOP:
-                control.should_training_stop = True
+                raise _Stopped
         return control
 
 
@@ -102,12 +112,15 @@ class SteppedGRPO:
         self.interval = interval
         self.step = 0
         self.finished = False
+        self._offset = 0  # step - trainer.state.global_step (a restore moves the stream, not the trainer's counter)
         self._thread: threading.Thread | None = None
 
     def _run(self) -> None:
         try:
             self.trainer.train()
-            self._pause.to_caller.put(("finished", None))
+            self._pause.to_caller.put(("finished", self.trainer.state.global_step))
+        except _Stopped:
+            self._pause.to_caller.put(("finished", self.trainer.state.global_step))
         except BaseException as exc:  # handed to the caller's thread, which raises it
             self._pause.to_caller.put(("error", exc))
 
@@ -116,21 +129,24 @@ class SteppedGRPO:
         if kind == "error":
             self.finished = True
             raise RuntimeError(f"the GRPO trainer failed: {payload!r}") from payload
-        if kind == "finished":
-            self.finished = True
-        else:
-            self.step += self.interval
+        self.finished = kind == "finished"
+        self.step = int(payload) + self._offset
+
+    def start(self) -> None:
+        """Start the trainer and pause it before its first step (nothing is trained yet)."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="grpo-trainer", daemon=True)
+        self._thread.start()
+        self._wait()
 
     def advance(self) -> int:
         """Run the next ``interval`` optimizer steps; returns :attr:`step`. After the last step
         (``args.max_steps``) :attr:`finished` is True."""
+        self.start()
         if self.finished:
             raise RuntimeError("the run has finished (args.max_steps); build a new SteppedGRPO")
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="grpo-trainer", daemon=True)
-            self._thread.start()
-        else:
-            self._pause.to_worker.put(_GO)
+        self._pause.to_worker.put(_GO)
         self._wait()
         return self.step
 
@@ -146,24 +162,30 @@ class SteppedGRPO:
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
 
     def restore(self, snap: dict[str, Any]) -> None:
-        """Write a :meth:`snapshot` back into the paused trainer; the following steps repeat exactly."""
+        """Write a :meth:`snapshot` back into the paused trainer; the following steps repeat exactly.
+
+        The snapshot may come from another ``SteppedGRPO`` built with the same arguments (a fork):
+        the steps then follow as they would have in the run it came from."""
         if self.finished or self._thread is None:
-            raise RuntimeError("restore needs a paused run (after advance(), before the run finishes)")
+            raise RuntimeError("restore needs a paused run (after start() or advance(), before the run finishes)")
         t = self.trainer
         t.model.load_state_dict(snap["model"])
         if snap["ref_model"] is not None:
             t.ref_model.load_state_dict(snap["ref_model"])
-        t.optimizer.load_state_dict(snap["optimizer"])
+        # torch's load_state_dict keeps the given moment tensors (same dtype and device), and the next
+        # steps would update them in place: the snapshot would change under its owner
+        t.optimizer.load_state_dict(copy.deepcopy(snap["optimizer"]))
         t.lr_scheduler.load_state_dict(snap["scheduler"])
         t.beta, t.cursor, t._step = snap["beta"], snap["cursor"], snap["_step"]
         t._buffered_inputs = copy.deepcopy(snap["buffered_inputs"])
         self.step = snap["step"]
+        self._offset = self.step - self.trainer.state.global_step
         torch.set_rng_state(snap["rng"]["torch"])
         np.random.set_state(snap["rng"]["numpy"])
         random.setstate(snap["rng"]["python"])
 
     def close(self) -> None:
-        """Stop the worker thread (the trainer ends its loop at the current step)."""
+        """Stop the worker thread (it leaves the trainer's loop at the pause)."""
         if self._thread is not None and self._thread.is_alive() and not self.finished:
             self._pause.to_worker.put(_STOP)
             self._thread.join(timeout=60)

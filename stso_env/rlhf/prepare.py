@@ -356,5 +356,16 @@ def prepare(cfg: RLHFPrepareConfig, root: str | Path | None = None, *, progress:
     }
 
 
+def prepared_models(cfg: RLHFPrepareConfig, root: str | Path | None = None, *,
+                    progress: bool = True) -> tuple[Built, Built, PreferenceSplits]:
+    """The policy, the reward model and the preference splits, built when missing; unlike
+    :func:`prepare` it measures nothing when both are cached (what an env needs at every construction)."""
+    base = Path(root).expanduser() if root is not None else default_root()
+    base.mkdir(parents=True, exist_ok=True)
+    policy = build_policy(cfg, base, progress=progress)
+    prefs = make_preferences(cfg)
+    return policy, build_reward_model(cfg, policy, prefs, base, progress=progress), prefs
+
+
 def _pick(info: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
     return {k: info[k] for k in keys if k in info}
