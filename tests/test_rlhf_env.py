@@ -13,6 +13,7 @@ import yaml
 
 import stso_env  # noqa: F401  (registers the env)
 from stso_env.config import ASSETS_DIR
+from stso_env.errors import ConfigError
 from stso_env.rlhf.monitor import OBSERVATION_NAMES
 from stso_env.envs.rlhf_env import ACTION_FIELDS, LR_SCALE_LIMITS, NEUTRAL_ACTION, RLHFEnv, rlhf_action_mask
 
@@ -147,8 +148,6 @@ def test_logs_to_parquet_and_tensorboard(kw, tmp_path):
 
 
 def test_bad_arguments_are_clear_errors(kw):
-    from stso_env.errors import ConfigError
-
     with pytest.raises(ConfigError, match="no such RLHF scenario.*calm"):
         RLHFEnv(**{**kw, "scenario": "nope"})
     with pytest.raises(ConfigError, match="size"):
@@ -190,3 +189,25 @@ def test_each_scenario_produces_its_failure_on_one_seed(kw):
     burst = [i["window"]["reward_std"] for i in noisy if i["noisy_steps"]]
     quiet = [i["window"]["reward_std"] for i in noisy if not i["noisy_steps"]]
     assert burst and quiet and np.mean(burst) > 2 * np.mean(quiet)
+
+
+def test_rloo_runs_under_the_same_knobs_masks_the_entropy_bonus_and_replays(kw):
+    from trl import RLOOTrainer
+
+    env = RLHFEnv(**kw, settings={"algorithm": "rloo"})
+    env.reset(seed=1)
+    assert isinstance(env.run.stepped.trainer, RLOOTrainer)
+    mask = env.action_masks()
+    assert mask[7] and not mask[8] and not mask[9]  # no entropy term: only "no bonus"
+    sid = env.snapshot()
+    with pytest.warns(UserWarning, match="masked choice was clamped"):
+        o1, r1, _, _, info = env.step(np.array([1, 2, 2, 1, 2, 0]))
+    assert info["action_overridden"] and env.run.knobs.entropy_coef == 0.0 and env.run.knobs.beta > 0
+    assert np.isfinite(info["kl"]) and info["window"]["steps"] == 4
+    env.restore(sid)
+    with pytest.warns(UserWarning):
+        o2, r2, *_ = env.step(np.array([1, 2, 2, 1, 2, 0]))
+    assert np.array_equal(o1, o2) and r1 == r2
+    with pytest.raises(ConfigError, match="algorithm"):
+        RLHFEnv(**kw, settings={"algorithm": "ppo"})
+    env.close()

@@ -52,9 +52,12 @@ def decode_rlhf_action(action: Any) -> dict[str, Any]:
             "ref_alpha": REF_ALPHAS[a[3]], "epsilon": EPSILONS[a[4]], "skip": bool(a[5]), "raw": a.tolist()}
 
 
-def rlhf_action_mask(lr_scale: float, beta: float) -> np.ndarray:
-    """Flat boolean mask (4+3+3+3+3+2 = 18 entries): LR and KL changes that would leave their limits are off."""
+def rlhf_action_mask(lr_scale: float, beta: float, entropy_bonus: bool = True) -> np.ndarray:
+    """Flat boolean mask (4+3+3+3+3+2 = 18 entries): LR and KL changes that would leave their limits are off,
+    and so is a non-zero entropy bonus when the trainer has no entropy term (``entropy_bonus=False``: RLOO)."""
     mask = np.ones(sum(ACTION_NVEC), dtype=bool)
+    if not entropy_bonus:
+        mask[8:10] = False
     for i, f in enumerate(LR_CHANGES):
         mask[i] = f == 1.0 or LR_SCALE_LIMITS[0] <= lr_scale * f <= LR_SCALE_LIMITS[1]
     for i, f in enumerate(KL_CHANGES):
@@ -93,8 +96,9 @@ class RLHFEnv(OwnRNG, gym.Env):
     The LR scale stays within [1/64, 4] and beta within [1e-4, 2]; entropy bonus, reference
     following and clip bound hold until changed; skip acts on its window only (generation and
     scoring still run; weights and Adam's moments stay). ``action_masks()`` returns 18 booleans:
-    an LR or KL change that would leave its limits is masked. A masked choice sent anyway runs
-    clamped to the limit and is reported in ``info["action_overridden"]``; an action outside the
+    an LR or KL change that would leave its limits is masked, and under RLOO (no entropy term) so
+    is a non-zero entropy bonus. A masked choice sent anyway runs clamped (to the limit; the bonus
+    to 0) and is reported in ``info["action_overridden"]``; an action outside the
     space raises ``ValueError``. The neutral action is ``[2, 1, 0, 0, 1, 0]``.
 
     ## Observation Space
@@ -141,13 +145,16 @@ class RLHFEnv(OwnRNG, gym.Env):
     prepared models and the run's shape (``tiny``: seconds, for tests); ``settings`` and
     ``divergence`` are dicts of :class:`~stso_env.rlhf.run.GRPOSettings` and
     :class:`~stso_env.rlhf.monitor.DivergenceRule` fields; ``episode_steps`` defaults to
-    ``settings.steps``. With ``run_dir`` every step is appended to ``run_dir/log_db.parquet``
-    (``assets/rlhf_log_schema.json``) and to TensorBoard (``run_dir/tb``).
+    ``settings.steps``; ``settings={"algorithm": "rloo"}`` runs TRL's ``RLOOTrainer`` (REINFORCE
+    leave-one-out, KL in the reward) instead of GRPO under the same knobs. With ``run_dir`` every
+    step is appended to ``run_dir/log_db.parquet`` (``assets/rlhf_log_schema.json``) and to
+    TensorBoard (``run_dir/tb``).
 
     ``env.unwrapped.fork()`` returns an independent env in exactly this state (close it when
     done); ``snapshot()`` returns an id and ``restore(id)`` goes back to it, in memory. Restore
     plus the same actions gives identical observations and rewards, bit for bit on CPU,
-    sampling included. ``test_gold()`` scores the current policy on the held-out *test* prompts
+    sampling included. ``what_if(actions)`` runs a few windows and comes back (the branch method's
+    short real rollouts). ``test_gold()`` scores the current policy on the held-out *test* prompts
     (for evaluation harnesses; controllers must not read it).
 
     ## Version History
@@ -242,8 +249,12 @@ class RLHFEnv(OwnRNG, gym.Env):
     def action_masks(self) -> np.ndarray:
         """Flat boolean mask, one entry per choice of each action dimension (18 entries)."""
         if self.run is None:
-            return rlhf_action_mask(1.0, self.scenario.beta)
-        return rlhf_action_mask(self.run.knobs.lr_scale, self.run.knobs.beta)
+            return rlhf_action_mask(1.0, self.scenario.beta, self._entropy_bonus)
+        return rlhf_action_mask(self.run.knobs.lr_scale, self.run.knobs.beta, self._entropy_bonus)
+
+    @property
+    def _entropy_bonus(self) -> bool:
+        return self.settings.algorithm == "grpo"
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
@@ -288,15 +299,17 @@ class RLHFEnv(OwnRNG, gym.Env):
         beta = k.beta * act["kl_change"]
         k.lr_scale = min(max(lr, LR_SCALE_LIMITS[0]), LR_SCALE_LIMITS[1])
         k.beta = min(max(beta, BETA_LIMITS[0]), BETA_LIMITS[1])
-        k.entropy_coef, k.ref_alpha, k.epsilon, k.skip = (act["entropy_coef"], act["ref_alpha"], act["epsilon"],
-                                                          act["skip"])
-        return (k.lr_scale != lr and act["lr_change"] != 1.0) or (k.beta != beta and act["kl_change"] != 1.0)
+        k.entropy_coef, k.ref_alpha, k.epsilon, k.skip = (act["entropy_coef"] if self._entropy_bonus else 0.0,
+                                                          act["ref_alpha"], act["epsilon"], act["skip"])
+        return ((k.lr_scale != lr and act["lr_change"] != 1.0) or (k.beta != beta and act["kl_change"] != 1.0)
+                or k.entropy_coef != act["entropy_coef"])
 
     def _run_window(self, act: dict[str, Any], *, log: bool, prev_obs: np.ndarray | None = None):
         t0 = time.perf_counter()
         overridden = self._apply(act)
         if overridden:
-            warnings.warn("STSO-RLHF-v0: a masked LR or KL change was clamped to its limit "
+            warnings.warn("STSO-RLHF-v0: a masked choice was clamped (an LR or KL change to its limit, an "
+                          "entropy bonus under RLOO to 0) "
                           "(see info['action_overridden'])", stacklevel=3)
         gold_before = self._gold
         with self._own_rng():
@@ -339,6 +352,35 @@ class RLHFEnv(OwnRNG, gym.Env):
         prompts = self._prepared()["test"][: n or self.n_test_prompts]
         with self._own_rng():
             return self.run.probe_gold(prompts)
+
+    @property
+    def episode_seed(self) -> int:
+        """The seed of the current episode (``reset(seed=...)``, or the one drawn when none was given)."""
+        return self._seed
+
+    def what_if(self, actions: Any) -> list[tuple[np.ndarray, float, bool, bool, dict[str, Any]]]:
+        """Run ``actions`` (one per window) from the current state without logging, then come back.
+
+        Returns what ``step`` would have returned for each window, stopping early at the end of the
+        episode; the env is afterwards exactly as before (a snapshot restored), so ``step`` with the
+        same first action replays the first window bit for bit. This is the short real rollout of
+        the branch method's verification.
+        """
+        if self.run is None:
+            raise RuntimeError("what_if() needs a reset env")
+        if self._done or self._diverged_at_reset:
+            raise RuntimeError("what_if(): the episode has ended; call reset()")
+        state = self._env_state()
+        out = []
+        try:
+            for action in actions:
+                obs, reward, terminated, truncated, info = self._run_window(decode_rlhf_action(action), log=False)
+                out.append((obs.copy(), reward, terminated, truncated, info))
+                if terminated or truncated:
+                    break
+        finally:
+            self._load_env_state(state)
+        return out
 
     def lineage(self) -> dict[str, list]:
         """The per-window record of the windows that produced the current policy (a restore rewinds it)."""

@@ -1,4 +1,5 @@
-"""Step a TRL ``GRPOTrainer`` from outside: the loop stays TRL's, control comes back every few steps.
+"""Step a TRL ``GRPOTrainer`` (or ``RLOOTrainer``) from outside: the loop stays TRL's, control comes back
+every few steps.
 
 A Gymnasium env must return after ``decision_interval`` optimizer steps, but ``trainer.train()``
 owns its loop until the run ends. :class:`SteppedGRPO` runs ``train()`` in one worker thread; a
@@ -19,7 +20,7 @@ generation counters. :meth:`SteppedGRPO.restore` writes them back into the live 
 steps that follow repeat bit-exactly on CPU. Two details make that hold:
 
 * Prompts come from a prompt stream with a cursor that the snapshot keeps, chosen when
-  completions are generated (:meth:`_StreamedGRPOTrainer._generate_and_score_completions`),
+  completions are generated (:meth:`_Streamed._generate_and_score_completions`),
   not when the dataloader fetches rows: accelerate's dataloader fetches one batch ahead, so a
   batch fetched before a snapshot would otherwise be replayed with the prompts of after it.
 * The trainer's dataset is a placeholder that the bridge sizes to last the whole run: at an
@@ -42,13 +43,14 @@ import numpy as np
 import torch
 from datasets import Dataset
 from transformers import TrainerCallback
-from trl import GRPOTrainer
+from trl import GRPOTrainer, RLOOTrainer
 
 _STOP, _GO = "stop", "go"
 
 
-class _StreamedGRPOTrainer(GRPOTrainer):
-    """GRPO whose prompts are group ``cursor, cursor + 1, ...`` of a stream instead of the sampler's rows."""
+class _Streamed:
+    """A TRL online trainer whose prompts are group ``cursor, cursor + 1, ...`` of a stream instead of the
+    sampler's rows (mixed into GRPOTrainer and RLOOTrainer, which share this generation step in TRL 1.16)."""
 
     prompt_of: Callable[[int], str]
     cursor: int = 0
@@ -60,7 +62,18 @@ class _StreamedGRPOTrainer(GRPOTrainer):
             prompt = self.prompt_of(self.cursor + j)
             rows += [dict(inputs[j * g + r], prompt=prompt) for r in range(g)]
         self.cursor += len(inputs) // g
-        return super()._generate_and_score_completions(rows)
+        return super()._generate_and_score_completions(rows)  # type: ignore[misc]
+
+
+class _StreamedGRPOTrainer(_Streamed, GRPOTrainer):
+    pass
+
+
+class _StreamedRLOOTrainer(_Streamed, RLOOTrainer):
+    pass
+
+
+TRAINERS = {"grpo": _StreamedGRPOTrainer, "rloo": _StreamedRLOOTrainer}
 
 
 class _Stopped(Exception):
@@ -82,19 +95,25 @@ class _Pause(TrainerCallback):
 
 
 class SteppedGRPO:
-    """A ``GRPOTrainer`` advanced ``interval`` optimizer steps at a time, with exact snapshots.
+    """A ``GRPOTrainer`` (or ``RLOOTrainer``) advanced ``interval`` optimizer steps at a time, with exact
+    snapshots.
 
     Args:
         prompt_of: prompt of group ``i`` of the stream (a pure function of ``i``, e.g. a seeded
             permutation of the train prompts).
         interval: optimizer steps per :meth:`advance`.
-        trainer_kwargs: keyword arguments of ``GRPOTrainer`` (``model``, ``reward_funcs``,
+        algorithm: ``grpo`` (``GRPOTrainer``, ``args`` a ``GRPOConfig``) or ``rloo`` (``RLOOTrainer``,
+            ``args`` an ``RLOOConfig``).
+        trainer_kwargs: keyword arguments of the trainer (``model``, ``reward_funcs``,
             ``args``, ``processing_class``, ...) except ``train_dataset``, which the bridge makes
             (one epoch of placeholder rows; the prompts come from ``prompt_of``); ``args.max_steps``
             (> 0) bounds the run.
     """
 
-    def __init__(self, prompt_of: Callable[[int], str], interval: int, **trainer_kwargs: Any) -> None:
+    def __init__(self, prompt_of: Callable[[int], str], interval: int, algorithm: str = "grpo",
+                 **trainer_kwargs: Any) -> None:
+        if algorithm not in TRAINERS:
+            raise ValueError(f"SteppedGRPO algorithm: {algorithm!r}; choose one of {', '.join(TRAINERS)}")
         if interval < 1:
             raise ValueError(f"SteppedGRPO interval: must be >= 1 optimizer step, got {interval}")
         if "train_dataset" in trainer_kwargs:
@@ -107,7 +126,7 @@ class SteppedGRPO:
         trainer_kwargs["train_dataset"] = Dataset.from_dict({"prompt": [""] * (rows + 1)})
         self._pause = _Pause(interval)
         callbacks = list(trainer_kwargs.pop("callbacks", None) or []) + [self._pause]
-        self.trainer = _StreamedGRPOTrainer(callbacks=callbacks, **trainer_kwargs)
+        self.trainer = TRAINERS[algorithm](callbacks=callbacks, **trainer_kwargs)
         self.trainer.prompt_of = prompt_of
         self.interval = interval
         self.step = 0

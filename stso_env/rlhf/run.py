@@ -7,8 +7,9 @@ folders, preference prompts) and TRL's ``GRPOTrainer`` driven through
 
 * ``lr_scale``: the LR of every parameter group is set to the scheduler's value times the
   scale in ``on_pre_optimizer_step``, after the scheduler has written its own value.
-* ``beta``: ``trainer.beta``, read at every loss computation.
-* ``entropy_coef``: ``trainer.entropy_coef``; TRL decides at construction whether the entropy term
+* ``beta``: ``trainer.beta``, read at every loss computation (GRPO), or when a generation's rewards
+  are computed (RLOO, whose KL penalty is part of the reward).
+* ``entropy_coef`` (GRPO only; ``RLOOTrainer`` has no entropy term): ``trainer.entropy_coef``; TRL decides at construction whether the entropy term
   exists at all (``entropy_coef != 0``), so the run switches it on with a coefficient of 0, which
   adds exactly nothing until a controller raises it.
 * ``ref_alpha``: TRL's ``SyncRefModelCallback`` (``sync_ref_model=True``, every step) mixes the
@@ -32,6 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -56,8 +58,11 @@ LOG_KEYS = {"reward": "reward", "reward_std": "reward_std", "kl": "kl", "entropy
 
 @dataclass
 class GRPOSettings:
-    """The shape of a GRPO run (what the scenario does not set)."""
+    """The shape of a GRPO (or RLOO) run (what the scenario does not set)."""
 
+    algorithm: str = _f("grpo", "TRL trainer: grpo (GRPOTrainer, KL in the loss) or rloo (RLOOTrainer, "
+                        "REINFORCE leave-one-out with the KL in the reward; no entropy bonus)",
+                        choices=("grpo", "rloo"))
     steps: int = _f(160, "optimizer steps of the run", range=(1, 10**7))
     prompts_per_step: int = _f(4, "prompts per generation batch", range=(1, 4096))
     num_generations: int = _f(4, "completions per prompt (GRPO's group size)", range=(2, 256))
@@ -162,8 +167,13 @@ class RLHFRun:
                  probe_prompts: Sequence[str], settings: GRPOSettings, scenario: RLHFScenario, seed: int,
                  interval: int, work_dir: str | Path | None = None) -> None:
         from transformers import AutoTokenizer, GPT2ForSequenceClassification
-        from trl import GRPOConfig
+        from transformers.utils import logging as hf_logging
+        from trl import GRPOConfig, RLOOConfig
 
+        # a run (re)loads the policy from disk on every build and restore; the bar of each load, and
+        # TRL 1.16 calling transformers' deprecated gradient_checkpointing names, would bury the env's output
+        hf_logging.disable_progress_bar()
+        warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*", category=FutureWarning)
         self.settings, self.scenario, self.seed, self.interval = settings, scenario, int(seed), interval
         self.tokenizer = AutoTokenizer.from_pretrained(str(policy_dir), local_files_only=True)
         self.reward_model = GPT2ForSequenceClassification.from_pretrained(str(reward_dir), local_files_only=True)
@@ -177,7 +187,8 @@ class RLHFRun:
         self._controls = _Controls(self.knobs)
         self._noisy = 0
         self._policy_dir, self._train_prompts = str(policy_dir), list(train_prompts)
-        self._args = GRPOConfig(
+        config_cls = GRPOConfig if settings.algorithm == "grpo" else RLOOConfig
+        self._args = config_cls(
             # the trainer's own budget is twice the run's, so a run restored to an earlier step can go on
             output_dir=str(work_dir), use_cpu=True, bf16=False, report_to="none", disable_tqdm=True,
             save_strategy="no", logging_steps=1, seed=self.seed, max_steps=2 * settings.steps,
@@ -194,14 +205,16 @@ class RLHFRun:
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
         stepped = SteppedGRPO(stream_of(self._train_prompts, seed=self.seed), interval=self.interval,
-                              model=self._policy_dir, reward_funcs=self._proxy_reward, args=self._args,
-                              processing_class=self.tokenizer, callbacks=[self._controls.callback])
+                              algorithm=self.settings.algorithm, model=self._policy_dir,
+                              reward_funcs=self._proxy_reward, args=self._args, processing_class=self.tokenizer,
+                              callbacks=[self._controls.callback])
         t = stepped.trainer
         for cb in (PrinterCallback, ProgressCallback):  # the env reports; the trainer's own printing is noise
             t.remove_callback(cb)
         self._controls.trainer = t
-        t._entropy_bonus_enabled = True  # the term exists from the start, with coefficient 0 (module docstring)
-        t.entropy_coef = 0.0
+        if self.settings.algorithm == "grpo":
+            t._entropy_bonus_enabled = True  # the term exists from the start, with coefficient 0 (module docstring)
+            t.entropy_coef = 0.0
         stepped.start()
         return stepped
 
@@ -235,7 +248,8 @@ class RLHFRun:
         """Write :attr:`knobs` into the paused trainer (the LR and skip act through the callback)."""
         t, k = self.stepped.trainer, self.knobs
         t.beta = float(k.beta)
-        t.entropy_coef = float(k.entropy_coef)
+        if self.settings.algorithm == "grpo":  # RLOOTrainer has no entropy term (the env masks the bonus)
+            t.entropy_coef = float(k.entropy_coef)
         t.epsilon_low = t.epsilon_high = float(k.epsilon)
         t.args.ref_model_mixup_alpha = float(k.ref_alpha)
 
