@@ -1,7 +1,8 @@
 """Compare controllers of STSO-RLHF-v0 runs on held-out seeds and test prompts; calibrate the scenarios.
 
 ``python -m agents.rlhf_evaluate [--scenarios overoptimize,collapse,noisy_reward] [--controllers
-fixed,adaptive_kl,rule] [--seeds 10] [--first-seed 1000] [--workers 2] [--size default] [--out DIR]``
+fixed,adaptive_kl,rule] [--seeds 10] [--first-seed 1000] [--workers 2] [--size default] [--out DIR]
+[--log-dir DIR]``
 (also reached as ``python -m agents.evaluate --env STSO-RLHF-v0 ...``).
 
 Runs whole episodes, one per (scenario, controller, seed), in worker processes of one thread
@@ -45,13 +46,17 @@ def run_episode(job: dict[str, Any]) -> dict[str, Any]:
 
     import stso_env  # noqa: F401  (registers the env)
     from agents.rlhf_controllers import make_rlhf_controller
+    from stso_env.envs.rlhf_env import NEUTRAL_ACTION
 
     warnings.filterwarnings("ignore")
     t0 = time.perf_counter()
     name, _, path = job["controller"].partition(":")
     ctrl = make_rlhf_controller(name, path=path, target=job["kl_target"], horizon=job["kl_horizon"])
+    run_dir = None
+    if job.get("log_dir"):
+        run_dir = str(Path(job["log_dir"]) / f"{Path(job['scenario']).stem}-{name}-{job['seed']}")
     env = gym.make("STSO-RLHF-v0", scenario=job["scenario"], size=job["size"], prepared=job["prepared"],
-                   decision_interval=job["interval"])
+                   decision_interval=job["interval"], run_dir=run_dir)
     u = env.unwrapped
     obs, info = env.reset(seed=job["seed"])
     ctrl.reset(u, info)
@@ -64,11 +69,22 @@ def run_episode(job: dict[str, Any]) -> dict[str, Any]:
         if term:
             reasons, step_div = info["divergence_reasons"], info["step"]
     test_gold = u.test_gold()
+    if getattr(ctrl, "decisions", None) is not None and job.get("branches_dir"):
+        from stso_env.files import write_text_atomic
+
+        why = {"scenario": job["scenario"], "seed": job["seed"], "controller": job["controller"],
+               "decisions": ctrl.decisions}
+        write_text_atomic(Path(job["branches_dir"]) / f"{Path(job['scenario']).stem}-{job['seed']}.json",
+                          json.dumps(why, indent=1) + "\n")
     record = {**{k: job[k] for k in ("scenario", "controller", "seed")}, "diverged": bool(reasons),
               "reasons": reasons, "diverged_at": step_div, "steps": info["step"], "return": ret,
               "test_gold": test_gold, "probe_gold_start": u.monitor.gold0, "probe_gold_end": golds[-1],
               "probe_gold_peak": max(golds), "kl_end": info["kl"], "beta_end": u.run.knobs.beta,
               "lr_scale_end": u.run.knobs.lr_scale, "seconds": time.perf_counter() - t0}
+    if getattr(ctrl, "decisions", None) is not None:
+        record["branch_decisions"] = len(ctrl.decisions)
+        record["verifications"] = int(ctrl.verified)
+        record["interventions"] = sum(d["committed"] != list(NEUTRAL_ACTION) for d in ctrl.decisions)
     env.close()
     return record
 
@@ -124,7 +140,12 @@ def report(summary: dict[str, Any], verdicts: dict[str, Any], meta: dict[str, An
              f"Command: `{meta['command']}`  ",
              f"Commit: {c['commit']}{' (uncommitted changes)' if c['dirty'] else ''}  ",
              f"Machine: {meta['machine']['cpu']}, {meta['workers']} workers of 1 thread; python {v['python']}, "
-             f"torch {v['torch']}, transformers {v['transformers']}, trl {v['trl']}; {meta['seconds']:.0f} s", "",
+             f"torch {v['torch']}, transformers {v['transformers']}, trl {v['trl']}; {meta['seconds']:.0f} s", ""]
+    if meta.get("merged"):
+        mg = meta["merged"]
+        lines[-1:-1] = ["", f"Episodes of {', '.join(mg['controllers'])} ({mg['episodes']}) from `{mg['path']}` "
+                        f"(commit {mg['commit']['commit'][:12]}), same scenarios and seeds.  "]
+    lines += [
              "Divergence: KL blow-up, entropy collapse or gold collapse (`stso_env.rlhf.monitor.DivergenceRule`). "
              "Test gold: gold score of greedy completions of the held-out test prompts when the episode ended "
              "(controllers only see probe prompts).", "",
@@ -160,7 +181,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--env", default="STSO-RLHF-v0", choices=("STSO-RLHF-v0",), help=argparse.SUPPRESS)
     p.add_argument("--scenarios", default=SCENARIOS, help=f"comma-separated names or YAML paths (default {SCENARIOS})")
     p.add_argument("--controllers", default="fixed,adaptive_kl,rule",
-                   help="comma-separated: fixed, adaptive_kl, rule, policy:PATH (a saved SB3 model)")
+                   help="comma-separated: fixed, adaptive_kl, rule, explore[:P], branch:LOGDIR (the proxy's "
+                        "logs), policy:PATH (a saved SB3 model)")
     p.add_argument("--seeds", type=int, default=10, help="seeds per scenario and controller")
     p.add_argument("--first-seed", type=int, default=1000, help="first seed (calibration used 0..)")
     p.add_argument("--workers", type=int, default=2)
@@ -170,6 +192,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--kl-target", type=float, default=0.1, help="adaptive_kl: target KL (nats per token)")
     p.add_argument("--kl-horizon", type=float, default=400.0, help="adaptive_kl: horizon in optimizer steps")
     p.add_argument("--out", default="runs/rlhf_eval")
+    p.add_argument("--merge", default=None, metavar="RESULTS",
+                   help="add the episodes of other controllers on the same scenarios and seeds from an earlier "
+                        "results.json (the env is deterministic; the report names the file and its commit)")
+    p.add_argument("--log-dir", default=None, metavar="DIR",
+                   help="log every episode's steps to DIR/SCENARIO-CONTROLLER-SEED/log_db.parquet and TensorBoard "
+                        "(the proxy's training data: --controllers explore --log-dir runs/rlhf_logs)")
     p.add_argument("--readme-block", default=None, metavar="NAME",
                    help="also write the report's tables between README's results:NAME markers")
     p.add_argument("--no-progress", action="store_true")
@@ -203,6 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise STSOError(f"--controllers: unknown {name!r}; choose from {', '.join(RLHF_CONTROLLERS)}")
             if name == "policy" and not Path(path).is_file():
                 raise STSOError(f"--controllers: policy:{path}: no such file (give the saved SB3 model's .zip)")
+            if name == "branch" and not Path(path).is_dir():
+                raise STSOError(f"--controllers: branch:{path}: no such folder (give the proxy's log folder, "
+                                "e.g. branch:runs/rlhf_logs from --controllers explore --log-dir runs/rlhf_logs)")
         if args.seeds < 1:
             raise STSOError(f"--seeds: need at least 1, got {args.seeds}")
         prepare(load_prepare_config(size=args.size), args.prepared, progress=not args.no_progress)  # once
@@ -211,12 +242,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     jobs = [{"scenario": s, "controller": c, "seed": args.first_seed + i, "size": args.size,
              "prepared": args.prepared, "interval": args.interval, "kl_target": args.kl_target,
-             "kl_horizon": args.kl_horizon}
+             "kl_horizon": args.kl_horizon, "log_dir": args.log_dir, "branches_dir": str(Path(args.out) / "branches")}
             for s in scenarios for i in range(args.seeds) for c in controllers]
     t0 = time.perf_counter()
     records = [rec for _, rec in tqdm(run_jobs(run_episode, jobs, workers=args.workers, threads=1),
                                       total=len(jobs), desc="episodes", file=sys.stderr,
                                       disable=args.no_progress)]
+    merged = None
+    if args.merge:
+        old = json.loads(Path(args.merge).read_text(encoding="utf-8"))
+        cells = {(j["scenario"], j["seed"]) for j in jobs}
+        extra = [r for r in old["episodes"]
+                 if (r["scenario"], r["seed"]) in cells and r["controller"] not in controllers]
+        merged = {"path": args.merge, "commit": old["meta"]["commit"], "episodes": len(extra),
+                  "controllers": sorted({r["controller"] for r in extra})}
+        records += extra
+        controllers += merged["controllers"]
     records.sort(key=lambda r: (r["scenario"], r["controller"], r["seed"]))
     summary = summarise(records)
     verdicts = {f"{c} vs {ref}": m3(records, c, ref) for c in controllers for ref in ("fixed", "adaptive_kl")
@@ -225,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "commit": git_commit(), "machine": machine(), "workers": args.workers,
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__, "trl": trl.__version__},
-            "seconds": time.perf_counter() - t0, "args": vars(args)}
+            "seconds": time.perf_counter() - t0, "args": vars(args), "merged": merged}
     out = Path(args.out)
     write_text_atomic(out / "results.json", json.dumps({"meta": meta, "summary": summary, "m3": verdicts,
                                                         "episodes": records}, indent=2) + "\n")

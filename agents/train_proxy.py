@@ -74,6 +74,11 @@ def split_runs(ds: ProxyDataset, test_seeds: Sequence[int] | None, *, calib_frac
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if "STSO-RLHF-v0" in raw and ("--env" in raw or "--env=STSO-RLHF-v0" in raw):
+        from agents.rlhf_train_proxy import main as rlhf_main  # Phase 2: return@N on RLHF logs
+
+        return rlhf_main(raw)
     p = argparse.ArgumentParser(prog="python -m agents.train_proxy", description=__doc__.split("\n\n")[0])
     p.add_argument("--log-db", required=True, help="log database folder (part-*.parquet) or one Parquet file")
     p.add_argument("--out", required=True, help="output folder for proxy.json / proxy.safetensors / report")
