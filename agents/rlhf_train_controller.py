@@ -1,7 +1,7 @@
 """Learn a controller for an RLHF run (STSO-RLHF-v0), then test it on held-out seeds and test prompts.
 
-``python -m agents.train_controller --env STSO-RLHF-v0 [--scenario overoptimize] [--total-timesteps 120]
-[--seed 0] [--eval-seeds 3] [--size default] [--run-name NAME] [--overwrite] [--no-progress]``
+``python -m agents.train_controller --env STSO-RLHF-v0 [--scenario overoptimize] [--total-timesteps 80]
+[--seed 0] [--eval-seeds 2] [--size default] [--run-name NAME] [--overwrite] [--no-progress]``
 
 1. **prepare** the policy and the reward model (``agents.rlhf_prepare``; reused when cached);
 2. **train MaskablePPO** (sb3-contrib) directly in the real env: every env step runs
@@ -36,11 +36,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--scenario", default="overoptimize")
     p.add_argument("--size", default="default", choices=("default", "tiny"))
     p.add_argument("--prepared", default="runs/rlhf")
-    p.add_argument("--total-timesteps", type=int, default=120, help="env steps of PPO training (default 120)")
-    p.add_argument("--n-steps", type=int, default=40, help="PPO rollout length (default 40)")
+    p.add_argument("--total-timesteps", type=int, default=80,
+                   help="env steps of PPO training (default 80: four episodes; SB3 rounds up to whole rollouts)")
+    p.add_argument("--n-steps", type=int, default=20, help="PPO rollout length (default 20: one episode)")
     p.add_argument("--interval", type=int, default=8, help="decision interval in GRPO steps")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-seeds", type=int, default=3, help="held-out seeds per controller (default 3)")
+    p.add_argument("--eval-seeds", type=int, default=2, help="held-out seeds per controller (default 2)")
     p.add_argument("--workers", type=int, default=2, help="evaluation worker processes of one thread (default 2)")
     p.add_argument("--runs-dir", default="runs/train-controller")
     p.add_argument("--run-name", default=None)
