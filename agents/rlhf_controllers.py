@@ -39,6 +39,7 @@ import numpy as np
 from stso_env.envs.rlhf_env import NEUTRAL_ACTION
 from stso_env.rlhf.kl_control import AdaptiveKL
 from stso_env.rlhf.monitor import OBSERVATION_NAMES
+from stso_env.rlhf.proxy import DEFAULT_HORIZON
 
 RLHF_CONTROLLERS = ("fixed", "adaptive_kl", "rule", "explore", "branch", "policy")
 _NVEC = (4, 3, 3, 3, 3, 2)
@@ -125,7 +126,7 @@ class Branch(Fixed):
     name = "branch"
     _proxies: dict[tuple[str, int], Any] = {}  # fitted once per process and log folder
 
-    def __init__(self, logs: str, horizon: int = 3, level: float = 0.8, verify: int = 2,
+    def __init__(self, logs: str, horizon: int = DEFAULT_HORIZON, level: float = 0.8, verify: int = 2,
                  max_verifications: int = 6) -> None:
         from stso_env.rlhf.proxy import RLHFProxy
 

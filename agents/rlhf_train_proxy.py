@@ -1,7 +1,7 @@
 """Fit the RLHF proxy (return@N and value variance, conformal bounds) on logged episodes and report how well
 it predicts held-out episodes.
 
-``python -m agents.train_proxy --env STSO-RLHF-v0 [--logs runs/rlhf_logs] [--horizon 3] [--out DIR]
+``python -m agents.train_proxy --env STSO-RLHF-v0 [--logs runs/rlhf_logs] [--horizon 4] [--out DIR]
 [--readme-block NAME]``
 
 The logs come from ``python -m agents.rlhf_evaluate --controllers explore --log-dir runs/rlhf_logs``
@@ -24,13 +24,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+SWEEP = (1, 2, 3, 4, 5, 6)  # horizons of the cross-validated sweep
+
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m agents.train_proxy --env STSO-RLHF-v0",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--env", default="STSO-RLHF-v0", choices=("STSO-RLHF-v0",))
     p.add_argument("--logs", default="runs/rlhf_logs", help="folder of log_db.parquet folders (default runs/rlhf_logs)")
-    p.add_argument("--horizon", type=int, default=3, help="N of return@N, in env steps (default 3)")
+    p.add_argument("--horizon", type=int, default=4, help="N of return@N, in env steps (default 4)")
     p.add_argument("--trees", type=int, default=200, help="trees per random forest (default 200)")
     p.add_argument("--out", default="runs/rlhf_proxy")
     p.add_argument("--readme-block", default=None, metavar="NAME",
@@ -70,15 +72,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     from agents.evaluate import git_commit, machine
     from stso_env.errors import STSOError
     from stso_env.files import write_text_atomic
-    from stso_env.rlhf.proxy import RLHFProxy, read_rlhf_logs, return_rows, split_episodes
+    from stso_env.rlhf.proxy import RLHFProxy, cross_validate, read_rlhf_logs, return_rows, split_episodes
 
     t0 = time.perf_counter()
     try:
-        rows = return_rows(read_rlhf_logs(args.logs), args.horizon)
+        table = read_rlhf_logs(args.logs)
+        rows = return_rows(table, args.horizon)
         proxy = RLHFProxy.from_logs(args.logs, horizon=args.horizon, trees=args.trees)
     except STSOError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    sweep = {}
+    for h in SWEEP:
+        try:
+            sweep[h] = cross_validate(return_rows(table, h), trees=args.trees)
+        except STSOError:
+            continue  # too few rows at that horizon
     test = rows.subset(split_episodes(rows.episode) == 2)
     ev = proxy.evaluate(test)
     out = Path(args.out)
@@ -92,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "scikit-learn": sklearn.__version__},
             "seconds": time.perf_counter() - t0, "args": vars(args)}
     results = {"meta": meta, "rows": proxy.rows, "episodes": len(set(rows.episode.tolist())), "test": ev,
-               "test_non_neutral_rows": int(non_neutral.sum())}
+               "test_non_neutral_rows": int(non_neutral.sum()), "horizon_sweep": sweep}
     write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     c = meta["commit"]
     lines = ["# RLHF proxy: return@N and value variance on held-out episodes", "",
@@ -110,7 +119,12 @@ def main(argv: Sequence[str] | None = None) -> int:
              f"| Spearman, predicted mean vs realised | {ev['spearman']:.2f} |",
              f"| MAE (constant: the training mean) | {ev['mae']:.3f} ({ev['mae_constant']:.3f}) |",
              f"| mean squared error / mean value variance | {ev['variance_ratio']:.2f} |", "",
-             "![realised against predicted](calibration.png)", ""]
+             "![realised against predicted](calibration.png)", "",
+             "Horizon sweep: grouped 5-fold cross-validation over all episodes (out-of-fold mean forest; the "
+             "constant is the training folds' mean).", "",
+             "| N | rows | Spearman | MAE (constant) |", "|---|---|---|---|"]
+    lines += [f"| {h}{' (used)' if h == args.horizon else ''} | {cv['rows']} | {cv['spearman']:.2f} | "
+              f"{cv['mae']:.3f} ({cv['mae_constant']:.3f}) |" for h, cv in sweep.items()] + [""]
     text = "\n".join(lines)
     write_text_atomic(out / "report.md", text)
     if args.readme_block:

@@ -146,6 +146,18 @@ def test_readme_tables_come_from_the_committed_results(tmp_path: Path) -> None:
     assert copy.read_text() == readme
 
 
+@pytest.mark.parametrize("name", ["rlhf_calibration", "rlhf", "rlhf_proxy"])
+def test_rlhf_readme_blocks_are_the_committed_reports(name: str) -> None:
+    """The Phase 2 blocks are the committed reports as their commands wrote them (``--readme-block``)."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    out = f"assets/results/{name}"
+    report = (REPO / out / "report.md").read_text(encoding="utf-8")
+    commit = json.loads((REPO / out / "results.json").read_text())["meta"]["commit"]["commit"]
+    body = report.split("\n", 2)[2].replace("\n## ", "\n#### ").replace("](calibration.png)",
+                                                                    f"]({out}/calibration.png)")
+    assert readme_block(readme, name) == f"From `{out}/report.md` (commit {commit}):\n\n{body}"
+
+
 def test_run_identity_ignores_resources_a_controller_does_not_read() -> None:
     from agents.evaluate import _job_key
 

@@ -46,6 +46,10 @@ from stso_env.rlhf.monitor import OBSERVATION_NAMES
 ACTION_NVEC: tuple[int, ...] = (4, 3, 3, 3, 3, 2)
 NEUTRAL: tuple[int, ...] = (2, 1, 0, 0, 1, 0)
 LEVELS: tuple[float, ...] = (0.8, 0.9)
+#: windows of return@N, chosen on the horizon sweep of ``agents.train_proxy --env STSO-RLHF-v0`` (grouped
+#: cross-validation on the explore logs; assets/results/rlhf_proxy/report.md): short horizons are mostly
+#: probe noise, long ones leave few act-then-hold rows
+DEFAULT_HORIZON = 4
 _VAR_FLOOR = 1e-4  # return units squared: a gold change of 0.001 on the reward's x10 scale
 
 
@@ -138,6 +142,29 @@ def split_episodes(keys: np.ndarray, shares: tuple[float, float] = (0.6, 0.2)) -
     return np.where(u < shares[0], 0, np.where(u < shares[0] + shares[1], 1, 2))
 
 
+def _mean_forest(trees: int, seed: int) -> RandomForestRegressor:
+    return RandomForestRegressor(n_estimators=trees, min_samples_leaf=3, max_features=0.5, oob_score=True,
+                                 random_state=seed, n_jobs=1)
+
+
+def cross_validate(rows: ReturnRows, folds: int = 5, trees: int = 200, seed: int = 0) -> dict[str, float]:
+    """Grouped k-fold (whole episodes) out-of-fold predictions of the mean forest: Spearman with the realised
+    return, MAE, and the MAE of the training folds' mean (a model without skill scores about that)."""
+    from scipy.stats import spearmanr
+    from sklearn.model_selection import GroupKFold
+
+    X, y = rows.features(), rows.ret
+    folds = min(folds, len(set(rows.episode.tolist())))
+    if folds < 2:
+        raise DataError("cross_validate: need rows from at least two episodes")
+    pred, const = np.zeros_like(y), np.zeros_like(y)
+    for tr, te in GroupKFold(folds).split(X, y, rows.episode):
+        pred[te] = _mean_forest(trees, seed).fit(X[tr], y[tr]).predict(X[te])
+        const[te] = y[tr].mean()
+    return {"rows": int(len(y)), "spearman": float(spearmanr(pred, y).statistic),
+            "mae": float(np.mean(np.abs(pred - y))), "mae_constant": float(np.mean(np.abs(const - y)))}
+
+
 class _Prefit(RegressorMixin, BaseEstimator):
     """A fitted callable seen by MAPIE as a prefit scikit-learn regressor."""
 
@@ -159,11 +186,11 @@ class _Prefit(RegressorMixin, BaseEstimator):
 class RLHFProxy:
     """Expected return@N, value variance and conformal bounds of (state, action) pairs.
 
-    ``RLHFProxy.from_logs(root, horizon=3)`` fits on the episodes of split 0 and calibrates on split 1
+    ``RLHFProxy.from_logs(root, horizon=4)`` fits on the episodes of split 0 and calibrates on split 1
     (:func:`split_episodes`); split 2 is left for :meth:`evaluate`.
     """
 
-    def __init__(self, horizon: int = 3, trees: int = 200, seed: int = 0) -> None:
+    def __init__(self, horizon: int = DEFAULT_HORIZON, trees: int = 200, seed: int = 0) -> None:
         self.horizon, self.trees, self.seed = horizon, trees, seed
         self.mean_forest: RandomForestRegressor | None = None
         self.var_forest: RandomForestRegressor | None = None
@@ -171,7 +198,7 @@ class RLHFProxy:
         self.rows: dict[str, int] = {}
 
     @classmethod
-    def from_logs(cls, root: str | Path, horizon: int = 3, trees: int = 200, seed: int = 0) -> RLHFProxy:
+    def from_logs(cls, root: str | Path, horizon: int = DEFAULT_HORIZON, trees: int = 200, seed: int = 0) -> RLHFProxy:
         rows = return_rows(read_rlhf_logs(root), horizon)
         split = split_episodes(rows.episode)
         proxy = cls(horizon, trees, seed)
@@ -185,8 +212,7 @@ class RLHFProxy:
             raise DataError(f"RLHF proxy: {len(train)} training and {len(calib)} calibration rows; need at least "
                             "20 and 10 (collect more episodes)")
         X, y = train.features(), train.ret
-        self.mean_forest = RandomForestRegressor(n_estimators=self.trees, min_samples_leaf=3, max_features=0.5,
-                                                 oob_score=True, random_state=self.seed, n_jobs=1).fit(X, y)
+        self.mean_forest = _mean_forest(self.trees, self.seed).fit(X, y)
         self.train_mean = float(np.mean(y))
         resid2 = (y - self.mean_forest.oob_prediction_) ** 2
         self.var_forest = RandomForestRegressor(n_estimators=self.trees, min_samples_leaf=5, max_features=0.5,

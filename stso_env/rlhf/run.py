@@ -9,9 +9,9 @@ folders, preference prompts) and TRL's ``GRPOTrainer`` driven through
   scale in ``on_pre_optimizer_step``, after the scheduler has written its own value.
 * ``beta``: ``trainer.beta``, read at every loss computation (GRPO), or when a generation's rewards
   are computed (RLOO, whose KL penalty is part of the reward).
-* ``entropy_coef`` (GRPO only; ``RLOOTrainer`` has no entropy term): ``trainer.entropy_coef``; TRL decides at construction whether the entropy term
-  exists at all (``entropy_coef != 0``), so the run switches it on with a coefficient of 0, which
-  adds exactly nothing until a controller raises it.
+* ``entropy_coef`` (GRPO only; ``RLOOTrainer`` has no entropy term): ``trainer.entropy_coef``; TRL
+  decides at construction whether the entropy term exists at all (``entropy_coef != 0``), so the
+  run switches it on with a coefficient of 0, which adds exactly nothing until a controller raises it.
 * ``ref_alpha``: TRL's ``SyncRefModelCallback`` (``sync_ref_model=True``, every step) mixes the
   reference model towards the policy by ``args.ref_model_mixup_alpha`` at each step end; 0 keeps
   the reference frozen bit for bit.
