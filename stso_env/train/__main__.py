@@ -14,11 +14,20 @@ Writes into ``--run-dir``:
 (damaged newer ones are skipped with a warning) and drops metric rows past it,
 so the metrics file matches the resumed trajectory. A ``--config`` YAML file
 gives every setting; command-line flags override it.
+
+Data-parallel on several processes, with the same arguments (``data.batch_size`` is the
+global batch; gloo on CPU, NCCL on GPUs; :mod:`stso_env.train.distributed`)::
+
+    torchrun --nproc-per-node 2 -m stso_env.train --preset tiny --steps 200 --run-dir runs/ddp
+
+Every rank trains; rank 0 alone writes the run folder (config, metrics, checkpoints with every
+rank's RNG state). A resume must use the same number of processes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -34,6 +43,7 @@ from tqdm import tqdm
 from stso_env import cp
 from stso_env.config import TrainConfig, apply_overrides, config_hash, load_config, to_dict
 from stso_env.errors import STSOError
+from stso_env.train.distributed import init_from_env, shutdown
 from stso_env.train.trainer import Trainer
 
 
@@ -100,73 +110,96 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = build_config(args)
-        run_dir = Path(args.run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        trainer = Trainer(cfg)
-        store = cp.CheckpointStore(run_dir / "checkpoints", keep=cfg.checkpoint.keep,
-                                   async_write=cfg.checkpoint.async_write, quantize=cfg.checkpoint.quantize,
-                                   level=cfg.checkpoint.level, config_hash=config_hash(cfg))
+        world = init_from_env(cfg.device)
+        try:
+            return _train(args, cfg, world.is_main)
+        finally:
+            shutdown()
+    except STSOError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _train(args: argparse.Namespace, cfg: TrainConfig, writer: bool) -> int:
+    """Train (every rank); ``writer`` (rank 0) writes the run folder, prints and saves checkpoints."""
+    run_dir = Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(cfg)
+    store = cp.CheckpointStore(run_dir / "checkpoints", keep=cfg.checkpoint.keep,
+                               async_write=cfg.checkpoint.async_write, quantize=cfg.checkpoint.quantize,
+                               level=cfg.checkpoint.level, config_hash=config_hash(cfg))
+    if writer:
         # Overlapped snapshots: the copy runs during the next forward/backward pass and the
         # trainer waits for it only before its next in-place update.
         trainer.mutation_barriers.append(store.barrier)
-        metrics_path = run_dir / "metrics.jsonl"
-        if args.resume:
-            step = store.latest_intact()
-            if step is None:
-                print(f"--resume: no intact checkpoint in {store.directory}; starting from step 0",
-                      file=sys.stderr)
+    metrics_path = run_dir / "metrics.jsonl"
+    if args.resume:
+        step = store.latest_intact()
+        if step is None:
+            if writer:
+                print(f"--resume: no intact checkpoint in {store.directory}; starting from step 0", file=sys.stderr)
                 metrics_path.unlink(missing_ok=True)
-            else:
-                trainer.load_state_dict(store.load(step))
+        else:
+            trainer.load_state_dict(store.load(step))
+            if writer:
                 _truncate_metrics(metrics_path, trainer.global_step)
                 print(f"resumed from {cp.checkpoint_path(store.directory, step)} (step {trainer.global_step})",
                       file=sys.stderr)
-        else:
-            existing = store.list()
-            if existing and not args.overwrite:
-                raise STSOError(
-                    f"{store.directory} already holds checkpoints (steps {existing[0]}..{existing[-1]}); "
-                    "pass --resume to continue that run, --overwrite to delete them and start over, "
-                    "or choose another --run-dir"
-                )
+    else:
+        existing = store.list()
+        if existing and not args.overwrite:
+            raise STSOError(
+                f"{store.directory} already holds checkpoints (steps {existing[0]}..{existing[-1]}); "
+                "pass --resume to continue that run, --overwrite to delete them and start over, "
+                "or choose another --run-dir"
+            )
+        if writer:
             for step in existing:
                 store.path(step).unlink()
             metrics_path.unlink(missing_ok=True)
+    if writer:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
         store.write_seed_manifest({
             "seed": cfg.seed, "noise_seed": trainer.noise_seed, "sampler_seed": trainer.sampler.seed,
             "scenario": trainer.scenario.name, "corpus": trainer.splits.source,
             "corpus_fingerprint": trainer.splits.fingerprint, "tokenizer": trainer.tokenizer.spec,
             "config_hash": config_hash(cfg), "torch": torch.__version__, "python": platform.python_version(),
+            "world_size": trainer.world.size,
         })
-        every = cfg.checkpoint.every
-        t_start = time.perf_counter()
-        with metrics_path.open("a", encoding="utf-8") as mf, tqdm(
-            total=cfg.steps, initial=trainer.global_step, disable=args.no_progress, unit="step",
-            desc=f"{cfg.model.preset}/{trainer.scenario.name}", dynamic_ncols=True,
-        ) as bar:
-            while trainer.global_step < cfg.steps:
-                s = trainer.train_step()
+    every = cfg.checkpoint.every
+    t_start = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        mf = stack.enter_context(metrics_path.open("a", encoding="utf-8")) if writer else None
+        bar = stack.enter_context(tqdm(total=cfg.steps, initial=trainer.global_step,
+                                       disable=args.no_progress or not writer, unit="step",
+                                       desc=f"{cfg.model.preset}/{trainer.scenario.name}", dynamic_ncols=True))
+        while trainer.global_step < cfg.steps:
+            s = trainer.train_step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{s.loss:.3f}", gnorm=f"{s.grad_norm:.2f}", lr=f"{s.lr:.2e}")
+            step = trainer.global_step
+            if mf is not None:
                 mf.write(_json_row({"kind": "step", **s.to_dict()}))
-                bar.update(1)
-                bar.set_postfix(loss=f"{s.loss:.3f}", gnorm=f"{s.grad_norm:.2f}", lr=f"{s.lr:.2e}")
-                step = trainer.global_step
-                if args.eval_every and step % args.eval_every == 0 and step < cfg.steps:
-                    mf.write(_json_row({"kind": "eval", "step": step, **trainer.evaluate()}))
-                if (every and step % every == 0) or step == cfg.steps:
+            if args.eval_every and step % args.eval_every == 0 and step < cfg.steps:
+                ev = trainer.evaluate()  # every rank evaluates its identical replica (no communication)
+                if mf is not None:
+                    mf.write(_json_row({"kind": "eval", "step": step, **ev}))
+            if (every and step % every == 0) or step == cfg.steps:
+                state = trainer.state_dict()  # a collective in a distributed run: every rank takes part
+                if mf is not None:
                     mf.flush()
-                    store.save(step, trainer.state_dict(), overlap=cfg.checkpoint.async_write,
+                    store.save(step, state, overlap=cfg.checkpoint.async_write,
                                extras={"activations": trainer.activation_summary(),
                                        "loss": s.loss, "ema": trainer.ema})
-            ev = trainer.evaluate()
+        ev = trainer.evaluate()
+        if mf is not None:
             mf.write(_json_row({"kind": "eval", "step": trainer.global_step, **ev}))
-        store.close()
+    store.close()
+    if writer:
         print(f"done: {trainer.global_step} steps in {time.perf_counter() - t_start:.1f}s, "
-              f"val_loss {ev['val_loss']:.4f}, val_ppl {ev['val_ppl']:.2f}; run folder {run_dir}")
-        return 0
-    except STSOError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+              f"val_loss {ev['val_loss']:.4f}, val_ppl {ev['val_ppl']:.2f}; run folder {run_dir}"
+              + (f" ({trainer.world.size} processes)" if trainer.world.distributed else ""))
+    return 0
 
 
 if __name__ == "__main__":

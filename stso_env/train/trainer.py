@@ -18,6 +18,11 @@ ZClip / ARC / SPAM clipping (:mod:`stso_env.train.clipping`); the one-shot
 requests ``momentum_reset`` (zero Adam's first moment), ``reorder`` (shuffle
 the next block of windows) and ``skip_batch`` (draw the next batch, measure its
 loss, do not update) apply to the next step only.
+
+Data parallelism: when the process group is initialised (``torchrun``, see
+:mod:`stso_env.train.distributed`) the trainer wraps its model in
+``DistributedDataParallel``, each rank trains on its rows of the same global batch,
+and the step's statistics are those of the global batch on every rank.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from stso_env.errors import CheckpointError, ConfigError
 from stso_env.monitor.activations import activation_summary
 from stso_env.train.clipping import CLIP_POLICIES, ZClip, arc_combine, spam_clip_
 from stso_env.train.corpus import TokenSplits, check_length, load_corpus, validation_windows
+from stso_env.train.distributed import check_batch, current_world, gather_objects, gather_rows
 from stso_env.train.presets import PRESETS, build_model, count_parameters, flops_per_token
 from stso_env.train.sampler import WindowSampler
 from stso_env.train.scenario import load_scenario
@@ -192,6 +198,17 @@ class Trainer:
             n_positions=max(self.seq_len, PRESETS[cfg.model.preset].n_positions), qk_norm=cfg.model.qk_norm,
         ).to(self.device)
         self.model.train()
+        # Data parallelism (stso_env.train.distributed): the caller joins the process group first
+        # (python -m stso_env.train does under torchrun); self.model stays the plain module for
+        # probes, evaluation and state, and self.ddp runs the training passes.
+        self.world = current_world()
+        self.local_batch = check_batch(cfg.data.batch_size, self.world)
+        self.ddp: torch.nn.Module = self.model
+        if self.world.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index or 0] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
         self.n_params = count_parameters(self.model)
         self.flops_per_token = flops_per_token(self.model, self.seq_len)
 
@@ -277,9 +294,10 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
 
-    def _seq_losses(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _seq_losses(self, inputs: torch.Tensor, labels: torch.Tensor, module: torch.nn.Module | None = None
+                    ) -> torch.Tensor:
         with self._autocast():
-            logits = self.model(input_ids=inputs, use_cache=False).logits
+            logits = (module or self.model)(input_ids=inputs, use_cache=False).logits
         tok = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
         return tok.view(labels.shape).mean(1)
 
@@ -312,17 +330,20 @@ class Trainer:
         inputs, labels, loss_mult, lr_mult, noise = self.scenario.apply(
             self.noise_seed, step, inputs, labels, self.tokenizer.vocab_size)
         corrupted = self._corrupted_rows(inputs, labels, window)
+        tokens = inputs.numel()  # of the global batch
+        if self.world.distributed:  # this rank's rows of the global batch
+            rows = slice(self.world.rank * self.local_batch, (self.world.rank + 1) * self.local_batch)
+            inputs, labels = inputs[rows], labels[rows]
         inputs, labels = inputs.to(self.device), labels.to(self.device)
 
         sched_lr = self.scheduler.get_last_lr()
         lr = sched_lr[0] * k.lr_scale * lr_mult
         wd = cfg.optim.weight_decay * k.wd_scale
-        tokens = inputs.numel()
 
         if skip:
             self.veto_update = False  # one-shot: a skipped batch has no update to veto
             with torch.no_grad():
-                seq_losses = self._seq_losses(inputs, labels)
+                seq_losses = gather_rows(self._seq_losses(inputs, labels), self.world)
             stats = self._finish(step, seq_losses, corrupted, math.nan, math.nan, math.inf, False, lr, wd,
                                  tokens, 2.0 * self.flops_per_token / 6.0 * tokens, True, did_reset,
                                  did_reorder, False, noise, t0)
@@ -373,7 +394,7 @@ class Trainer:
         rows = []
         self.optimizer.zero_grad(set_to_none=True)
         for idx in shards:
-            sl = self._seq_losses(inputs[idx], labels[idx])
+            sl = self._seq_losses(inputs[idx], labels[idx], self.ddp)
             seq_losses[idx] = sl.detach()
             # Weight each shard by its share of the batch so accumulated grads equal the full-batch mean.
             (sl.mean() * (len(idx) / inputs.shape[0]) * loss_mult).backward()
@@ -394,6 +415,7 @@ class Trainer:
             grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None]))
         if policy == "spam":
             spam_clip_(self.params, self.optimizer, cfg.clip.spam_theta)
+        seq_losses = gather_rows(seq_losses, self.world)  # the global batch's, on every rank
         grads = [p.grad for p in self.params if p.grad is not None]
         norm_now = float(torch.nn.utils.get_total_norm(grads))
         if policy == "zclip":
@@ -505,11 +527,18 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": capture_rng(),
+            "ranks": self._ranks_state(),
             "sampler": self.sampler.state_dict(),
             "knobs": asdict(self.knobs),
             "clip": {"zclip": self.zclip.state_dict()},
             "ema": dict(self.ema),
         }
+
+    def _ranks_state(self) -> dict[str, Any]:
+        """The world size and, in a distributed run, every rank's RNG state (a collective: every rank
+        calls :meth:`state_dict` together)."""
+        rng = gather_objects(capture_rng(), self.world) if self.world.distributed else []
+        return {"world_size": self.world.size, "rng": rng}
 
     def load_state_dict(self, state: dict[str, Any], *, strict_config: bool = True) -> None:
         """Restore a state from :meth:`state_dict` (or a checkpoint loaded by :func:`stso_env.cp.load`)."""
@@ -534,7 +563,11 @@ class Trainer:
         self.zclip.load_state_dict(state["clip"]["zclip"])
         self.ema = dict(state["ema"])
         self.global_step = int(state["global_step"])
-        restore_rng(state["rng"])
+        ranks = state.get("ranks") or {"world_size": 1, "rng": []}
+        if int(ranks["world_size"]) != self.world.size:
+            raise CheckpointError(f"the checkpoint was written by {ranks['world_size']} process(es), this run has "
+                                  f"{self.world.size}; resume at the same world size (torchrun --nproc-per-node)")
+        restore_rng(ranks["rng"][self.world.rank] if self.world.distributed else state["rng"])
 
 
 def _dict_diff(a: Any, b: Any, prefix: str = "") -> list[str]:

@@ -1,0 +1,83 @@
+"""Data-parallel training: ``torchrun --nproc-per-node 2`` (gloo, CPU) against one process with the same global
+batch, a bit-exact resume at the same world size, and a clear refusal at another."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+#: fp32 losses of the same global batch: one process sums the rows' gradients in one order, two ranks in
+#: two halves averaged by an all-reduce, so the two may round differently; on the 2-core CI machine the six
+#: losses came out identical. 1e-5 leaves room for other kernels and still fails on any real error (a wrong
+#: shard or a missing average moves the loss by 1e-2 or more)
+LOSS_TOL = 1e-5
+STEPS = 6
+
+
+def config(tmp: Path) -> Path:
+    cfg = {"model": {"preset": "tiny"}, "data": {"builtin_chars": 200_000, "batch_size": 4},
+           "steps": STEPS, "optim": {"warmup_steps": 2}, "device": "cpu", "seed": 5,
+           "checkpoint": {"every": 3, "keep": 2, "async_write": False}}
+    path = tmp / "ddp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def train(cfg: Path, run_dir: Path, nproc: int, *extra: str) -> subprocess.CompletedProcess:
+    base = ["-m", "stso_env.train", "--config", str(cfg), "--run-dir", str(run_dir), "--no-progress", *extra]
+    cmd = ([str(TORCHRUN), "--standalone", "--nproc-per-node", str(nproc)] if nproc > 1 else [sys.executable]) + base
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == list(range(STEPS))
+    return [r["loss"] for r in steps]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    cfg = config(tmp)
+    out = {}
+    for name, nproc in (("single", 1), ("ddp", 2)):
+        r = train(cfg, tmp / name, nproc)
+        assert r.returncode == 0, r.stderr[-3000:]
+        out[name] = tmp / name
+    return cfg, out
+
+
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(runs):
+    _, out = runs
+    single, ddp = losses(out["single"]), losses(out["ddp"])
+    assert max(abs(a - b) for a, b in zip(single, ddp)) < LOSS_TOL
+    assert single[0] != single[-1]  # it trained
+    manifest = json.loads((out["ddp"] / "checkpoints" / "seed_manifest.json").read_text())
+    assert manifest["world_size"] == 2
+
+
+def test_resume_at_the_same_world_size_is_bit_exact_and_another_is_refused(runs):
+    cfg, out = runs
+    run = out["ddp"]
+    whole = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "checkpoints" / f"cp_{STEPS}.ptz").unlink()  # back to the checkpoint at step 3
+    r = train(cfg, run, 1, "--resume")
+    assert r.returncode == 2 and "same world size" in r.stderr
+    r = train(cfg, run, 2, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr and "step 3" in r.stderr
+    resumed = (run / "metrics.jsonl").read_text().splitlines()
+    step_rows = [line for line in whole if '"kind":"step"' in line]
+    again = [line for line in resumed if '"kind":"step"' in line]
+    strip = lambda line: {k: v for k, v in json.loads(line).items() if k != "seconds"}  # noqa: E731
+    assert [strip(x) for x in again] == [strip(x) for x in step_rows]  # every field of every step, bit for bit
