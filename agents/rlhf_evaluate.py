@@ -244,6 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
              "prepared": args.prepared, "interval": args.interval, "kl_target": args.kl_target,
              "kl_horizon": args.kl_horizon, "log_dir": args.log_dir, "branches_dir": str(Path(args.out) / "branches")}
             for s in scenarios for i in range(args.seeds) for c in controllers]
+    commit = git_commit()  # the code the episodes run (the tree may change while they do)
     t0 = time.perf_counter()
     records = [rec for _, rec in tqdm(run_jobs(run_episode, jobs, workers=args.workers, threads=1),
                                       total=len(jobs), desc="episodes", file=sys.stderr,
@@ -263,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     verdicts = {f"{c} vs {ref}": m3(records, c, ref) for c in controllers for ref in ("fixed", "adaptive_kl")
                 if c not in (ref, "fixed") and ref in controllers}
     meta = {"command": "python -m agents.rlhf_evaluate " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "commit": git_commit(), "machine": machine(), "workers": args.workers,
+            "commit": commit, "machine": machine(), "workers": args.workers,
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__, "trl": trl.__version__},
             "seconds": time.perf_counter() - t0, "args": vars(args), "merged": merged}
