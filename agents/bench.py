@@ -493,9 +493,10 @@ def report(out: Path, label: str | None = None) -> str:
         ("lossless `cp_*.ptz` bytes", f"{c['lossless_bytes'] / mb:.1f} MB = **{c['lossless_ratio']:.3f}x** torch.save",
          "<= 0.87x"),
         ("int8-moment `cp_*.ptz` bytes", f"{c['int8_bytes'] / mb:.1f} MB = **{c['int8_ratio']:.3f}x**", "<= 0.45x"),
-        (f"steps/s without / with a checkpoint every {c['checkpoint_every']} steps",
-         f"{c['steps_per_second_without_cp']:.3f} / {c['steps_per_second_with_cp']:.3f} = "
-         f"**{100 * c['checkpoint_slowdown']:.1f} %** slower", "<= 5 %"),
+        (f"steps/s without / with a checkpoint every {c['checkpoint_every']} steps: slowdown (A B B A runs; "
+         "below 0 means faster, i.e. noise)",
+         f"{c['steps_per_second_without_cp']:.3f} / {c['steps_per_second_with_cp']:.3f}: "
+         f"**{100 * c['checkpoint_slowdown']:+.1f} %**", "<= 5 %"),
         ("int8 mode: validation loss vs lossless after " + " / ".join(map(str, restores)) + " restores",
          " / ".join(f"{100 * c[f'int8_loss_delta_after_{k}_restores']:.2f} %" for k in restores[:-1]) +
          f" / **{100 * c[f'int8_loss_delta_after_{restores[-1]}_restores']:.2f} %**", "<= 1 %"),
