@@ -53,8 +53,9 @@ class ModelConfig:
     )
     dropout: float = _f(0.0, "dropout on embeddings, attention and residuals (0 for pre-training)",
                         range=(0.0, 0.9))
-    attn_implementation: str = _f("eager", "attention kernel; 'eager' exposes attention probabilities",
-                                  choices=("eager", "sdpa"))
+    attn_implementation: str = _f("eager", "attention kernel of the training steps: 'sdpa' is the fast path "
+                                  "(torch's scaled_dot_product_attention; use it on GPUs); the probe pass that "
+                                  "measures attention entropy always runs eager", choices=("eager", "sdpa"))
     qk_norm: bool = _f(False, "LayerNorm on queries and keys per head (Wortsman et al. 2023, arXiv 2309.14322): "
                        "stops attention-logit growth at high LR; from-scratch models only")
 

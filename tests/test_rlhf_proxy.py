@@ -176,7 +176,7 @@ def test_evaluate_logs_explore_episodes_and_writes_the_branch_decisions(rlhf_tin
     db = tmp_path / "logs" / "overoptimize-explore-1000" / "log_db.parquet"
     rows = pa.concat_tables([pq.read_table(p) for p in db.glob("part-*.parquet")])
     assert rows.num_rows == 3 and all(a != N for a in rows["action"].to_pylist())  # p = 1: never neutral
-    assert main(base + ["--controllers", f"branch:{synthetic_logs(tmp_path / 'synthetic')}",
+    assert main(base + ["--controllers", f"branch:{synthetic_logs(tmp_path / 'synthetic', steps=16)}",
                         "--out", str(tmp_path / "eval")]) == 0
     why = json.loads((tmp_path / "eval" / "branches" / "overoptimize-1000.json").read_text())
     ep = json.loads((tmp_path / "eval" / "results.json").read_text())["episodes"][0]

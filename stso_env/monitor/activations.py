@@ -14,8 +14,10 @@ For each transformer block ``i`` on a given batch:
   attention distribution, divided by ``log`` of the number of visible keys
   (causal), so 1 means uniform attention and 0 attention on one token.
 
-Attention probabilities need the eager attention kernel; with another kernel
-``attn_entropy`` is NaN.
+Attention probabilities need the eager attention kernel: a model that trains with
+another kernel (``model.attn_implementation: sdpa``, the fast path) is switched to
+eager for this pass only and back afterwards, so training steps keep the fast
+kernel and the summary still has ``attn_entropy``.
 """
 
 from __future__ import annotations
@@ -44,14 +46,18 @@ def activation_summary(model: torch.nn.Module, input_ids: torch.Tensor,
     handles = [b.register_forward_hook(hook(i)) for i, b in enumerate(blocks)]
     was_training = model.training
     model.eval()
-    eager = getattr(model.config, "_attn_implementation", "eager") == "eager"
+    kernel = getattr(model.config, "_attn_implementation", "eager")
+    if kernel != "eager":
+        model.set_attn_implementation("eager")  # the probe pass alone pays for attention probabilities
     try:
-        res = model(input_ids=input_ids, output_attentions=eager, use_cache=False)
+        res = model(input_ids=input_ids, output_attentions=True, use_cache=False)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    attentions = res.attentions if eager and res.attentions is not None else [None] * len(blocks)
+        if kernel != "eager":
+            model.set_attn_implementation(kernel)
+    attentions = res.attentions if res.attentions is not None else [None] * len(blocks)
     seq = input_ids.shape[1]
     # log of the number of visible keys for each causal query position (position 0 sees 1 key -> 0)
     log_keys = torch.log(torch.arange(1, seq + 1, dtype=torch.float32, device=input_ids.device))
