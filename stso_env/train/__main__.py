@@ -67,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="start from step 0 in a run folder that already has checkpoints (deletes them)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training passes (a speed option for GPUs; not bit-identical to eager)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -124,7 +126,7 @@ def _train(args: argparse.Namespace, cfg: TrainConfig, writer: bool) -> int:
     """Train (every rank); ``writer`` (rank 0) writes the run folder, prints and saves checkpoints."""
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, compile_model=args.compile)
     store = cp.CheckpointStore(run_dir / "checkpoints", keep=cfg.checkpoint.keep,
                                async_write=cfg.checkpoint.async_write, quantize=cfg.checkpoint.quantize,
                                level=cfg.checkpoint.level, config_hash=config_hash(cfg))

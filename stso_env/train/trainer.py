@@ -174,9 +174,12 @@ class Trainer:
     Args:
         cfg: the run's :class:`~stso_env.config.TrainConfig`.
         splits: pre-loaded token splits (forks share them); loaded from ``cfg.data`` when None.
+        compile_model: run the training passes through ``torch.compile`` (the probe, evaluation and
+            state use the plain module). A speed option, outside the config and its hash: compiled
+            kernels may round differently, so a compiled run is not bit-identical to an eager one.
     """
 
-    def __init__(self, cfg: TrainConfig, *, splits: TokenSplits | None = None) -> None:
+    def __init__(self, cfg: TrainConfig, *, splits: TokenSplits | None = None, compile_model: bool = False) -> None:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
@@ -209,6 +212,8 @@ class Trainer:
 
             ids = [self.device.index or 0] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
+        if compile_model:
+            self.ddp = torch.compile(self.ddp)
         self.n_params = count_parameters(self.model)
         self.flops_per_token = flops_per_token(self.model, self.seq_len)
 
@@ -297,7 +302,7 @@ class Trainer:
     def _seq_losses(self, inputs: torch.Tensor, labels: torch.Tensor, module: torch.nn.Module | None = None
                     ) -> torch.Tensor:
         with self._autocast():
-            logits = (module or self.model)(input_ids=inputs, use_cache=False).logits
+            logits = (self.model if module is None else module)(input_ids=inputs, use_cache=False).logits
         tok = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
         return tok.view(labels.shape).mean(1)
 
