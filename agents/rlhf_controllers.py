@@ -36,14 +36,13 @@ from typing import Any
 
 import numpy as np
 
-from stso_env.envs.rlhf_env import NEUTRAL_ACTION
+from stso_env.envs.rlhf_env import ACTION_NVEC, NEUTRAL_ACTION
 from stso_env.rlhf.kl_control import AdaptiveKL
 from stso_env.rlhf.monitor import OBSERVATION_NAMES
 from stso_env.rlhf.proxy import DEFAULT_HORIZON
 
 RLHF_CONTROLLERS = ("fixed", "adaptive_kl", "rule", "explore", "branch", "policy")
-_NVEC = (4, 3, 3, 3, 3, 2)
-_OFFSETS = np.cumsum((0,) + _NVEC)
+_OFFSETS = np.cumsum((0,) + ACTION_NVEC)
 _IDX = {n: i for i, n in enumerate(OBSERVATION_NAMES)}
 
 
@@ -116,7 +115,7 @@ class Explore(Fixed):
             return np.array(NEUTRAL_ACTION)
         mask = self.env.action_masks()
         return np.array([self.rng.choice(np.flatnonzero(mask[_OFFSETS[d]:_OFFSETS[d + 1]]))
-                         for d in range(len(_NVEC))])
+                         for d in range(len(ACTION_NVEC))])
 
 
 class Branch(Fixed):
@@ -153,7 +152,7 @@ class Branch(Fixed):
             return neutral
         mask = self.env.action_masks()
         allowed = np.ones(len(self.candidates), dtype=bool)
-        for d in range(len(_NVEC)):
+        for d in range(len(ACTION_NVEC)):
             allowed &= mask[_OFFSETS[d] + self.candidates[:, d]]
         cands = self.candidates[allowed]
         pred = self.proxy.predict(obs, cands, level=self.level)

@@ -24,6 +24,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from stso_env.rlhf.proxy import DEFAULT_HORIZON
+
 SWEEP = (1, 2, 3, 4, 5, 6)  # horizons of the cross-validated sweep
 
 
@@ -32,7 +34,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--env", default="STSO-RLHF-v0", choices=("STSO-RLHF-v0",))
     p.add_argument("--logs", default="runs/rlhf_logs", help="folder of log_db.parquet folders (default runs/rlhf_logs)")
-    p.add_argument("--horizon", type=int, default=4, help="N of return@N, in env steps (default 4)")
+    p.add_argument("--horizon", type=int, default=DEFAULT_HORIZON,
+                   help=f"N of return@N, in env steps (default {DEFAULT_HORIZON})")
     p.add_argument("--trees", type=int, default=200, help="trees per random forest (default 200)")
     p.add_argument("--out", default="runs/rlhf_proxy")
     p.add_argument("--readme-block", default=None, metavar="NAME",
@@ -65,7 +68,6 @@ def figure(path: Path, y, mean, lower, upper, horizon: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    import numpy as np
     import sklearn
     import torch
 
@@ -78,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         table = read_rlhf_logs(args.logs)
         rows = return_rows(table, args.horizon)
-        proxy = RLHFProxy.from_logs(args.logs, horizon=args.horizon, trees=args.trees)
+        proxy = RLHFProxy.from_rows(rows, trees=args.trees)
     except STSOError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -94,14 +96,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     X = test.features()
     _, iv = proxy.conformal.predict_interval(X)
     figure(out / "calibration.png", test.ret, proxy.mean_forest.predict(X), iv[:, 0, 0], iv[:, 1, 0], args.horizon)
-    non_neutral = ~(test.action == np.array((2, 1, 0, 0, 1, 0))).all(axis=1)
     meta = {"command": "python -m agents.train_proxy " + " ".join(argv if argv is not None else sys.argv[1:]),
             "commit": git_commit(), "machine": machine(),
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "scikit-learn": sklearn.__version__},
             "seconds": time.perf_counter() - t0, "args": vars(args)}
     results = {"meta": meta, "rows": proxy.rows, "episodes": len(set(rows.episode.tolist())), "test": ev,
-               "test_non_neutral_rows": int(non_neutral.sum()), "horizon_sweep": sweep}
+               "test_non_neutral_rows": ev["rows"] - ev["neutral_rows"], "horizon_sweep": sweep}
     write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     c = meta["commit"]
     lines = ["# RLHF proxy: return@N and value variance on held-out episodes", "",

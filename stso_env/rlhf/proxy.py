@@ -39,12 +39,11 @@ from mapie.regression import SplitConformalRegressor
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.ensemble import RandomForestRegressor
 
+from stso_env.envs.rlhf_env import ACTION_NVEC, NEUTRAL_ACTION
 from stso_env.errors import ConfigError, DataError
 from stso_env.proxy.logdb import read_log_db
 from stso_env.rlhf.monitor import OBSERVATION_NAMES
 
-ACTION_NVEC: tuple[int, ...] = (4, 3, 3, 3, 3, 2)
-NEUTRAL: tuple[int, ...] = (2, 1, 0, 0, 1, 0)
 LEVELS: tuple[float, ...] = (0.8, 0.9)
 #: windows of return@N, chosen on the horizon sweep of ``agents.train_proxy --env STSO-RLHF-v0`` (grouped
 #: cross-validation on the explore logs; assets/results/rlhf_proxy/report.md): short horizons are mostly
@@ -80,6 +79,7 @@ class ReturnRows:
     action: np.ndarray     # (n, 6)
     ret: np.ndarray        # (n,)
     episode: np.ndarray    # (n,) episode keys "run_id/episode"
+    horizon: int = 1       # N of return@N
 
     def __len__(self) -> int:
         return len(self.ret)
@@ -88,7 +88,7 @@ class ReturnRows:
         return np.concatenate([self.state, action_one_hot(self.action)], axis=1).astype(np.float64)
 
     def subset(self, mask: np.ndarray) -> ReturnRows:
-        return ReturnRows(self.state[mask], self.action[mask], self.ret[mask], self.episode[mask])
+        return ReturnRows(self.state[mask], self.action[mask], self.ret[mask], self.episode[mask], self.horizon)
 
 
 def return_rows(table: pa.Table, horizon: int) -> ReturnRows:
@@ -110,7 +110,7 @@ def return_rows(table: pa.Table, horizon: int) -> ReturnRows:
             end = min(t + horizon, len(g))
             if end - t < horizon and not term[end - 1]:
                 continue  # cut by the time limit (or the log) before N windows
-            if any(acts[k] != NEUTRAL for k in range(t + 1, end)):
+            if any(acts[k] != NEUTRAL_ACTION for k in range(t + 1, end)):
                 continue  # not "act, then hold"
             states.append(np.asarray(st[t], dtype=np.float32))
             actions.append(acts[t])
@@ -123,7 +123,7 @@ def return_rows(table: pa.Table, horizon: int) -> ReturnRows:
     state = np.stack(states)
     if state.shape[1] != width:
         raise DataError(f"logged states have {state.shape[1]} entries, STSO-RLHF-v0 has {width}")
-    return ReturnRows(state, np.asarray(actions, dtype=np.int64), np.asarray(rets), np.asarray(keys))
+    return ReturnRows(state, np.asarray(actions, dtype=np.int64), np.asarray(rets), np.asarray(keys), horizon)
 
 
 def read_rlhf_logs(root: str | Path) -> pa.Table:
@@ -199,9 +199,13 @@ class RLHFProxy:
 
     @classmethod
     def from_logs(cls, root: str | Path, horizon: int = DEFAULT_HORIZON, trees: int = 200, seed: int = 0) -> RLHFProxy:
-        rows = return_rows(read_rlhf_logs(root), horizon)
+        return cls.from_rows(return_rows(read_rlhf_logs(root), horizon), trees, seed)
+
+    @classmethod
+    def from_rows(cls, rows: ReturnRows, trees: int = 200, seed: int = 0) -> RLHFProxy:
+        """:meth:`from_logs` on rows already read (their horizon is the proxy's)."""
         split = split_episodes(rows.episode)
-        proxy = cls(horizon, trees, seed)
+        proxy = cls(rows.horizon, trees, seed)
         proxy.fit(rows.subset(split == 0), rows.subset(split == 1))
         proxy.rows["test"] = int((split == 2).sum())
         return proxy
@@ -255,7 +259,7 @@ class RLHFProxy:
         _, intervals = self.conformal.predict_interval(X)
         cover = {f"{lv:.0%}": float(np.mean((y >= intervals[:, 0, i]) & (y <= intervals[:, 1, i])))
                  for i, lv in enumerate(LEVELS)}
-        neutral = (test.action == np.array(NEUTRAL)).all(axis=1)
+        neutral = (test.action == np.array(NEUTRAL_ACTION)).all(axis=1)
         return {"rows": len(test), "episodes": len(set(test.episode.tolist())), "coverage": cover,
                 "spearman": float(spearmanr(mean, y).statistic), "mae": float(np.mean(np.abs(y - mean))),
                 "mae_constant": float(np.mean(np.abs(y - self.train_mean))),
