@@ -15,7 +15,8 @@ import gymnasium as gym
 
 __version__ = "0.1.0"
 
-ENV_IDS = {"STSO-GPT2-v0": "stso_env.envs.gpt2_env:GPT2Env", "STSO-Proxy-v0": "stso_env.envs.proxy_env:ProxyEnv",
+ENV_IDS = {"STSO-GPT2-v0": "stso_env.envs.gpt2_env:GPT2Env", "STSO-T5-v0": "stso_env.envs.t5_env:T5Env",
+           "STSO-Proxy-v0": "stso_env.envs.proxy_env:ProxyEnv",
            "STSO-RLHF-v0": "stso_env.envs.rlhf_env:RLHFEnv"}
 
 for _id, _entry in ENV_IDS.items():

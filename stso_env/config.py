@@ -43,9 +43,11 @@ def _f(default: Any, help: str, **meta: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    """Which GPT-2 to build (see :mod:`stso_env.train.presets`)."""
+    """Which model to build: a GPT-2 or a T5 (see :mod:`stso_env.train.presets`)."""
 
-    preset: str = _f("tiny", "model size preset", choices=("tiny", "bench10m", "small", "medium", "large"))
+    preset: str = _f("tiny", "model size preset: GPT-2 shapes (causal LM) or T5 shapes (encoder-decoder, "
+                     "span corruption)", choices=("tiny", "bench10m", "small", "medium", "large",
+                                                  "t5-tiny", "t5-small", "t5-base"))
     pretrained: str | None = _f(
         None,
         "local Hugging Face model folder (or an explicit hub id) to start from real weights; "
@@ -58,6 +60,10 @@ class ModelConfig:
                                   "measures attention entropy always runs eager", choices=("eager", "sdpa"))
     qk_norm: bool = _f(False, "LayerNorm on queries and keys per head (Wortsman et al. 2023, arXiv 2309.14322): "
                        "stops attention-logit growth at high LR; from-scratch models only")
+    gradient_checkpointing: bool = _f(
+        False, "activation checkpointing: recompute each block's activations in the backward pass instead of "
+        "keeping them (less memory, about a third more compute; for the large presets). The same numbers are "
+        "computed, so it is outside the config hash and a run may resume with it switched", hashed=False)
 
 
 @dataclass
@@ -297,9 +303,18 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return conv(obj)
 
 
+def _hashed_dict(obj: Any) -> Any:
+    """:func:`to_dict` without the fields marked ``hashed=False`` (options that change how, not what, a run
+    computes); a new such field leaves the hash of every existing config, and its checkpoints, valid."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _hashed_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if f.metadata.get("hashed", True)}
+    return to_dict(obj) if isinstance(obj, (list, tuple, dict)) else obj
+
+
 def config_hash(obj: Any) -> str:
     """Stable short hash of a config, stored in checkpoints to detect mismatched resumes."""
-    blob = json.dumps(to_dict(obj), sort_keys=True, separators=(",", ":")).encode()
+    blob = json.dumps(_hashed_dict(obj), sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 

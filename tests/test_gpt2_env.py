@@ -15,6 +15,7 @@ from stso_env.monitor.monitor import OBSERVATION_NAMES
 import stso_env  # noqa: F401  (registers the env)
 from stso_env.config import ASSETS_DIR
 from stso_env.envs.gpt2_env import GPT2Env
+from stso_env.envs.t5_env import T5Env
 
 FAST = {"preset": "tiny", "scenario": "spiky", "decision_interval": 5, "episode_steps": 30}
 
@@ -67,9 +68,10 @@ def test_registered_both_ways_and_spaces_match_docstring():
     env.close()
 
 
-def test_gymnasium_env_checker():
+@pytest.mark.parametrize("env_cls, preset", [(GPT2Env, "tiny"), (T5Env, "t5-tiny")])
+def test_gymnasium_env_checker(env_cls, preset):
     from gymnasium.utils.env_checker import check_env
-    env = GPT2Env(**FAST)
+    env = env_cls(**{**FAST, "preset": preset})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the masked skip choice warns by design when sampled
         check_env(env, skip_render_check=True)

@@ -51,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m stso_env.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file with a TrainConfig (flags below override it)")
-    p.add_argument("--preset", help="model preset: tiny, bench10m, small, medium, large")
+    p.add_argument("--preset", help="model preset: GPT-2 tiny, bench10m, small, medium, large; T5 t5-tiny, "
+                   "t5-small, t5-base")
     p.add_argument("--steps", type=int, help="optimizer steps of the whole run")
     p.add_argument("--run-dir", required=True, help="output folder (created if missing)")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (0: only the final one)")
@@ -67,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="start from step 0 in a run folder that already has checkpoints (deletes them)")
+    p.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                   help="activation checkpointing (model.gradient_checkpointing): less memory, more compute")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the training passes (a speed option for GPUs; not bit-identical to eager)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -80,6 +83,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         "checkpoint.keep": args.keep, "checkpoint.quantize": args.quantize, "seed": args.seed,
         "scenario": args.scenario, "data.corpus": args.corpus, "data.tokenizer": args.tokenizer,
         "precision": args.precision, "device": args.device,
+        "model.gradient_checkpointing": args.gradient_checkpointing,
     }
     return apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None})
 

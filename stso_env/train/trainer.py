@@ -1,6 +1,8 @@
-"""The GPT-2 pre-training loop, one optimizer step at a time, with exact resumable state.
+"""The pre-training loop, one optimizer step at a time, with exact resumable state.
 
-:class:`Trainer` owns a transformers ``GPT2LMHeadModel``, an AdamW optimizer,
+:class:`Trainer` owns a transformers ``GPT2LMHeadModel`` (next-token prediction) or, for the T5
+presets, a ``T5ForConditionalGeneration`` trained on span corruption (:mod:`stso_env.train.span_corruption`,
+applied to each window after the scenario's noise), an AdamW optimizer,
 a warm-up + cosine ``LambdaLR`` schedule, a :class:`WindowSampler`, a
 :class:`Scenario` (injected noise) and the *knobs* that interventions turn.
 ``train_step()`` runs one optimizer step and returns a :class:`StepStats`.
@@ -44,9 +46,10 @@ from stso_env.monitor.activations import activation_summary
 from stso_env.train.clipping import CLIP_POLICIES, ZClip, arc_combine, spam_clip_
 from stso_env.train.corpus import TokenSplits, check_length, load_corpus, validation_windows
 from stso_env.train.distributed import check_batch, current_world, gather_objects, gather_rows
-from stso_env.train.presets import PRESETS, build_model, count_parameters, flops_per_token
+from stso_env.train.presets import build_model, context_length, count_parameters, flops_per_token, model_family
 from stso_env.train.sampler import WindowSampler
 from stso_env.train.scenario import load_scenario
+from stso_env.train.span_corruption import SpanCorruption
 from stso_env.train.tokenizer import build_tokenizer
 
 STATE_SCHEMA_VERSION = 1
@@ -184,8 +187,13 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
         self.splits = splits if splits is not None else load_splits(cfg)
-        self.seq_len = cfg.data.seq_len or PRESETS[cfg.model.preset].n_positions
+        self.seq_len = cfg.data.seq_len or context_length(cfg.model.preset)
         check_length(self.splits, self.seq_len)
+        #: T5 presets: the span-corruption objective (None: GPT-2's next-token prediction)
+        self.span_corruption: SpanCorruption | None = None
+        if model_family(cfg.model.preset) == "t5":
+            self.span_corruption = SpanCorruption(self.tokenizer.vocab_size)
+            self.span_corruption.check_length(self.seq_len)
         self.scenario = load_scenario(cfg.scenario)
         # Scenario noise has its own seed stream, so two runs that differ only in their
         # scenario see the same data order and the same init.
@@ -195,12 +203,19 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
+        sc = self.span_corruption
         self.model = build_model(
-            cfg.model.preset, self.tokenizer.vocab_size, pretrained=cfg.model.pretrained,
-            dropout=cfg.model.dropout, attn_implementation=cfg.model.attn_implementation,
-            n_positions=max(self.seq_len, PRESETS[cfg.model.preset].n_positions), qk_norm=cfg.model.qk_norm,
+            cfg.model.preset, sc.model_vocab_size if sc else self.tokenizer.vocab_size,
+            pretrained=cfg.model.pretrained, dropout=cfg.model.dropout,
+            attn_implementation=cfg.model.attn_implementation,
+            n_positions=max(self.seq_len, context_length(cfg.model.preset)), qk_norm=cfg.model.qk_norm,
         ).to(self.device)
         self.model.train()
+        if cfg.model.gradient_checkpointing:
+            # transformers recomputes each block in the backward pass (training mode only, so probes and
+            # evaluation are unaffected); non-reentrant checkpointing restores the RNG for dropout, so
+            # the same numbers come out.
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         # Data parallelism (stso_env.train.distributed): the caller joins the process group first
         # (python -m stso_env.train does under torchrun); self.model stays the plain module for
         # probes, evaluation and state, and self.ddp runs the training passes.
@@ -235,6 +250,7 @@ class Trainer:
         self.global_step = 0
         self.ema = {"loss": None, "grad_norm": None}
         self._probe: torch.Tensor | None = None
+        self._probe_pair: tuple[torch.Tensor, torch.Tensor] | None = None
         self.config_hash = config_hash(cfg)
         #: Called before the trainer changes any tensor or array of its state in place (an
         #: optimizer step, a momentum reset, a reorder, a load): an overlapped checkpoint
@@ -299,10 +315,25 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
 
+    # Evaluation and probe windows are span-corrupted with fixed keys (the row: the window's index), so
+    # every run and every step of a T5 is scored on the same task.
+    _EVAL_KEYS = {"validation": (0x5EED, 1), "test": (0x5EED, 2), "probe": (0x5EED, 3)}
+
+    def _pair(self, windows: torch.Tensor, key: tuple[int, ...], rows: np.ndarray | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, labels) of ``(B, seq_len + 1)`` windows: the shifted pair for GPT-2, the span-corrupted
+        (encoder input, decoder target) of the last ``seq_len`` tokens for T5."""
+        if self.span_corruption is None:
+            return windows[:, :-1], windows[:, 1:]
+        return self.span_corruption.corrupt(windows[:, 1:], key, rows)
+
     def _seq_losses(self, inputs: torch.Tensor, labels: torch.Tensor, module: torch.nn.Module | None = None
                     ) -> torch.Tensor:
+        extra = {}
+        if self.span_corruption is not None:
+            extra["decoder_input_ids"] = self.span_corruption.decoder_inputs(labels)
         with self._autocast():
-            logits = (self.model if module is None else module)(input_ids=inputs, use_cache=False).logits
+            logits = (self.model if module is None else module)(input_ids=inputs, use_cache=False, **extra).logits
         tok = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
         return tok.view(labels.shape).mean(1)
 
@@ -336,6 +367,10 @@ class Trainer:
             self.noise_seed, step, inputs, labels, self.tokenizer.vocab_size)
         corrupted = self._corrupted_rows(inputs, labels, window)
         tokens = inputs.numel()  # of the global batch
+        if self.span_corruption is not None:
+            # the window as the scenario left it (its labels: the window after the first token) is the
+            # text that span corruption masks; keyed by seed and step, as the scenario's noise
+            inputs, labels = self.span_corruption.corrupt(labels, (cfg.seed, 11, step))
         if self.world.distributed:  # this rank's rows of the global batch
             rows = slice(self.world.rank * self.local_batch, (self.world.rank + 1) * self.local_batch)
             inputs, labels = inputs[rows], labels[rows]
@@ -486,9 +521,10 @@ class Trainer:
         self.model.eval()
         total, count = 0.0, 0
         try:
-            for chunk in w.split(self.cfg.data.batch_size):
+            for first, chunk in zip(range(0, len(w), self.cfg.data.batch_size), w.split(self.cfg.data.batch_size)):
                 chunk = chunk.to(self.device)
-                sl = self._seq_losses(chunk[:, :-1], chunk[:, 1:])
+                sl = self._seq_losses(*self._pair(chunk, self._EVAL_KEYS[split],
+                                                  np.arange(first, first + len(chunk))))
                 total += float(sl.sum()) * self.seq_len
                 count += sl.numel() * self.seq_len
         finally:
@@ -502,21 +538,32 @@ class Trainer:
         was = self.model.training
         self.model.eval()
         try:
-            p = self.probe_batch
-            return float(self._seq_losses(p[:, :-1], p[:, 1:]).mean())
+            return float(self._seq_losses(*self.probe_pair).mean())
         finally:
             self.model.train(was)
 
+    @property
+    def probe_pair(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The probe batch as (inputs, labels) of the model's objective."""
+        if self._probe_pair is None:
+            self._probe_pair = self._pair(self.probe_batch, self._EVAL_KEYS["probe"])
+        return self._probe_pair
+
+    def _summary_kwargs(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        sc = self.span_corruption
+        return {} if sc is None else {"decoder_input_ids": sc.decoder_inputs(labels)}
+
     def probe(self) -> tuple[float, list[dict[str, float]]]:
         """Probe loss and per-layer activation/attention summaries from one eval-mode pass."""
-        p = self.probe_batch
+        inputs, labels = self.probe_pair
         with self._autocast():
-            rows, seq_losses = activation_summary(self.model, p[:, :-1], p[:, 1:])
+            rows, seq_losses = activation_summary(self.model, inputs, labels, **self._summary_kwargs(labels))
         return float(seq_losses.mean()), rows
 
     def activation_summary(self, n_sequences: int = 4) -> list[dict[str, float]]:
         """Per-layer activation/attention summaries on the first probe sequences."""
-        return activation_summary(self.model, self.probe_batch[:n_sequences, :-1])
+        inputs, labels = (t[:n_sequences] for t in self.probe_pair)
+        return activation_summary(self.model, inputs, **self._summary_kwargs(labels))
 
     # ------------------------------------------------------------------ state
 
