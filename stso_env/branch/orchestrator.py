@@ -439,11 +439,11 @@ class BranchOrchestrator:
         """The snapshot to restore and the reasoning (index history, rise start, limit)."""
         cfg = self.config
         info: dict[str, Any] = {"enabled": cfg.rollback, "max_rollback_steps": cfg.max_rollback_steps}
-        if not cfg.rollback or base._store is None:
+        all_snaps = base.snapshot_ids() if cfg.rollback else []
+        if not all_snaps:
             info["why"] = "rollback disabled" if not cfg.rollback else "no snapshots were taken"
             return None, info
-        base._store.wait()
-        snaps = sorted(s for s in base._store.list() if s <= trigger_step)
+        snaps = [s for s in all_snaps if s <= trigger_step]
         h = base._history
         # the window maximum: a spike's index can be back under tau by the window's end
         index = [float(x) for x in h.get("index_max") or h["index"]]

@@ -28,6 +28,8 @@ NEUTRAL_ACTION = (2, 1, 0, 0, 0, 0)
 ACTION_FIELDS = ("lr_change", "weight_decay", "clip_policy", "momentum_reset", "data_reorder", "skip_batch")
 LR_SCALE_LIMITS = (1e-2, 1e2)
 #: Per-window record of the env (``lineage()``); snapshots, forks and adopted states carry it.
+#: Where ``snapshot()`` keeps states: the checkpoint store, memory, or memory on CUDA / distributed.
+SNAPSHOT_MODES = ("auto", "store", "memory")
 HISTORY_KEYS = ("global_step", "train_loss", "probe_loss", "index", "index_max", "trigger", "lr_scale", "clip_policy",
                 "events", "data_events", "olmo_events", "flops", "steps", "action")
 
@@ -165,16 +167,28 @@ class GPT2Env(OwnRNG, gym.Env):
     ``gym.make("STSO-GPT2-v0", preset="tiny", scenario="spiky", corpus="builtin",
     tokenizer="byte", decision_interval=10, episode_steps=1000, reward_weights=None,
     run_dir=None, allow_skip_batch=False, divergence_factor=3.0, config=None, uncertainty_config=None, snapshot_keep=8,
-    render_mode=None)``. ``config`` is a ``TrainConfig`` or YAML path whose values
+    snapshots="auto", render_mode=None)``. ``config`` is a ``TrainConfig`` or YAML path whose values
     the other arguments override; ``reward_weights`` a dict of
     :class:`RewardWeights` fields. With ``run_dir`` every step is appended to
     ``run_dir/log_db.parquet`` (``assets/log_schema.json``) and to TensorBoard
     (``run_dir/tb``), and snapshots go to ``run_dir/snapshots``.
 
     ``env.unwrapped.fork()`` returns an independent env in exactly the same
-    state (close it when done); ``snapshot()`` returns an id from the checkpoint
-    store and ``restore(id)`` goes back to it: restore plus the same actions
-    gives identical observations and rewards, bit for bit on CPU.
+    state (close it when done): an in-memory copy, tensors copied on their device
+    (GPU to GPU on CUDA). ``snapshot()`` returns an id and ``restore(id)`` goes
+    back to it: restore plus the same actions gives identical observations and
+    rewards, bit for bit on CPU. ``snapshots`` says where the newest
+    ``snapshot_keep`` snapshots live: ``"store"``, the checkpoint store (files
+    under ``run_dir/snapshots``, or a temporary folder); ``"memory"``, deep copies
+    in this process, on the model's device; ``"auto"`` (default), memory when the
+    trainer runs on CUDA or distributed, the store otherwise.
+
+    Distributed (every rank of a ``torchrun`` job builds the env and sends it
+    the same actions): the monitor's statistics are those of the global batch,
+    so every rank observes the same vector and trigger and a deterministic policy
+    picks the same action on every rank; ``fork()``, ``snapshot()`` and
+    ``restore()`` are collective (every rank calls them together), and each rank
+    keeps the copy of its own replica and RNG.
 
     ## Version History
 
@@ -188,7 +202,7 @@ class GPT2Env(OwnRNG, gym.Env):
                  reward_weights: dict[str, float] | RewardWeights | None = None, run_dir: str | None = None,
                  allow_skip_batch: bool = False, divergence_factor: float = 3.0,
                  config: TrainConfig | str | None = None, uncertainty_config: str | None = None, snapshot_keep: int = 8,
-                 render_mode: str | None = None) -> None:
+                 snapshots: str = "auto", render_mode: str | None = None) -> None:
         super().__init__()
         if decision_interval < 1 or episode_steps < decision_interval:
             raise ConfigError(f"decision_interval={decision_interval}, episode_steps={episode_steps}: need "
@@ -199,7 +213,7 @@ class GPT2Env(OwnRNG, gym.Env):
                             decision_interval=decision_interval, episode_steps=episode_steps,
                             reward_weights=reward_weights, run_dir=run_dir, allow_skip_batch=allow_skip_batch,
                             divergence_factor=divergence_factor, config=config,
-                            uncertainty_config=uncertainty_config, snapshot_keep=snapshot_keep,
+                            uncertainty_config=uncertainty_config, snapshot_keep=snapshot_keep, snapshots=snapshots,
                             render_mode=render_mode)
         base = config if isinstance(config, TrainConfig) else (
             load_config(TrainConfig, config) if config is not None else TrainConfig())
@@ -215,6 +229,10 @@ class GPT2Env(OwnRNG, gym.Env):
         self.divergence_factor = divergence_factor
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.snapshot_keep = snapshot_keep
+        if snapshots not in SNAPSHOT_MODES:
+            raise ConfigError(f"snapshots={snapshots!r}: choose one of {', '.join(SNAPSHOT_MODES)}")
+        self.snapshots = snapshots
+        self._memory_snapshots: dict[int, dict[str, Any]] = {}
         self.render_mode = render_mode
         self.observation_names = OBSERVATION_NAMES
         self.observation_space = spaces.Box(-OBS_LIMIT, OBS_LIMIT, (len(OBSERVATION_NAMES),), np.float32)
@@ -471,7 +489,7 @@ class GPT2Env(OwnRNG, gym.Env):
         if self.trainer is None:
             raise RuntimeError("fork() needs a reset env")
         kwargs = dict(self._kwargs, run_dir=None)
-        child = GPT2Env(**kwargs)
+        child = type(self)(**kwargs)
         _ = child.np_random  # materialise the generator so its state can be overwritten
         child._load_env_state(copy.deepcopy(self._env_state()))
         child._warned_override = self._warned_override
@@ -492,17 +510,47 @@ class GPT2Env(OwnRNG, gym.Env):
                                              config_hash=self.trainer.config_hash)
         return self._store
 
+    @property
+    def snapshot_mode(self) -> str:
+        """``"store"`` or ``"memory"``: where :meth:`snapshot` keeps states (``snapshots`` resolved)."""
+        if self.snapshots != "auto":
+            return self.snapshots
+        t = self.trainer
+        return "memory" if t is not None and (t.world.distributed or t.device.type == "cuda") else "store"
+
     def snapshot(self) -> int:
-        """Save the whole env state to the checkpoint store; returns its id (the global step)."""
+        """Save the whole env state (in the checkpoint store or in memory, see ``snapshots``); returns its id
+        (the global step)."""
         if self.trainer is None:
             raise RuntimeError("snapshot() needs a reset env")
-        store = self._snapshot_store()
         sid = int(self.trainer.global_step)
-        store.save(sid, self._env_state())
+        if self.snapshot_mode == "memory":
+            # deepcopy clones every tensor on its own device: GPU to GPU, no host round trip
+            self._memory_snapshots[sid] = copy.deepcopy(self._env_state())
+            for old in sorted(self._memory_snapshots)[:-max(2, self.snapshot_keep)]:
+                del self._memory_snapshots[old]
+            return sid
+        self._snapshot_store().save(sid, self._env_state())
         return sid
+
+    def snapshot_ids(self) -> list[int]:
+        """Ids of the snapshots that :meth:`restore` can go back to, oldest first."""
+        if self._memory_snapshots:
+            return sorted(self._memory_snapshots)
+        if self._store is None:
+            return []
+        self._store.wait()
+        return sorted(self._store.list())
 
     def restore(self, snapshot_id: int) -> np.ndarray:
         """Go back to a snapshot; returns the observation the env had then."""
+        if self.snapshot_mode == "memory":
+            if snapshot_id not in self._memory_snapshots:
+                raise KeyError(f"snapshot {snapshot_id!r} is not in memory (have {sorted(self._memory_snapshots)}; "
+                               f"the newest {max(2, self.snapshot_keep)} are kept)")
+            # a copy again: loading hands tensors to the optimizer, which must not alias the snapshot
+            self._load_env_state(copy.deepcopy(self._memory_snapshots[snapshot_id]))
+            return self._obs.copy()
         store = self._snapshot_store()
         store.wait()
         if snapshot_id not in store.list():
@@ -536,4 +584,5 @@ class GPT2Env(OwnRNG, gym.Env):
         if self._store is not None:
             self._store.close()
             self._store = None
+        self._memory_snapshots.clear()
         super().close()
