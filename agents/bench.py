@@ -1,6 +1,6 @@
 """Benchmarks: ``make bench`` writes JSON under ``runs/bench/``.
 
-    python -m agents.bench [--only checkpoint|monitor|env|proxy] [--out runs/bench] [--quick]
+    python -m agents.bench [--only checkpoint|monitor|env|proxy|gpu] [--out runs/bench] [--quick]
 
 Every JSON file records the commit, torch version, thread count and device (``meta``);
 ``--readme-block bench`` renders the README's table from them (:func:`report`).
@@ -21,6 +21,9 @@ STSO-GPT2-v0 with ``run_dir`` logging on (target at most 1.10), and
 per call, default 5 x 2 x 128 ensemble; target >= 10,000) and
 ``score_500_candidates_ms``, the median time of one ``ProxyEnsemble.predict``
 call on 500 (state, action) pairs (target <= 50 ms).
+
+``gpu`` -> ``runs/bench/gpu.json`` (needs CUDA; it runs by default when torch sees a device):
+see :func:`bench_gpu`.
 
 ``checkpoint`` -> ``runs/bench/checkpoint.json`` on the ``bench10m`` preset
 (10.8M parameters, byte vocabulary, AdamW state after a warm-up), everything
@@ -82,10 +85,12 @@ TARGETS = {
 }
 
 
-def _cfg(preset: str, steps: int) -> TrainConfig:
+def _cfg(preset: str, steps: int, **overrides: Any) -> TrainConfig:
+    """The benchmarks' run: calm scenario, built-in corpus, CPU unless ``overrides`` say otherwise
+    (dotted keys, e.g. ``{"device": "cuda"}``)."""
     return apply_overrides(TrainConfig(), {
         "model.preset": preset, "steps": steps, "scenario": "calm", "device": "cpu",
-        "optim.warmup_steps": 20, "data.builtin_chars": 2_000_000,
+        "optim.warmup_steps": 20, "data.builtin_chars": 2_000_000, **overrides,
     })
 
 
@@ -112,11 +117,15 @@ def _clone_state(t: Trainer) -> dict:
     return state
 
 
-def bench_checkpoint(out: Path, quick: bool = False) -> dict[str, Any]:
-    preset = "tiny" if quick else "bench10m"
+def bench_checkpoint(out: Path, quick: bool = False, overrides: dict[str, Any] | None = None,
+                     write: bool = True) -> dict[str, Any]:
+    """The checkpoint figures (see the module docstring); ``overrides`` change the run (the GPU benchmark
+    passes its device, preset and precision), ``write=False`` returns them without writing checkpoint.json."""
+    overrides = dict(overrides or {})
+    preset = overrides.pop("model.preset", "tiny" if quick else "bench10m")
     window, every, restores, restore_every, warm = (60, 20, 3, 5, 10) if quick else (300, 100, 10, 20, 30)
     total = warm + 4 * window + restores * restore_every + 100
-    t = Trainer(_cfg(preset, total))
+    t = Trainer(_cfg(preset, total, **overrides))
     print(f"[checkpoint] {preset}: {t.n_params / 1e6:.2f}M parameters; warm-up {warm} steps")
     t.train_steps(warm)
     start = _clone_state(t)
@@ -258,14 +267,16 @@ def bench_checkpoint(out: Path, quick: bool = False) -> dict[str, Any]:
     res["checkpoint_slowdown"] = 1 - res["steps_per_second_with_cp"] / res["steps_per_second_without_cp"]
     res["targets"] = TARGETS
     res["meets_targets"] = {k: res[k] <= v for k, v in TARGETS.items()}
-    _write(out / "checkpoint.json", res)
+    if write:
+        _write(out / "checkpoint.json", res)
     return res
 
 
 def _bare_and(preset: str, steps: int, rounds: int, fn_name: str, make_other: Callable[[], Callable[[], int]],
-              ) -> tuple[float, float]:
+              overrides: dict[str, Any] | None = None) -> tuple[float, float]:
     """Steps/s of a bare trainer and of ``make_other()`` (a callable running some steps, returning how many),
-    alternated A B B A ... over ``rounds`` pairs, each on a fresh identical run."""
+    alternated A B B A ... over ``rounds`` pairs, each on a fresh identical run (``overrides``: of the
+    bare trainer's config, as the other side's)."""
     bare, other = [], []
     for r in range(rounds):
         for which in ((False, True) if r % 2 == 0 else (True, False)):
@@ -275,10 +286,12 @@ def _bare_and(preset: str, steps: int, rounds: int, fn_name: str, make_other: Ca
                 n = run()
                 other.append(n / (time.perf_counter() - t0))
             else:
-                t = Trainer(_cfg(preset, 10_000))
+                t = Trainer(_cfg(preset, 10_000, **(overrides or {})))
                 t.train_steps(5)  # warm-up outside the window, as the other side does
+                _sync()
                 t0 = time.perf_counter()
                 t.train_steps(steps)
+                _sync()
                 bare.append(steps / (time.perf_counter() - t0))
     print(f"[{fn_name}] bare {statistics.mean(bare):.2f} steps/s, other {statistics.mean(other):.2f} steps/s")
     return statistics.mean(bare), statistics.mean(other)
@@ -355,21 +368,22 @@ def bench_monitor(out: Path, quick: bool = False) -> dict[str, Any]:
     return res
 
 
-def bench_env(out: Path, quick: bool = False) -> dict[str, Any]:
+def bench_env(out: Path, quick: bool = False, overrides: dict[str, Any] | None = None, write: bool = True,
+              steps_rounds: tuple[int, int] | None = None) -> dict[str, Any]:
     """STSO-GPT2-v0 steps (decision_interval 10) against bare trainer steps, with the env's logging
-    (``run_dir``: the Parquet log database and TensorBoard) on, and with it off."""
-    from stso_env.envs.gpt2_env import GPT2Env
-
-    steps, rounds = (60, 1) if quick else (400, 3)
-    res: dict[str, Any] = {"preset": "tiny", "decision_interval": 10, "steps": steps, "rounds": rounds,
+    (``run_dir``: the Parquet log database and TensorBoard) on, and with it off (``overrides``: of the
+    run's config, e.g. the GPU benchmark's device and preset)."""
+    overrides = dict(overrides or {})
+    preset = overrides.pop("model.preset", "tiny")
+    steps, rounds = steps_rounds or ((60, 1) if quick else (400, 3))
+    res: dict[str, Any] = {"preset": preset, "decision_interval": 10, "steps": steps, "rounds": rounds,
                            "target_ratio": 1.10}
     from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (a once-per-process import, not per step)
     with tempfile.TemporaryDirectory() as logs:
         for label, logged in (("", True), ("_no_logging", False)):
             def make(logged=logged):
                 run_dir = tempfile.mkdtemp(dir=logs) if logged else None
-                env = GPT2Env(preset="tiny", scenario="calm", decision_interval=10, episode_steps=10_000,
-                              config=_cfg("tiny", 10_000), run_dir=run_dir)
+                env = _env(_cfg(preset, 10_000, **overrides), run_dir=run_dir)
                 env.reset(seed=0)
                 env.step([2, 1, 0, 0, 0, 0])  # warm-up outside the window: opens the log writers
 
@@ -377,15 +391,17 @@ def bench_env(out: Path, quick: bool = False) -> dict[str, Any]:
                     for _ in range(steps // 10):
                         env.step([2, 1, 0, 0, 0, 0])
                     env.close()  # the last log rows are flushed inside the window
+                    _sync()
                     return steps
                 return run
 
-            bare, env_rate = _bare_and("tiny", steps, rounds, f"env{label}", make)
+            bare, env_rate = _bare_and(preset, steps, rounds, f"env{label}", make, overrides)
             res[f"bare_steps_per_second{label}"] = bare
             res[f"env_training_steps_per_second{label}"] = env_rate
             res[f"env_overhead_ratio{label}"] = bare / env_rate
     res["meets_target"] = res["env_overhead_ratio"] <= 1.10
-    _write(out / "env.json", res)
+    if write:
+        _write(out / "env.json", res)
     return res
 
 
@@ -445,12 +461,153 @@ def bench_proxy(out: Path, quick: bool = False) -> dict[str, Any]:
     return res
 
 
-def _write(path: Path, data: dict) -> None:
+def _env(cfg: TrainConfig, run_dir: str | None = None):
+    """STSO-GPT2-v0 on exactly ``cfg``'s run (the env's own preset, corpus and tokenizer arguments would
+    override the config's), decision interval 10."""
+    from stso_env.envs.gpt2_env import GPT2Env
+
+    return GPT2Env(preset=cfg.model.preset, scenario=cfg.scenario, corpus=cfg.data.corpus,
+                   tokenizer=cfg.data.tokenizer, decision_interval=10, episode_steps=10_000, config=cfg,
+                   run_dir=run_dir)
+
+
+def _sync() -> None:
+    """Wait for queued GPU work, so a wall-clock window holds all of its kernels."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+#: Dense bf16 tensor-core peaks in TFLOP/s from the vendors' data sheets (without sparsity), matched
+#: against ``torch.cuda.get_device_name()``, longest key first; ``--peak-tflops`` overrides.
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0,
+                    "L40S": 362.1, "L4": 121.0, "A10G": 70.0}
+
+
+def peak_tflops(device_name: str) -> float | None:
+    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
+        if key in device_name:
+            return PEAK_BF16_TFLOPS[key]
+    return None
+
+
+def _throughput(cfg: TrainConfig, compile_model: bool, steps: int, warm: int, peak: float | None,
+                device: str) -> dict[str, Any]:
+    """Tokens/s, model FLOPs utilisation and peak memory of ``steps`` training steps after ``warm``
+    (the compile happens in the warm-up). MFU counts the model's FLOPs (``Trainer.flops_per_token``:
+    6 N + attention), not recomputation, so activation checkpointing lowers it."""
+    t = Trainer(cfg, compile_model=compile_model)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t.train_steps(warm)
+    _sync()
+    t0 = time.perf_counter()
+    stats = t.train_steps(steps)
+    _sync()
+    seconds = time.perf_counter() - t0
+    tokens = sum(s.tokens for s in stats)
+    res = {"preset": cfg.model.preset, "n_params": t.n_params, "batch_size": cfg.data.batch_size,
+           "seq_len": t.seq_len, "precision": cfg.precision, "attn_implementation": cfg.model.attn_implementation,
+           "compile": compile_model, "gradient_checkpointing": cfg.model.gradient_checkpointing,
+           "steps": steps, "tokens_per_second": tokens / seconds, "flops_per_token": t.flops_per_token,
+           "final_loss": stats[-1].loss}
+    res["model_tflops_per_second"] = res["tokens_per_second"] * t.flops_per_token / 1e12
+    res["mfu"] = res["model_tflops_per_second"] / peak if peak else None
+    if device == "cuda":
+        res["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    del t
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return res
+
+
+def _fork_latency(cfg: TrainConfig, rounds: int) -> dict[str, Any]:
+    """Median seconds of an env's ``snapshot()``, ``restore()`` and ``fork()`` (in memory on CUDA: copies
+    from device to device), with the trainer's whole state (model, AdamW moments) on the device."""
+    env = _env(cfg)
+    env.reset(seed=0)
+    env.step([2, 1, 0, 0, 0, 0])
+    timings: dict[str, list[float]] = {"snapshot": [], "restore": [], "fork": []}
+    for _ in range(rounds):
+        _sync()
+        t0 = time.perf_counter()
+        sid = env.snapshot()
+        _sync()
+        timings["snapshot"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        env.restore(sid)
+        _sync()
+        timings["restore"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        child = env.fork()
+        _sync()
+        timings["fork"].append(time.perf_counter() - t0)
+        child.close()
+    res = {"snapshot_mode": env.snapshot_mode, "n_params": env.trainer.n_params, "rounds": rounds,
+           **{f"{k}_seconds": statistics.median(v) for k, v in timings.items()}}
+    env.close()
+    return res
+
+
+def _default_tokenizer() -> str:
+    """GPT-2's BPE from the shared data folder when it is there (the presets' published sizes), else bytes."""
+    from stso_env.config import REPO_ROOT
+
+    folder = REPO_ROOT.parent / "shared" / "data" / "gpt2-tokenizer"
+    return str(folder) if (folder / "vocab.json").is_file() else "byte"
+
+
+def bench_gpu(out: Path, quick: bool = False, device: str = "cuda", peak: float | None = None,
+              tokenizer: str | None = None) -> dict[str, Any]:
+    """The GPU path -> ``gpu.json``: tokens/s and MFU of the ``small`` preset in bf16 with SDPA attention,
+    eager and under ``torch.compile``; activation checkpointing's memory and speed on ``large``; the env's
+    overhead and its snapshot / restore / fork latency on ``small``; and the checkpoint figures on ``small``.
+    ``device="cpu"`` with ``quick`` runs the same code on the tiny preset (a smoke run of the code path,
+    not a result)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("agents.bench --only gpu: torch sees no CUDA device; run it on a GPU machine "
+                         "(the other benchmarks run on CPU)")
+    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    peak = peak if peak is not None else (peak_tflops(name) if device == "cuda" else None)
+    tokenizer = tokenizer or _default_tokenizer()
+    small, big = ("tiny", "tiny") if quick else ("small", "large")
+    steps, warm = (3, 2) if quick else (30, 10)
+    common = {"device": device, "data.tokenizer": tokenizer, "model.attn_implementation": "sdpa",
+              "precision": "bf16", "data.batch_size": 4 if quick else 16}
+    res: dict[str, Any] = {"device_name": name, "peak_bf16_tflops": peak, "tokenizer": tokenizer}
+    print(f"[gpu] {name}: peak {peak} TFLOP/s; tokenizer {tokenizer}")
+    train = {}
+    for label, compiled in (("eager", False), ("compiled", device == "cuda")):
+        train[label] = _throughput(_cfg(small, 10_000, **common), compiled, steps, warm, peak, device)
+        print(f"[gpu] {small} {label}: {train[label]['tokens_per_second']:,.0f} tokens/s, MFU {train[label]['mfu']}")
+    res["train"] = train
+    ckpt = {}
+    for label, on in (("off", False), ("on", True)):
+        cfg = _cfg(big, 10_000, **{**common, "data.batch_size": 2 if quick else 8, "model.gradient_checkpointing": on})
+        ckpt[label] = _throughput(cfg, False, steps, warm, peak, device)
+        print(f"[gpu] {big} activation checkpointing {label}: {ckpt[label]['tokens_per_second']:,.0f} tokens/s, "
+              f"peak memory {ckpt[label].get('peak_memory_gb')} GB")
+    res["activation_checkpointing"] = ckpt
+    run = {**common, "model.preset": small, "data.batch_size": 4 if quick else 8}
+    res["env"] = bench_env(out, quick=True, overrides=run, write=False,
+                           steps_rounds=(20, 1) if quick else (100, 2))
+    res["fork"] = _fork_latency(_cfg(small, 10_000, **run), 2 if quick else 5)
+    print(f"[gpu] snapshot / restore / fork: {res['fork']['snapshot_seconds']:.3f} / "
+          f"{res['fork']['restore_seconds']:.3f} / {res['fork']['fork_seconds']:.3f} s")
+    res["checkpoint"] = bench_checkpoint(out, quick=True, overrides=run, write=False)
+    res["targets"] = {"mfu_compiled": 0.45}
+    mfu = train["compiled"]["mfu"]
+    res["meets_targets"] = {"mfu_compiled": None if mfu is None else mfu >= 0.45}
+    _write(out / "gpu.json", res, device=device)
+    return res
+
+
+def _write(path: Path, data: dict, device: str = "cpu") -> None:
     from agents.evaluate import git_commit, machine
 
     data = {**data, "meta": {"commit": git_commit(), "torch": torch.__version__,
                              "python": platform.python_version(), "threads": torch.get_num_threads(),
-                             "device": "cpu", "machine": machine()}}
+                             "device": torch.cuda.get_device_name() if device == "cuda" else device,
+                             "machine": machine()}}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -528,14 +685,24 @@ def report(out: Path, label: str | None = None) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m agents.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=sorted(BENCHES), action="append", help="run only these benchmarks")
+    p.add_argument("--only", choices=sorted([*BENCHES, "gpu"]), action="append",
+                   help="run only these benchmarks (gpu: the GPU path, gpu.json; needs CUDA; it runs by default "
+                   "when torch sees a CUDA device)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the GPU's dense bf16 peak for MFU (default: from its name, see PEAK_BF16_TFLOPS)")
+    p.add_argument("--gpu-device", default="cuda", choices=("cuda", "cpu"),
+                   help="device of the gpu benchmark (cpu with --quick: a smoke run of its code path)")
     p.add_argument("--out", default="runs/bench", help="output folder for the JSON files")
     p.add_argument("--quick", action="store_true", help="tiny preset and few steps (a smoke run, not a result)")
     p.add_argument("--readme-block", default=None, metavar="NAME",
                    help="then write the table of OUT's JSON files between README's results:NAME markers")
     args = p.parse_args(argv)
-    for name in args.only or sorted(BENCHES):
-        BENCHES[name](Path(args.out), quick=args.quick)
+    names = args.only or [*sorted(BENCHES), *(["gpu"] if torch.cuda.is_available() else [])]
+    for name in names:
+        if name == "gpu":
+            bench_gpu(Path(args.out), quick=args.quick, device=args.gpu_device, peak=args.peak_tflops)
+        else:
+            BENCHES[name](Path(args.out), quick=args.quick)
     if args.readme_block:
         from stso_env.config import REPO_ROOT
         from stso_env.eval.published import replace_readme_block
