@@ -105,12 +105,23 @@ child = env.fork()
 out = {"mode": env.snapshot_mode, "reset": [*map(float, obs)], "first": run(env), "fork": run(child)}
 env.restore(sid)
 out["restored"] = run(env)
+# the branch method on the run: rollback to the snapshot, plans scored on a (seeded) proxy, forks verified
+from stso_env.branch import BranchConfig, BranchOrchestrator
+from stso_env.proxy.model import ProxyConfig, ProxyEnsemble
+proxy = ProxyEnsemble(ProxyConfig(horizon=2, hidden=16, layers=1, ensemble=3, seed=0), nvec=(4, 3, 4, 2, 2, 2))
+d = BranchOrchestrator(BranchConfig(n_candidates=10, top_k=2, seed=1, out_dir=sys.argv[1] + "/branches"),
+                       proxy).decide(env, "run")
+obs, r, *_ = env.step(acts[0])
+out["branch"] = {"restored_from": d.restored_from, "adopted": d.adopted, "plan": [*map(int, d.chosen_plan)],
+                 "path": str(d.path), "after": [*map(float, obs), float(r)]}
 json.dump(out, open(f"{sys.argv[1]}/rank{world.rank}.json", "w"))
 child.close(); env.close(); shutdown()
 '''
 
 
-def test_env_on_two_gloo_processes_observes_the_global_batch_and_forks_and_restores_exactly(tmp_path):
+def test_env_and_branch_method_on_two_gloo_processes(tmp_path):
+    """The env observes the global batch, forks and restores exactly, and the branch method decides the same
+    on every rank, with rank 0 writing the decision files."""
     script = tmp_path / "env_ddp.py"
     script.write_text(ENV_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -128,6 +139,13 @@ def test_env_on_two_gloo_processes_observes_the_global_batch_and_forks_and_resto
     # a fork and a restore replay the continuation exactly, as in one process
     for res in (single, r0):
         assert res["first"] == res["fork"] == res["restored"]
+    # the branch method rolled back to the snapshot and continued as a verified fork, the same on both ranks;
+    # one decision folder, written by rank 0
+    assert r0["branch"]["restored_from"] == 6 and r0["branch"]["adopted"]  # the snapshot after reset + 1 window
+    decisions = sorted((tmp_path / "ddp" / "branches" / "run").iterdir())
+    assert [p.name for p in decisions] == ["15"] and Path(r0["branch"]["path"]).parent == decisions[0]
+    manifest = json.loads((decisions[0] / "seed_manifest.json").read_text())
+    assert manifest["world_size"] == 2 and json.loads((decisions[0] / "decision.json").read_text())["step"] == 15
     # and the two processes train like one process on the same global batch
     flat = lambda res: [x for row in [res["reset"], *res["first"]] for x in row]  # noqa: E731
     assert max(abs(a - b) for a, b in zip(flat(single), flat(r0))) < 1e-4

@@ -103,6 +103,7 @@ from stso_env.files import write_text_atomic
 from stso_env.proxy.calibration import ConformalBounds
 from stso_env.proxy.dataset import ONE_SHOT_DIMS, PLAN_NVEC, as_plan
 from stso_env.proxy.model import ProxyEnsemble
+from stso_env.train.distributed import current_world, gather_objects
 
 #: Exploration weight of the UCB1 bandit over plan dimensions (scores are standardised first).
 UCB_C = 1.0
@@ -583,14 +584,21 @@ class BranchOrchestrator:
         reason = self._reason(chosen, rows, verification, method, env_steps, adopted, adopted_flops,
                               restored_from, trigger_step, rollback_flops, rollback_info)
         if cfg.use_ray and cfg.verify and executor != "ray":
-            reason += "; Ray was requested but is not installed, so verification ran sequentially"
+            reason += ("; Ray was requested, but the trainer is distributed (Ray workers are outside its process "
+                       "group), so verification ran in forks on every rank" if current_world().distributed else
+                       "; Ray was requested but is not installed, so verification ran sequentially")
 
-        # files
-        out_dir = self._decision_dir(run_name, trigger_step)
+        # files: in a distributed run every rank decides the same, rank 0 writes and all report its folder
+        world = current_world()
+        out_dir = self._decision_dir(run_name, trigger_step) if world.is_main else None
+        if world.distributed:
+            out_dir = gather_objects(out_dir, world)[0]
         for v in verification:
-            _atomic_write(out_dir / f"verification_{v['id']}.log", "\n".join(v.pop("_log")) + "\n")
+            log = "\n".join(v.pop("_log")) + "\n"
             v.pop("_score")
-            _write_json(out_dir / f"candidate_{v['id']}.json", v)
+            if world.is_main:
+                _atomic_write(out_dir / f"verification_{v['id']}.log", log)
+                _write_json(out_dir / f"candidate_{v['id']}.json", v)
         table = [{k: (_finite_or_none(x) if isinstance(x, float) else x) for k, x in r.items()} for r in rows]
         decision = {
             "run": run_name, "step": trigger_step, "restored_from": restored_from, "rollback": rollback_info,
@@ -616,13 +624,15 @@ class BranchOrchestrator:
             "adopted": adopted, "adopted_flops": adopted_flops, "global_step_after": int(base.trainer.global_step),
         }
         path = out_dir / "decision.json"
-        _write_json(path, decision)
-        _write_json(out_dir / "seed_manifest.json", {
-            "env_seed": int(base._seed), "episode": int(base._episode), "trigger_step": trigger_step,
-            "restored_from": restored_from, "fork_ids": [f"fork-{v['id']}" for v in verification],
-            "bandit_seed": [cfg.seed, trigger_step], "config": asdict(cfg),
-            "proxy_config": asdict(self.proxy.config), "calibrated": self.calibrator is not None,
-        })
+        if world.is_main:
+            _write_json(path, decision)
+            _write_json(out_dir / "seed_manifest.json", {
+                "env_seed": int(base._seed), "episode": int(base._episode), "trigger_step": trigger_step,
+                "restored_from": restored_from, "fork_ids": [f"fork-{v['id']}" for v in verification],
+                "bandit_seed": [cfg.seed, trigger_step], "config": asdict(cfg),
+                "proxy_config": asdict(self.proxy.config), "calibrated": self.calibrator is not None,
+                "world_size": world.size,
+            })
         return BranchDecision(step=trigger_step, chosen_action=list(chosen["action"]),
                               chosen_plan=list(chosen["plan"]), candidates=table, verification=verification,
                               reason=reason, path=path, wasted_flops=verify_flops - adopted_flops + rollback_flops,
@@ -683,7 +693,9 @@ class BranchOrchestrator:
         return d
 
     def _verify(self, base: GPT2Env, plans: list[list[int]], env_steps: int) -> tuple[list[dict[str, Any]], str]:
-        if self.config.use_ray:
+        # a distributed trainer's forks are collective (every rank trains them together); Ray workers are
+        # outside the process group, so verification stays in forks on every rank
+        if self.config.use_ray and not current_world().distributed:
             try:
                 import ray
             except ImportError:
