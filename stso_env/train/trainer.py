@@ -226,7 +226,8 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index or 0] if self.device.type == "cuda" else None
-            self.ddp = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
+            # buffers (GPT-2's causal masks) are the same on every rank: no need to sync them each forward
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids, forward_sync_buffers=False)
         if compile_model:
             self.ddp = torch.compile(self.ddp)
         self.n_params = count_parameters(self.model)
