@@ -14,9 +14,12 @@ main run is trained in a fresh env and steered by the controller until the episo
 or the schedule's last step) or the budget is spent. Runs are independent jobs: ``--workers N`` runs
 them in parallel (Ray when the ``distributed`` extra is installed, else local processes;
 :mod:`stso_env.eval.engine`), each worker with ``--threads`` torch threads (default: cores //
-workers), and the results equal a serial run with the same thread count. Each finished run is
-written to ``<out>/runs/<cell>/<controller>__seed<k>.json`` at once, so ``--resume`` continues a
-suite after a crash without redoing finished runs (a run made under other settings is refused).
+workers), and the results equal a serial run with the same thread count. With ``--ray-address
+HOST:PORT`` (a cluster started by ``ray start --head`` and joined by ``ray start --address`` on other
+machines) the runs, the branch verification rollouts and the PBT population run on the cluster's
+nodes, again with the results of a serial run. Each finished run is written to
+``<out>/runs/<cell>/<controller>__seed<k>.json`` at once, so ``--resume`` continues a suite after a
+crash without redoing finished runs (a run made under other settings is refused).
 
 Outputs. One setting: ``--out`` (default ``runs/eval__<scenario>__<unix time>/``) gets
 ``results.json``, ``curves.json``, ``report.md`` and ``figures/``. A suite: ``--out`` (default
@@ -143,7 +146,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, a
                    help="torch threads per worker (default: cores // workers, at least 1)")
     p.add_argument("--engine", default="auto", choices=ENGINES,
                    help="parallel engine: auto (ray if installed, else local processes), ray, local, serial")
-    p.add_argument("--ray-address", default=None, help="address of a running Ray cluster (engine ray)")
+    p.add_argument("--ray-address", default=None,
+                   help="a running Ray cluster (host:port of its head, from `ray start --head`): the runs of "
+                        "--workers (engine ray), the branch verification of stso/single_trigger and the PBT "
+                        "population run on it")
     p.add_argument("--resume", action="store_true",
                    help="keep the finished runs found in --out and run only the missing ones")
     p.add_argument("--update-readme", default=None, metavar="SUITE",
@@ -345,8 +351,10 @@ class Ledger:
 # ---------------------------------------------------------------------- one run
 
 
-def make_jobs(suite: Any, out: Path, *, val_windows: int = 64, device: str | None = None) -> list[dict[str, Any]]:
-    """Every (cell, controller, seed) of ``suite`` as a plain, picklable job dict, costly ones first."""
+def make_jobs(suite: Any, out: Path, *, val_windows: int = 64, device: str | None = None,
+              ray_address: str | None = None) -> list[dict[str, Any]]:
+    """Every (cell, controller, seed) of ``suite`` as a plain, picklable job dict, costly ones first.
+    ``ray_address``: the Ray cluster the controllers that can (branch verification, PBT members) use."""
     jobs = []
     for ci, cell in enumerate(suite.cells):
         res = cell.resolved()
@@ -360,6 +368,7 @@ def make_jobs(suite: Any, out: Path, *, val_windows: int = 64, device: str | Non
                     "settings": suite.settings.get(name, {}),
                     "proxy": suite.proxy, "policy": suite.policy,
                     "branch_dir": str(out / cell.name / "branches"), "tuning_dir": str(out / "tuning"),
+                    "ray_address": ray_address,
                     "_order": (_COST_ORDER.index(name) if name in _COST_ORDER else len(_COST_ORDER), si, ci),
                 })
     jobs.sort(key=lambda j: j["_order"])
@@ -391,7 +400,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     name, seed = job["controller"], int(job["seed"])
     try:
         ctrl = make_controller(name, settings=job["settings"], proxy_dir=job["proxy"], policy_path=job["policy"],
-                               branch_dir=Path(job["branch_dir"]), tuning_dir=Path(job["tuning_dir"]))
+                               branch_dir=Path(job["branch_dir"]), tuning_dir=Path(job["tuning_dir"]),
+                               ray_address=job.get("ray_address"))
     except ValueError as err:  # unknown or invalid settings
         raise ConfigError(str(err)) from err
     env = None
@@ -560,9 +570,10 @@ def _run_path(out: Path, job: dict[str, Any]) -> Path:
 
 
 def _job_key(job: dict[str, Any]) -> str:
-    """What identifies a run's result: paths of outputs excluded, and the proxy and policy only for the
-    controllers that read them (a baseline's run does not change when the suite's proxy does)."""
-    keep = {k: v for k, v in job.items() if k not in ("branch_dir", "tuning_dir")}
+    """What identifies a run's result: paths of outputs and the Ray cluster excluded (a run on Ray equals
+    the in-process one), and the proxy and policy only for the controllers that read them (a baseline's
+    run does not change when the suite's proxy does)."""
+    keep = {k: v for k, v in job.items() if k not in ("branch_dir", "tuning_dir", "ray_address")}
     name = job.get("controller")
     if name not in PROXY_CONTROLLERS + POLICY_CONTROLLERS:
         keep.pop("proxy", None)
@@ -576,7 +587,7 @@ def execute(suite: Any, out: Path, args: argparse.Namespace) -> dict[tuple[str, 
     from stso_env.eval.engine import resolve_engine, run_jobs
     from stso_env.eval.report import write_json_atomic
 
-    jobs = make_jobs(suite, out, val_windows=args.val_windows, device=args.device)
+    jobs = make_jobs(suite, out, val_windows=args.val_windows, device=args.device, ray_address=args.ray_address)
     done: dict[str, dict[str, Any]] = {}
     todo = []
     for job in jobs:

@@ -251,8 +251,10 @@ def learn_policy(cfg: ControllerTrainConfig, run: Path, progress: bool) -> dict[
             "curve": curve, "policy": str(run / "policy.zip")}
 
 
-def evaluate_policy_real(cfg: ControllerTrainConfig, run: Path, progress: bool) -> dict[str, Any]:
-    """Step 4: the learned policy and the baselines on held-out real episodes (``agents.evaluate``)."""
+def evaluate_policy_real(cfg: ControllerTrainConfig, run: Path, progress: bool,
+                         ray_address: str | None = None) -> dict[str, Any]:
+    """Step 4: the learned policy and the baselines on held-out real episodes (``agents.evaluate``);
+    ``ray_address``: a Ray cluster for the controllers that use one (branch verification, PBT)."""
     from agents.evaluate import main as evaluate_main
 
     argv = ["--controllers", ",".join(cfg.eval.controllers), "--seeds", str(cfg.eval.seeds),
@@ -264,6 +266,8 @@ def evaluate_policy_real(cfg: ControllerTrainConfig, run: Path, progress: bool) 
         argv += ["--proxy", str(run / "proxy")]
     if cfg.builtin_chars is not None:
         argv += ["--builtin-chars", str(cfg.builtin_chars)]
+    if ray_address is not None:
+        argv += ["--ray-address", ray_address]
     if not progress:
         argv.append("--no-progress")
     try:
@@ -444,6 +448,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-steps", type=int, default=None, help="optimizer steps per evaluation episode")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing run folder (its previous contents are deleted first)")
+    p.add_argument("--ray-address", default=None,
+                   help="a running Ray cluster (host:port of its head) for the held-out evaluation's branch "
+                        "verification and PBT population (agents.evaluate --ray-address)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -491,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parts["seconds"]["policy"] = time.perf_counter() - t0
         learning_curve_figure(parts["rl"]["curve"], run / "figures" / "learning_curve.png")
         t0 = time.perf_counter()
-        parts["eval"] = evaluate_policy_real(cfg, run, progress)
+        parts["eval"] = evaluate_policy_real(cfg, run, progress, args.ray_address)
         parts["seconds"]["evaluation"] = time.perf_counter() - t0
         parts["seconds"]["total"] = time.perf_counter() - t_all
         report = write_report(cfg, run, parts)

@@ -40,7 +40,8 @@ def test_gpu_benchmark_code_path_runs_on_cpu_and_computes_mfu(tmp_path, monkeypa
     assert saved["meta"]["device"] == "cpu" and saved["train"]["eager"]["precision"] == "bf16"
     eager = res["train"]["eager"]
     assert eager["attn_implementation"] == "sdpa" and eager["tokens_per_second"] > 0
-    assert eager["mfu"] == eager["model_tflops_per_second"] == eager["tokens_per_second"] * eager["flops_per_token"] / 1e12
+    tflops = eager["tokens_per_second"] * eager["flops_per_token"] / 1e12
+    assert eager["mfu"] == eager["model_tflops_per_second"] == tflops
     ac = res["activation_checkpointing"]
     assert not ac["off"]["gradient_checkpointing"] and ac["on"]["gradient_checkpointing"]
     assert res["env"]["env_overhead_ratio"] > 0 and res["fork"]["fork_seconds"] > 0

@@ -65,14 +65,15 @@ def controller_class(name: str) -> type[Controller]:
 
 def make_controller(name: str, *, settings: dict[str, Any] | None = None, **resources: Any) -> Controller:
     """Build controller ``name`` with its ``settings`` (constructor keywords) and whichever of the
-    shared ``resources`` (``proxy_dir``, ``policy_path``, ``branch_dir``) its constructor takes."""
+    shared ``resources`` (``proxy_dir``, ``policy_path``, ``branch_dir``, ``ray_address``) its constructor takes."""
     cls = controller_class(name)
     params = inspect.signature(cls.__init__).parameters
-    kwargs = {k: v for k, v in resources.items() if k in params and v is not None}
     settings = dict(settings or {})
+    # a setting given explicitly wins over the shared resource of the same name (e.g. ray_address)
+    kwargs = {k: v for k, v in resources.items() if k in params and v is not None and k not in settings}
     unknown = sorted(k for k in settings if k not in params)
     if unknown:
-        allowed = [p for p in params if p not in ("self", "proxy_dir", "policy_path", "branch_dir")]
+        allowed = [p for p in params if p not in ("self", "proxy_dir", "policy_path", "branch_dir", "ray_address")]
         raise ValueError(f"controller {name!r}: unknown setting(s) {unknown}; allowed: {allowed}")
     return cls(**kwargs, **settings)
 

@@ -85,6 +85,9 @@ class BranchController(Controller):
         snapshot_every: env steps between snapshots (rollback needs them).
         reserve: share of the FLOPs budget planned for verification (the main run's schedule gets the rest).
         adopt_fork: continue the run as the best verified fork instead of re-running its plan.
+        use_ray: verify the plans in parallel as Ray tasks (a local two-CPU Ray, or ``ray_address``).
+        ray_address: a running Ray cluster (``host:port`` of its head) to verify on; implies ``use_ray``
+            (``agents.evaluate --ray-address`` passes it).
     """
 
     name = "stso"
@@ -94,7 +97,8 @@ class BranchController(Controller):
                  top_k: int = 3, rollback: bool = True, max_rollback_steps: int = 50, alpha: float = 1.0,
                  beta: float = 0.5, gamma: float = 0.1, k_std: float = 1.0, control_arm: bool = True,
                  band_check: bool = True, cooldown_windows: int = 10, snapshot_every: int = 1,
-                 reserve: float = 0.0, adopt_fork: bool = True) -> None:
+                 reserve: float = 0.0, adopt_fork: bool = True, use_ray: bool = False,
+                 ray_address: str | None = None) -> None:
         super().__init__()
         if cooldown_windows < 0 or snapshot_every < 1:
             raise ValueError(f"cooldown_windows={cooldown_windows} must be >= 0 and snapshot_every={snapshot_every} "
@@ -110,7 +114,8 @@ class BranchController(Controller):
                                    n_candidates=n_candidates, top_k=top_k, verify=self.verify,
                                    adopt=bool(adopt_fork) and self.verify, control_arm=control_arm and self.verify,
                                    band_check=band_check, alpha=alpha, beta=beta, gamma=gamma, k_std=k_std,
-                                   out_dir=str(branch_dir))
+                                   use_ray=(use_ray or ray_address is not None) and self.verify,
+                                   ray_address=ray_address if self.verify else None, out_dir=str(branch_dir))
         # conformal bounds saved with the proxy (calibration.json); without them mean + k_std * std
         self.bounds = ConformalBounds.load(self.proxy_dir)
         self.orchestrator = _TimedOrchestrator(self.config, self.proxy, self.bounds)

@@ -1,4 +1,4 @@
-"""Population based training over in-process forks of the main run (exploit / explore)."""
+"""Population based training over forks of the main run (exploit / explore), in this process or on Ray."""
 
 from __future__ import annotations
 
@@ -13,6 +13,42 @@ import numpy as np
 
 from agents.controllers.base import Controller
 from stso_env.envs.gpt2_env import LR_SCALE_LIMITS, NEUTRAL_ACTION, WD_SCALES, GPT2Env
+
+
+class _Member:
+    """A population member in a Ray actor: the main run's fork, rebuilt there from its constructor arguments
+    and state (:func:`stso_env.branch.env_from_state`), stepped with the driver's torch thread count."""
+
+    def __init__(self, env_kwargs: dict[str, Any], state: dict[str, Any], episode_steps: int,
+                 warned_override: Any, threads: int) -> None:
+        from stso_env.branch import env_from_state
+        from stso_env.eval.engine import set_threads
+
+        set_threads(threads)
+        self.env = env_from_state(env_kwargs, state)
+        self.env.episode_steps = episode_steps
+        self.env._warned_override = warned_override
+
+    def step(self, action: np.ndarray) -> tuple[dict[str, Any], bool]:
+        _, _, terminated, truncated, info = self.env.step(action)
+        return info, bool(terminated or truncated)
+
+    def set_lr_scale(self, value: float) -> None:
+        self.env.trainer.knobs.lr_scale = value
+
+    def state(self) -> dict[str, Any]:
+        return self.env._env_state()
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.env._load_env_state(copy.deepcopy(state))  # a task's arrays are read-only
+
+    def where(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def close(self) -> None:
+        self.env.close()
 
 
 @functools.cache
@@ -60,7 +96,16 @@ class PBT(Controller):
     source's, recorded as a decision of kind ``"exploit"``; every exploit/explore is listed in
     ``events`` and summarised by ``describe()``.
 
-    Ray Tune: the members are in-process forks stepped in lockstep, not Ray trials, so Ray Tune's
+    Ray: with ``ray_address`` (a running cluster, ``host:port`` of its head; ``agents.evaluate
+    --ray-address`` passes it) the forks live in Ray actors placed round robin over the cluster's
+    nodes, starting after the main run's (they hold no CPU, so a population larger than the cluster
+    still runs), each rebuilt from the main run's state and stepped with this process's torch thread
+    count; every window steps them in parallel and the results are taken in member order, and an
+    exploit moves the whole state between actors (or to the main run). Results equal the in-process
+    population's exactly. A process already connected to Ray (a Ray worker running an evaluation job)
+    keeps its connection.
+
+    Ray Tune: the members are forks stepped in lockstep, not Ray trials, so Ray Tune's
     ``PopulationBasedTraining`` cannot schedule them; when the ``distributed`` extra is installed,
     its explore step itself (``ray.tune.schedulers.pbt._explore``, with ``mutations`` = LR scale:
     a resampling function, weight decay: the list of choices) perturbs the copied configuration.
@@ -75,12 +120,14 @@ class PBT(Controller):
         quantile: bottom/top quantile fraction (default 0.25).
         resample_p: probability of resampling a hyper-parameter instead of perturbing it (0.25).
         lr_scale_range: initial/resampling range of the LR scale, log-uniform (default 0.5..2).
+        ray_address: run the forks as Ray actors on this cluster (default None: in this process).
     """
 
     name = "pbt"
 
     def __init__(self, population: int = 4, ready_windows: int = 5, quantile: float = 0.25,
-                 resample_p: float = 0.25, lr_scale_range: tuple[float, float] = (0.5, 2.0)) -> None:
+                 resample_p: float = 0.25, lr_scale_range: tuple[float, float] = (0.5, 2.0),
+                 ray_address: str | None = None) -> None:
         super().__init__()
         if population < 1 or ready_windows < 1:
             raise ValueError(f"PBT: population={population}, ready_windows={ready_windows}: both must be >= 1 "
@@ -92,6 +139,10 @@ class PBT(Controller):
         if not LR_SCALE_LIMITS[0] <= lo <= hi <= LR_SCALE_LIMITS[1]:
             raise ValueError(f"PBT: lr_scale_range={lr_scale_range!r} must satisfy {LR_SCALE_LIMITS[0]} <= low "
                              f"<= high <= {LR_SCALE_LIMITS[1]}")
+        if ray_address is not None and (not isinstance(ray_address, str) or not ray_address.strip()):
+            raise ValueError(f"PBT: ray_address={ray_address!r} must be a Ray cluster address such as "
+                             "'10.0.0.1:6379' (or None for in-process members)")
+        self.ray_address = ray_address
         self.population = int(population)
         self.ready_windows = int(ready_windows)
         self.quantile = float(quantile)
@@ -99,7 +150,8 @@ class PBT(Controller):
         self.lr_scale_range = (lo, hi)
         self.perturbation_factors = (0.8, 1.2)
         self.main_run_share = 1.0 / self.population
-        self.members: list[GPT2Env] = []
+        self.members: list[Any] = []  # the main run, then forks (GPT2Env) or their Ray actors
+        self.member_nodes: list[str] = []  # Ray node of each fork's actor
         self.hparams: list[dict[str, Any]] = []
         self.initial_hparams: list[dict[str, Any]] = []
         self.latest: list[dict[str, Any]] = []
@@ -118,11 +170,14 @@ class PBT(Controller):
         self.rng = np.random.default_rng([int(seed), 0x9B7])
         self.members = [base]
         with self.timed_io():
-            for _ in range(self.population - 1):
-                child = base.fork()
-                # fork() rebuilds from the constructor arguments; keep a schedule the harness shortened.
-                child.episode_steps = base.episode_steps
-                self.members.append(child)
+            if self.ray_address is not None:
+                self.members += self._ray_members(base)
+            else:
+                for _ in range(self.population - 1):
+                    child = base.fork()
+                    # fork() rebuilds from the constructor arguments; keep a schedule the harness shortened.
+                    child.episode_steps = base.episode_steps
+                    self.members.append(child)
         self.hparams = [{"lr_scale": float(base.trainer.knobs.lr_scale), "wd": 1}]
         self.hparams += [{"lr_scale": self._sample_lr(), "wd": int(self.rng.integers(len(WD_SCALES)))}
                          for _ in range(self.population - 1)]
@@ -142,21 +197,84 @@ class PBT(Controller):
         if self.population >= 2 and self.windows_since_ready >= self.ready_windows:
             self._exploit_explore()
             self.windows_since_ready = 0
-        for i in range(1, self.population):
-            if self.done[i]:
-                continue
-            _, _, terminated, truncated, finfo = self.members[i].step(self._action(i))
+        live = [i for i in range(1, self.population) if not self.done[i]]
+        if self.ray_address is not None:  # all in parallel, results taken in member order
+            import ray
+
+            outcomes = ray.get([self.members[i].step.remote(self._action(i)) for i in live])
+        else:
+            outcomes = []
+            for i in live:
+                _, _, terminated, truncated, finfo = self.members[i].step(self._action(i))
+                outcomes.append((finfo, bool(terminated or truncated)))
+        for i, (finfo, ended) in zip(live, outcomes):
             self.extra_flops += float(finfo["flops"])
             self.member_flops[i] += float(finfo["flops"])
             self.latest[i] = finfo
-            self.done[i] = bool(terminated or truncated)
+            self.done[i] = ended
         self.windows_since_ready += 1
         return self._action(0)
 
     def close(self) -> None:
-        for child in self.members[1:]:
-            child.close()
+        children = self.members[1:]
         self.members = self.members[:1]
+        if children and self.ray_address is not None:
+            import ray
+
+            try:
+                ray.get([actor.close.remote() for actor in children])
+            finally:
+                for actor in children:
+                    ray.kill(actor)
+            return
+        for child in children:
+            child.close()
+
+    # ------------------------------------------------------------------ members on Ray
+
+    def _ray_members(self, base: GPT2Env) -> list[Any]:
+        """The forks as Ray actors on the cluster at ``ray_address``, built from the main run's state."""
+        import torch
+
+        from stso_env.eval.engine import ray_init
+
+        try:
+            import ray
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        except ImportError as err:
+            raise ImportError(f"PBT: ray_address={self.ray_address!r} needs Ray (the `distributed` extra: "
+                              "pip install -e '.[distributed]')") from err
+
+        threads = torch.get_num_threads()  # what in-process members would train with: the same results
+        ray_init(self.ray_address, threads=threads)
+        # Round robin over the nodes with CPUs, starting after this process's node (which trains the main
+        # run). The actors hold no CPU (a population larger than the cluster's CPUs must not wait forever),
+        # and Ray's SPREAD does not spread actors that hold nothing, so each is pinned to its node (a soft
+        # pin falls back to another node while the target is still returning a task's CPU).
+        nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0)
+        here = ray.get_runtime_context().get_node_id()
+        start = nodes.index(here) + 1 if here in nodes else 0
+        state = ray.put(base._env_state())
+        members = []
+        for k in range(self.population - 1):
+            where = NodeAffinitySchedulingStrategy(nodes[(start + k) % len(nodes)], soft=False) if nodes else None
+            actor = ray.remote(_Member).options(num_cpus=0, scheduling_strategy=where)
+            members.append(actor.remote(base._kwargs, state, base.episode_steps, base._warned_override, threads))
+        self.member_nodes = ray.get([m.where.remote() for m in members])  # also waits until they are built
+        return members
+
+    def _copy_state(self, source: int, target: int) -> None:
+        """Member ``target`` becomes a copy of member ``source`` (whole state)."""
+        if self.ray_address is None:
+            self.members[target]._load_env_state(copy.deepcopy(self.members[source]._env_state()))
+            return
+        import ray
+
+        state = self.base._env_state() if source == 0 else self.members[source].state.remote()
+        if target == 0:
+            self.base._load_env_state(copy.deepcopy(ray.get(state)))  # arrays from Ray are read-only
+        else:
+            ray.get(self.members[target].load_state.remote(state))
 
     # ------------------------------------------------------------------ PBT steps
 
@@ -168,7 +286,10 @@ class PBT(Controller):
     def _apply_lr(self, i: int) -> None:
         lo, hi = LR_SCALE_LIMITS
         self.hparams[i]["lr_scale"] = min(hi, max(lo, float(self.hparams[i]["lr_scale"])))
-        self.members[i].trainer.knobs.lr_scale = self.hparams[i]["lr_scale"]
+        if i and self.ray_address is not None:  # an actor runs its calls in the order they were made
+            self.members[i].set_lr_scale.remote(self.hparams[i]["lr_scale"])
+        else:
+            self.members[i].trainer.knobs.lr_scale = self.hparams[i]["lr_scale"]
 
     def _sample_lr(self) -> float:
         lo, hi = self.lr_scale_range
@@ -225,7 +346,7 @@ class PBT(Controller):
         for target in bottom:
             source = top[int(self.rng.integers(len(top)))]
             with self.timed_io():
-                self.members[target]._load_env_state(copy.deepcopy(self.members[source]._env_state()))
+                self._copy_state(source, target)
             self.latest[target] = copy.deepcopy(self.latest[source])
             self.done[target] = self.done[source]
             self.hparams[target], ops = self._explore(self.hparams[source])
@@ -247,5 +368,6 @@ class PBT(Controller):
             "perturbation_factors": list(self.perturbation_factors), "initial_hparams": self.initial_hparams,
             "final_hparams": self.hparams, "exploits": len(self.events),
             "main_exploits": sum(e["target"] == 0 for e in self.events),
+            "members": "ray" if self.ray_address is not None else "in-process",
             "explore": "ray.tune.schedulers.pbt._explore" if _ray_explore() is not None else "numpy re-implementation",
         }

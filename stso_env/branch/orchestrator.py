@@ -81,7 +81,12 @@ table (0 = best by the proxy); the control arm's id is its rank there.
 Ray: with ``use_ray=True`` and ``ray`` importable (the ``distributed`` extra), the
 verification rollouts run as Ray tasks that rebuild each fork from the env's state
 (``_env_state`` / ``_load_env_state``); otherwise they run one after the other in
-this process. The executor that ran is recorded in ``decision.json``.
+this process. The executor that ran is recorded in ``decision.json``. The tasks run on
+the cluster at ``ray_address`` (``ray start --head`` on one machine, ``ray start
+--address`` on the others), else on a local two-CPU Ray started on first use; a
+process already connected to Ray (a Ray worker, say) keeps its connection. Each task
+takes one CPU and this process's torch thread count, so the outcomes equal the
+in-process forks' exactly (:func:`stso_env.eval.engine.ray_init` / ``ray_task``).
 """
 
 from __future__ import annotations
@@ -132,6 +137,7 @@ class BranchConfig:
     band_check: bool = True  # reject verified plans whose real outcome leaves their conformal band
     band_eta: float = 0.5  # adaptation rate of the band scale (0: fixed bands)
     use_ray: bool = False  # verify in parallel through Ray when it is importable
+    ray_address: str | None = None  # the Ray cluster to verify on (host:port of its head); None: a local Ray
     seed: int = 0  # bandit tie-breaking
     out_dir: str = "branches"
 
@@ -166,6 +172,13 @@ class BranchConfig:
                 raise ConfigError(f"branch config {name}: must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.out_dir, (str, os.PathLike)) or not str(self.out_dir):
             raise ConfigError(f"branch config out_dir: must be a non-empty path, got {self.out_dir!r}")
+        if self.ray_address is not None:
+            if not isinstance(self.ray_address, str) or not self.ray_address.strip():
+                raise ConfigError(f"branch config ray_address: must be a cluster address such as "
+                                  f"'10.0.0.1:6379' (or null for a local Ray), got {self.ray_address!r}")
+            if not self.use_ray:
+                raise ConfigError(f"branch config ray_address: {self.ray_address!r} is set but use_ray is false; "
+                                  "set use_ray: true to verify on that cluster, or drop ray_address")
 
 
 @dataclass
@@ -285,12 +298,20 @@ def rollout_fork(fork: GPT2Env, plan: list[int], env_steps: int, keep_state: boo
     return out
 
 
+def env_from_state(env_kwargs: dict[str, Any], state: dict[str, Any]) -> GPT2Env:
+    """An env rebuilt from another's constructor arguments (``_kwargs``) and a copy of its whole state
+    (``_env_state()``), exactly as ``GPT2Env.fork()`` makes a fork, but in any process (a Ray worker, where
+    arrays of a task's arguments are read-only): no logging."""
+    env = GPT2Env(**dict(env_kwargs, run_dir=None))
+    _ = env.np_random  # materialise the generator so its state can be overwritten
+    env._load_env_state(copy.deepcopy(state))
+    return env
+
+
 def _verify_remote(env_kwargs: dict[str, Any], state: dict[str, Any], plan: list[int],
                    env_steps: int, keep_state: bool = False) -> dict[str, Any]:
     # Ray task body: rebuild the fork from its state in the worker, exactly as GPT2Env.fork() does
-    fork = GPT2Env(**dict(env_kwargs, run_dir=None))
-    _ = fork.np_random
-    fork._load_env_state(state)
+    fork = env_from_state(env_kwargs, state)
     try:
         return rollout_fork(fork, plan, env_steps, keep_state)
     finally:
@@ -701,11 +722,15 @@ class BranchOrchestrator:
             except ImportError:
                 ray = None
             if ray is not None:
-                if not ray.is_initialized():
-                    ray.init(num_cpus=2, include_dashboard=False)
-                task = ray.remote(_verify_remote)
+                import torch
+
+                from stso_env.eval.engine import ray_init, ray_task
+
+                threads = torch.get_num_threads()  # the in-process forks' count: the same outcomes
+                ray_init(self.config.ray_address, num_cpus=2, threads=threads)
+                submit = ray_task(_verify_remote, threads)
                 state_ref = ray.put(base._env_state())
-                refs = [task.remote(base._kwargs, state_ref, p, env_steps, self.config.adopt) for p in plans]
+                refs = [submit(base._kwargs, state_ref, p, env_steps, self.config.adopt) for p in plans]
                 return list(ray.get(refs)), "ray"
         outcomes = []
         for p in plans:

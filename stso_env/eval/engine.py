@@ -15,10 +15,15 @@ Engines:
 * ``auto``: ``serial`` for one worker, else ``ray`` when it is installed, else ``local``.
 
 ``fn`` must be importable by reference (a module-level function) and must return picklable data.
+
+:func:`ray_init` is the one way every Ray user here connects (these jobs, the branch orchestrator's
+verification rollouts, PBT's population actors) and :func:`ray_task` the one task wrapper (jobs and
+verification rollouts), so a cluster address and the thread count mean the same everywhere.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -41,9 +46,9 @@ def set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _call(fn: Callable[[Any], Any], threads: int, job: Any) -> Any:
+def _call(fn: Callable[..., Any], threads: int, *args: Any) -> Any:
     set_threads(threads)
-    return fn(job)
+    return fn(*args)
 
 
 def resolve_engine(engine: str, workers: int) -> str:
@@ -101,20 +106,43 @@ def _run_local(fn: Callable[[Any], Any], jobs: list[Any], workers: int, threads:
                 fut.cancel()
 
 
+def ray_init(address: str | None = None, *, num_cpus: int | None = None, threads: int = 1) -> bool:
+    """Connect this process to Ray unless it already is (a Ray worker always is): to the running cluster
+    at ``address`` (``host:port`` of its head, or ``"auto"``), else to a new local Ray of ``num_cpus`` CPUs.
+    Workers started for this driver get ``OMP_NUM_THREADS=threads``. Returns True when this call
+    connected, so the caller that wants a short-lived connection shuts it down (``ray.shutdown()``).
+
+    An existing connection is kept as it is, whatever ``address`` says."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    env = {"env_vars": {"OMP_NUM_THREADS": str(threads)}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, runtime_env=env)
+    return True
+
+
+def ray_task(fn: Callable[..., Any], threads: int, **options: Any) -> Callable[..., Any]:
+    """``fn`` as a Ray task (one CPU unless ``options`` say otherwise) that runs with ``threads`` torch
+    threads: the returned function submits ``fn(*args)`` and gives its ``ObjectRef`` (``ObjectRef``
+    arguments arrive resolved). Needs a connection (:func:`ray_init`)."""
+    import ray
+
+    remote = ray.remote(**{"num_cpus": 1, **options})(_call)
+    return functools.partial(remote.remote, fn, threads)
+
+
 def _run_ray(fn: Callable[[Any], Any], jobs: list[Any], workers: int, threads: int,
              address: str | None) -> Iterator[tuple[Any, Any]]:
     import ray
 
-    started = not ray.is_initialized()
-    if started:
-        env = {"env_vars": {"OMP_NUM_THREADS": str(threads)}}
-        if address:
-            ray.init(address=address, runtime_env=env, log_to_driver=False)
-        else:
-            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, runtime_env=env)
+    started = ray_init(address, num_cpus=workers, threads=threads)
     try:
-        remote = ray.remote(num_cpus=1)(_call)
-        refs = {remote.remote(fn, threads, job): job for job in jobs}
+        submit = ray_task(fn, threads)
+        refs = {submit(job): job for job in jobs}
         while refs:
             ready, _ = ray.wait(list(refs), num_returns=1)
             for ref in ready:
