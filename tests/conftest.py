@@ -36,3 +36,11 @@ def rlhf_tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("rlhf")
     cfg = tiny_config()
     return cfg, root, prepare(cfg, root, progress=False)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The Ray cluster tests run first. Ray keeps process-wide state after ``ray.shutdown()``: in a test
+    process that had already run a local Ray session (the branch orchestrator's, the engine's), tasks on a
+    later two-node cluster failed to fetch ``ray.put`` arguments from this driver (``OwnerDiedError``,
+    Ray 2.60), while the same tests pass in a fresh process and the local-Ray tests pass after them."""
+    items.sort(key=lambda item: 0 if item.get_closest_marker("ray_cluster") else 1)  # stable: order kept

@@ -30,6 +30,7 @@ from stso_env.config import TrainConfig, apply_overrides
 from stso_env.eval.engine import run_jobs
 from stso_env.proxy.model import ProxyConfig, ProxyEnsemble
 
+pytestmark = pytest.mark.ray_cluster
 RAY = Path(sys.executable).with_name("ray")
 # Ray workers import a task's function by module name; this module's by value, from whatever folder pytest runs in
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
