@@ -593,7 +593,7 @@ def bench_gpu(out: Path, quick: bool = False, device: str = "cuda", peak: float 
     res["fork"] = _fork_latency(_cfg(small, 10_000, **run), 2 if quick else 5)
     print(f"[gpu] snapshot / restore / fork: {res['fork']['snapshot_seconds']:.3f} / "
           f"{res['fork']['restore_seconds']:.3f} / {res['fork']['fork_seconds']:.3f} s")
-    res["checkpoint"] = bench_checkpoint(out, quick=True, overrides=run, write=False)
+    res["checkpoint"] = bench_checkpoint(out, quick=quick, overrides=run, write=False)
     res["targets"] = {"mfu_compiled": 0.45}
     mfu = train["compiled"]["mfu"]
     res["meets_targets"] = {"mfu_compiled": None if mfu is None else mfu >= 0.45}

@@ -17,15 +17,14 @@ from stso_env.envs.gpt2_env import LR_SCALE_LIMITS, NEUTRAL_ACTION, WD_SCALES, G
 
 class _Member:
     """A population member in a Ray actor: the main run's fork, rebuilt there from its constructor arguments
-    and state (:func:`stso_env.branch.env_from_state`), stepped with the driver's torch thread count."""
+    and state (:meth:`GPT2Env.from_state`), stepped with the driver's torch thread count."""
 
     def __init__(self, env_kwargs: dict[str, Any], state: dict[str, Any], episode_steps: int,
                  warned_override: Any, threads: int) -> None:
-        from stso_env.branch import env_from_state
         from stso_env.eval.engine import set_threads
 
         set_threads(threads)
-        self.env = env_from_state(env_kwargs, state)
+        self.env = GPT2Env.from_state(env_kwargs, state)
         self.env.episode_steps = episode_steps
         self.env._warned_override = warned_override
 

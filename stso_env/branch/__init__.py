@@ -5,7 +5,6 @@ from stso_env.branch.orchestrator import (
     BranchConfig,
     BranchDecision,
     BranchOrchestrator,
-    env_from_state,
     real_score,
     rise_start,
     rollout_fork,
@@ -13,5 +12,5 @@ from stso_env.branch.orchestrator import (
     valid_plans,
 )
 
-__all__ = ["NEUTRAL_PLAN", "BranchConfig", "BranchDecision", "BranchOrchestrator", "env_from_state", "real_score",
+__all__ = ["NEUTRAL_PLAN", "BranchConfig", "BranchDecision", "BranchOrchestrator", "real_score",
            "rise_start", "rollout_fork", "valid_actions", "valid_plans"]

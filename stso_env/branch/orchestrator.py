@@ -298,20 +298,10 @@ def rollout_fork(fork: GPT2Env, plan: list[int], env_steps: int, keep_state: boo
     return out
 
 
-def env_from_state(env_kwargs: dict[str, Any], state: dict[str, Any]) -> GPT2Env:
-    """An env rebuilt from another's constructor arguments (``_kwargs``) and a copy of its whole state
-    (``_env_state()``), exactly as ``GPT2Env.fork()`` makes a fork, but in any process (a Ray worker, where
-    arrays of a task's arguments are read-only): no logging."""
-    env = GPT2Env(**dict(env_kwargs, run_dir=None))
-    _ = env.np_random  # materialise the generator so its state can be overwritten
-    env._load_env_state(copy.deepcopy(state))
-    return env
-
-
 def _verify_remote(env_kwargs: dict[str, Any], state: dict[str, Any], plan: list[int],
                    env_steps: int, keep_state: bool = False) -> dict[str, Any]:
     # Ray task body: rebuild the fork from its state in the worker, exactly as GPT2Env.fork() does
-    fork = env_from_state(env_kwargs, state)
+    fork = GPT2Env.from_state(env_kwargs, state)
     try:
         return rollout_fork(fork, plan, env_steps, keep_state)
     finally:

@@ -488,12 +488,19 @@ class GPT2Env(OwnRNG, gym.Env):
         """An independent env in exactly this state (no logging; close it when done)."""
         if self.trainer is None:
             raise RuntimeError("fork() needs a reset env")
-        kwargs = dict(self._kwargs, run_dir=None)
-        child = type(self)(**kwargs)
-        _ = child.np_random  # materialise the generator so its state can be overwritten
-        child._load_env_state(copy.deepcopy(self._env_state()))
+        child = type(self).from_state(self._kwargs, self._env_state())
         child._warned_override = self._warned_override
         return child
+
+    @classmethod
+    def from_state(cls, env_kwargs: dict[str, Any], state: dict[str, Any]) -> GPT2Env:
+        """An env built from another's constructor arguments (``_kwargs``) and a copy of its whole state
+        (``_env_state()``), without logging: what :meth:`fork` makes, in any process (a Ray worker, where the
+        arrays of a task's arguments are read-only, hence the copy)."""
+        env = cls(**dict(env_kwargs, run_dir=None))
+        _ = env.np_random  # materialise the generator so its state can be overwritten
+        env._load_env_state(copy.deepcopy(state))
+        return env
 
     def _snapshot_store(self):
         from stso_env import cp
