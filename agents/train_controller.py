@@ -370,6 +370,17 @@ def write_report(cfg: ControllerTrainConfig, run: Path, parts: dict[str, Any]) -
                   f"- conformal coverage, nominal -> empirical (mean over run-level re-partitions of the "
                   f"held-out runs): {cov}", "",
                   "Full report: `proxy/proxy_report.json`.", ""]
+        fx = p.get("action_effects")
+        if fx:
+            lines += [f"Ranking across {fx['n_states']} held-out states (`stso_env.proxy.effects`): the best single "
+                      f"change is `{fx['modal_best']}` in {fx['modal_best_share']:.0%} of them, "
+                      f"{fx['distinct_best']} distinct best choice(s). At 100 % the proxy ranks interventions the "
+                      "same in every state, and a policy learned in it cannot condition its choice on the state.",
+                      "", "| change | predicted effect on loss@N vs neutral | sd across states | share predicted "
+                      "to help |", "| --- | --- | --- | --- |"]
+            lines += [f"| `{k}` | {v['mean']:+.4f} | {v['sd']:.4f} | {v['share_helps']:.0%} |"
+                      for k, v in fx["per_action"].items()]
+            lines += [""]
     rl = parts["rl"]
     lines += ["## Levers", "", "What this run used to make the policy better than doing nothing:", ""]
     lines += [f"- {name}: **{'on' if on else 'off'}**{': ' + note if note else ''}" for name, on, note in levers(cfg)]

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from stso_env.errors import ConfigError, DataError, STSOError
 from stso_env.proxy.calibration import conformal_bounds, evaluate
 from stso_env.proxy.dataset import ProxyDataset, build_targets
+from stso_env.proxy.effects import action_effects
 from stso_env.proxy.logdb import read_log_db
 from stso_env.proxy.model import ProxyConfig, ProxyEnsemble
 
@@ -139,6 +140,7 @@ def fit_proxy(log_db: Path, out: Path, cfg: ProxyConfig, *, test_seeds: Sequence
         model.fit(parts["train"], parts["valid"], progress=on_epoch)
     fit_s = time.perf_counter() - t0
     report = evaluate(model, parts["calib"], parts["test"])
+    alive = parts["test"].state[parts["test"].diverged_at_n == 0]
     model.save(out)
     conformal_bounds(model, parts["calib"]).save(out)
     report.update({
@@ -148,6 +150,8 @@ def fit_proxy(log_db: Path, out: Path, cfg: ProxyConfig, *, test_seeds: Sequence
         "test_seeds": parts["test_seeds"], "valid_is_calib": parts["valid_is_calib"],
         "epochs_run": len(model.curve), "fit_seconds": round(fit_s, 2),
         "best_valid_loss": min(c["valid_loss"] for c in model.curve),
+        # does the proxy rank interventions differently from state to state (held-out, non-diverged rows)?
+        "action_effects": action_effects(model, alive if len(alive) else parts["test"].state),
     })
     (out / "proxy_report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     return report
@@ -189,6 +193,13 @@ def print_report(report: dict[str, Any], out: Path) -> None:
         f"{k}: {v:.3f}" for k, v in report["coverage_single_split"].items()))
     print("  risk upper-bound coverage: " + "  ".join(f"{k}: {v:.3f}" for k, v in
                                                      report["risk_upper_coverage"].items()))
+    fx = report.get("action_effects")
+    if fx:
+        print(f"  ranking across {fx['n_states']} held-out states: best single change `{fx['modal_best']}` in "
+              f"{fx['modal_best_share']:.0%} of them, {fx['distinct_best']} distinct best choice(s)")
+        print("  predicted effect on loss@N vs neutral (mean, sd across states, share predicted to help): " +
+              "; ".join(f"{k} {v['mean']:+.3f} sd {v['sd']:.3f} {v['share_helps']:.0%}"
+                        for k, v in fx["per_action"].items()))
     print(f"  wrote {out / 'proxy.json'}, {out / 'proxy.safetensors'}, {out / 'proxy_report.json'}")
 
 

@@ -260,3 +260,49 @@ def test_train_proxy_cli_end_to_end(tmp_path):
                           "--out", str(out), "--horizon", "3", "--test-seeds", *map(str, range(1, 40))],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert few.returncode == 2 and "need at least 2" in few.stderr
+
+
+def test_effect_summary_known_answers():
+    from stso_env.proxy.effects import effect_summary
+
+    # a: helps in states 0-1 (-0.1), hurts in 2-3 (+0.1); b: +0.05 everywhere (an additive offset)
+    e = np.array([[-0.1, 0.05], [-0.1, 0.05], [0.1, 0.05], [0.1, 0.05]])
+    out = effect_summary(e, ["a", "b"])
+    assert out["n_states"] == 4
+    assert out["per_action"]["a"] == {"mean": 0.0, "sd": pytest.approx(0.1), "share_helps": 0.5}
+    assert out["per_action"]["b"] == {"mean": pytest.approx(0.05), "sd": pytest.approx(0.0), "share_helps": 0.0}
+    # best: a where it helps, otherwise the neutral action (0 < 0.05 < 0.1)
+    assert out["best"] == {"neutral": 0.5, "a": 0.5}
+    assert out["distinct_best"] == 2 and out["modal_best_share"] == 0.5
+    # one ranking for every state: a purely additive model
+    same = effect_summary(np.array([[0.2, -0.3], [0.2, -0.3], [0.2, -0.3]]), ["a", "b"])
+    assert same["modal_best"] == "b" and same["modal_best_share"] == 1.0 and same["distinct_best"] == 1
+    # a tie with the neutral action goes to it
+    assert effect_summary(np.zeros((2, 1)), ["a"])["best"] == {"neutral": 1.0}
+    with pytest.raises(DataError, match="expected shape"):
+        effect_summary(np.zeros((2, 3)), ["a", "b"])
+    with pytest.raises(DataError, match="NaN"):
+        effect_summary(np.array([[np.nan]]), ["a"])
+
+
+def test_action_effects_depend_on_the_state_where_the_dynamics_do(trained):
+    """In the synthetic dynamics, raising the LR scale g speeds progress while g < 2 and spikes the loss
+    past it: 'up' (action 0 = 2, x1.25) against 'keep' (action 0 = 0) must help at small g and hurt at
+    large g, so the proxy's best choice differs between those states."""
+    from stso_env.proxy.effects import action_effects
+
+    model, parts, _ = trained
+    keep = (0, 0, 0, 0, 0, 0)
+    up = ("up", (2, 0, 0, 0, 0, 0))
+    low, high = (np.zeros((1, len(OBSERVATION_NAMES)), np.float32) for _ in range(2))
+    low[0, :4] = (4.0, np.log(0.6), 0.6, 0.2)    # g 0.6 -> 0.75: faster progress, no spike
+    high[0, :4] = (4.0, np.log(2.2), 2.2, 0.2)   # g 2.2 -> 2.75: a spike now, divergence within the horizon
+    at_low = action_effects(model, low, [up], neutral=keep)
+    at_high = action_effects(model, high, [up], neutral=keep)
+    assert at_low["per_action"]["up"]["mean"] < 0 < at_high["per_action"]["up"]["mean"]
+    both = action_effects(model, np.concatenate([low, high]), [up], neutral=keep)
+    assert both["best"] == {"neutral": 0.5, "up": 0.5} and both["per_action"]["up"]["sd"] > 0
+    # the default candidates are the env's single changes from its neutral action
+    report = action_effects(model, parts["test"].state[:20])
+    assert len(report["per_action"]) == 10 and report["n_states"] == 20
+    assert sum(report["best"].values()) == pytest.approx(1.0)
