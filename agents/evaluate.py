@@ -355,6 +355,10 @@ def make_jobs(suite: Any, out: Path, *, val_windows: int = 64, device: str | Non
               ray_address: str | None = None) -> list[dict[str, Any]]:
     """Every (cell, controller, seed) of ``suite`` as a plain, picklable job dict, costly ones first.
     ``ray_address``: the Ray cluster the controllers that can (branch verification, PBT members) use."""
+    from stso_env.files import content_digest
+
+    # what the proxy and the policy *are*: a proxy retrained into the same folder must not pass as the old one
+    digests = {"proxy_sha256": content_digest(suite.proxy), "policy_sha256": content_digest(suite.policy)}
     jobs = []
     for ci, cell in enumerate(suite.cells):
         res = cell.resolved()
@@ -366,7 +370,7 @@ def make_jobs(suite: Any, out: Path, *, val_windows: int = 64, device: str | Non
                     "decision_interval": suite.decision_interval, "builtin_chars": suite.builtin_chars,
                     "test_tokens": suite.test_tokens, "val_windows": val_windows, "device": device,
                     "settings": suite.settings.get(name, {}),
-                    "proxy": suite.proxy, "policy": suite.policy,
+                    "proxy": suite.proxy, "policy": suite.policy, **digests,
                     "branch_dir": str(out / cell.name / "branches"), "tuning_dir": str(out / "tuning"),
                     "ray_address": ray_address,
                     "_order": (_COST_ORDER.index(name) if name in _COST_ORDER else len(_COST_ORDER), si, ci),
@@ -571,14 +575,17 @@ def _run_path(out: Path, job: dict[str, Any]) -> Path:
 
 def _job_key(job: dict[str, Any]) -> str:
     """What identifies a run's result: paths of outputs and the Ray cluster excluded (a run on Ray equals
-    the in-process one), and the proxy and policy only for the controllers that read them (a baseline's
-    run does not change when the suite's proxy does)."""
+    the in-process one), and the proxy and policy (path and content digest) only for the controllers that
+    read them (a baseline's run does not change when the suite's proxy does). A stored job without the
+    digests (written before runs recorded them) is matched on the paths alone."""
     keep = {k: v for k, v in job.items() if k not in ("branch_dir", "tuning_dir", "ray_address")}
     name = job.get("controller")
     if name not in PROXY_CONTROLLERS + POLICY_CONTROLLERS:
         keep.pop("proxy", None)
+        keep.pop("proxy_sha256", None)
     if name not in POLICY_CONTROLLERS:
         keep.pop("policy", None)
+        keep.pop("policy_sha256", None)
     return json.dumps(keep, sort_keys=True, default=str)
 
 
@@ -597,8 +604,17 @@ def execute(suite: Any, out: Path, args: argparse.Namespace) -> dict[tuple[str, 
                 raise SystemExit(f"error: {out} already holds finished runs (e.g. {path.relative_to(out)}); pass "
                                  "--resume to keep them and run the rest, or choose another --out")
             data = json.loads(path.read_text())
+            stored = data.get("job", {})
             # recomputed from the stored job, so runs kept under an older key rule still match
-            if _job_key(data.get("job", {})) != _job_key(job):
+            current = job if "proxy_sha256" in stored else {k: v for k, v in job.items() if not k.endswith("_sha256")}
+            if _job_key(stored) != _job_key(current):
+                changed = [k for k in ("proxy_sha256", "policy_sha256") if k in stored
+                           and _job_key(stored) == _job_key(dict(current, **{k: stored[k]}))]
+                if changed:
+                    what = changed[0].split("_")[0]
+                    raise SystemExit(f"error: {path} was made with another {what} than {job[what]} holds now (its "
+                                     "contents changed: retrained in place?); delete that controller's runs to "
+                                     "rerun them with it, or choose another --out")
                 raise SystemExit(f"error: {path} was made under other settings than this run's; --resume only "
                                  "continues the same suite (use another --out, or delete the folder)")
             done[str(path)] = data

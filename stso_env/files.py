@@ -1,7 +1,9 @@
-"""Atomic file writes: a crash mid-write never leaves a half-written file that looks complete."""
+"""File helpers: atomic writes (a crash mid-write never leaves a half-written file that looks complete) and
+content digests of artefacts (a run records *what* it read, not only where)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -32,3 +34,26 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def content_digest(path: str | os.PathLike | None) -> str | None:
+    """SHA-256 of a file's bytes, or of a folder's files (relative names and bytes, in sorted order);
+    ``None`` for ``None`` or a path that does not exist. Retraining an artefact in place changes its
+    digest, though not its path."""
+    if path is None:
+        return None
+    root = Path(path)
+    if root.is_file():
+        files = [(root.name, root)]
+    elif root.is_dir():
+        files = sorted((f.relative_to(root).as_posix(), f) for f in root.rglob("*") if f.is_file())
+    else:
+        return None
+    h = hashlib.sha256()
+    for name, f in files:
+        h.update(name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        h.update(b"\0")
+    return h.hexdigest()

@@ -169,3 +169,61 @@ def test_run_identity_ignores_resources_a_controller_does_not_read() -> None:
     for name in ("stso", "policy"):  # these read the proxy (the policy's shield too)
         assert _job_key(dict(base, controller=name)) != _job_key(dict(moved, controller=name))
     assert _job_key(dict(base, controller="stso")) == _job_key(dict(base, controller="stso", policy="other"))
+    # the content digest counts like the path, for the same controllers only
+    retrained = dict(base, proxy_sha256="new")
+    assert _job_key(dict(base, proxy_sha256="old")) == _job_key(retrained)
+    assert _job_key(dict(base, controller="stso", proxy_sha256="old")) != _job_key(dict(retrained, controller="stso"))
+
+
+def test_content_digest_follows_contents_not_paths(tmp_path: Path) -> None:
+    from stso_env.files import content_digest
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        (d / "sub").mkdir(parents=True)
+        (d / "proxy.json").write_text("{}")
+        (d / "sub" / "w.bin").write_bytes(b"\x00\x01")
+    assert content_digest(a) == content_digest(b) and len(content_digest(a)) == 64
+    (b / "sub" / "w.bin").write_bytes(b"\x00\x02")
+    assert content_digest(a) != content_digest(b)
+    (b / "sub" / "w.bin").write_bytes(b"\x00\x01")
+    (b / "sub" / "w.bin").rename(b / "sub" / "v.bin")  # a renamed file is another artefact
+    assert content_digest(a) != content_digest(b)
+    assert content_digest(a / "proxy.json") != content_digest(a)
+    assert content_digest(None) is None and content_digest(tmp_path / "missing") is None
+
+
+def test_resume_refuses_runs_made_with_a_proxy_retrained_in_place(tmp_path: Path) -> None:
+    """A proxy retrained into the same folder keeps its path; --resume must not pass the runs made with the
+    old one off as runs of the new one (baselines, which never read it, stay valid)."""
+    from agents.evaluate import _run_path, execute, make_jobs, parse_args
+
+    path = tmp_path / "mini.yaml"
+    path.write_text(SUITE)
+    proxy = tmp_path / "proxy"
+    proxy.mkdir()
+    (proxy / "proxy.json").write_text('{"fit": 1}')
+    out = tmp_path / "out"
+    args, _ = parse_args(["--suite", str(path), "--resume", "--no-progress", "--out", str(out)])
+
+    def suite_with(controllers: list[str]):
+        suite = load_suite(str(path))
+        suite.controllers, suite.proxy = controllers, str(proxy)
+        return suite
+
+    def store(job: dict, legacy: bool = False) -> None:
+        if legacy:  # a run written before runs recorded digests
+            job = {k: v for k, v in job.items() if not k.endswith("_sha256")}
+        _run_path(out, job).parent.mkdir(parents=True, exist_ok=True)
+        _run_path(out, job).write_text(json.dumps({"job": job, "record": {}, "curve": [], "setup": {}}))
+
+    for job in make_jobs(suite_with(["fixed", "stso"]), out):
+        store(job)
+    assert len(execute(suite_with(["fixed", "stso"]), out, args)) == 2  # every run kept, none to run
+    (proxy / "proxy.json").write_text('{"fit": 2}')  # retrained in place
+    with pytest.raises(SystemExit, match="another proxy than .*retrained in place"):
+        execute(suite_with(["fixed", "stso"]), out, args)
+    assert len(execute(suite_with(["fixed"]), out, args)) == 1  # the baseline never read it
+    for job in make_jobs(suite_with(["stso"]), out):
+        store(job, legacy=True)
+    assert len(execute(suite_with(["fixed", "stso"]), out, args)) == 2  # legacy runs match on the path
