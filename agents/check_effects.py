@@ -1,0 +1,255 @@
+"""Check the proxy's predicted intervention effects against real forked training.
+
+``python -m agents.check_effects --proxy RUN/proxy [--scenarios calm,spiky,attn_logit] [--seeds 2]``
+
+A proxy can fit loss@N well and still rank interventions wrongly; the policy's shield and the
+branch method only need the ranking. This program measures it directly. For every scenario and
+seed, a real STSO-GPT2-v0 run trains under the neutral action; at each of ``--windows`` it forks
+one copy per single change from the neutral action (:data:`stso_env.proxy.effects.DEVIATIONS`)
+plus one neutral copy, and runs each for the proxy's horizon ``N`` windows under the plan the
+proxy scores (the change now, then its settings held: :func:`stso_env.proxy.dataset.hold_continuation`).
+The *real effect* of a change is its probe loss ``N`` windows later minus the neutral copy's;
+the *predicted effect* is the proxy's, from the same state.
+
+Reported (``OUT/effects.json``, ``OUT/report.md``):
+
+* per change: mean real and predicted effect, and the share of fork points where their signs agree;
+* per fork point: the Spearman rank correlation between real and predicted effects, and the real
+  effect of the proxy's best choice against the real best (the regret of acting on the proxy);
+* a fork check: the neutral copy's probe loss equals the main run's ``N`` windows later (forks are
+  exact), so every difference is the intervention's.
+
+Only the probe split is read (what the proxy predicts); seeds default to 300000 and up, apart
+from the collection seeds (0 and up) and the evaluation suites' (100000 and up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from stso_env.errors import ConfigError, STSOError
+
+NEUTRAL = np.array([2, 1, 0, 0, 0, 0], dtype=np.int64)
+
+
+def real_effects(env: Any, candidates: np.ndarray, horizon: int) -> np.ndarray:
+    """Probe loss ``horizon`` windows after forking ``env`` once per candidate plan (first action, then
+    :func:`hold_continuation`); ``inf`` where a fork diverged. Forks are closed."""
+    from stso_env.proxy.dataset import hold_continuation
+
+    out = np.full(len(candidates), np.inf)
+    for i, first in enumerate(candidates):
+        fork = env.fork()
+        try:
+            then = hold_continuation(first)[0]
+            for w in range(horizon):
+                _, _, terminated, truncated, info = fork.step(first if w == 0 else then)
+                if terminated or truncated:
+                    break
+            loss = float(info.get("probe_loss", math.inf))
+            if not terminated and math.isfinite(loss) and w == horizon - 1:
+                out[i] = loss
+        finally:
+            fork.close()
+    return out
+
+
+def point_summary(real: np.ndarray, predicted: np.ndarray) -> dict[str, Any]:
+    """One fork point: effects (candidate minus neutral) real and predicted, their Spearman correlation
+    (``None`` when either is constant or a fork diverged) and the regret of the proxy's best choice."""
+    from scipy.stats import spearmanr
+
+    ok = np.isfinite(real)
+    rho = None
+    if ok.all() and np.ptp(real) > 0 and np.ptp(predicted) > 0:
+        rho = float(spearmanr(real, predicted).statistic)
+    # choices: the neutral action (effect 0) and every change; a diverged fork is the worst choice
+    real_all = np.concatenate([[0.0], np.where(ok, real, np.inf)])
+    pred_all = np.concatenate([[0.0], predicted])
+    chosen = int(np.argmin(pred_all))
+    return {"spearman": rho, "chosen": chosen, "chosen_real_effect": float(real_all[chosen]),
+            "best_real_effect": float(real_all.min()), "regret": float(real_all[chosen] - real_all.min())}
+
+
+def check(proxy_dir: Path, scenarios: Sequence[str], seeds: Sequence[int], windows: Sequence[int], *,
+          episode_steps: int = 600, decision_interval: int = 10, preset: str = "tiny", corpus: str = "builtin",
+          progress: bool = True) -> dict[str, Any]:
+    """Fork real runs at ``windows`` and compare real with predicted effects (see the module docstring)."""
+    import gymnasium as gym
+
+    import stso_env  # noqa: F401  (registers the envs)
+    from stso_env.proxy.dataset import PLAN_NVEC, as_plan
+    from stso_env.proxy.effects import DEVIATIONS
+    from stso_env.proxy.model import ProxyEnsemble
+
+    model = ProxyEnsemble.load(proxy_dir)
+    horizon = int(model.config.horizon)
+    n_windows = episode_steps // decision_interval
+    if max(windows) + horizon > n_windows:
+        raise ConfigError(f"--windows: the last fork point {max(windows)} plus the proxy's horizon {horizon} "
+                          f"passes the run's {n_windows} windows; lower it or raise --episode-steps")
+    names = [name for name, _ in DEVIATIONS]
+    cands = np.asarray([a for _, a in DEVIATIONS], dtype=np.int64)
+    plans = np.concatenate([NEUTRAL[None], cands])
+    scored = as_plan(plans) if tuple(model.nvec) == tuple(PLAN_NVEC) else plans
+    points: list[dict[str, Any]] = []
+    fork_gaps: list[float] = []
+    bar = tqdm(total=len(scenarios) * len(seeds) * len(windows), desc="fork points", unit="point",
+               file=sys.stderr, disable=not progress)
+    for scenario in scenarios:
+        for seed in seeds:
+            env = gym.make("STSO-GPT2-v0", preset=preset, scenario=scenario, corpus=corpus,
+                           decision_interval=decision_interval, episode_steps=episode_steps).unwrapped
+            obs, _ = env.reset(seed=int(seed))
+            pending: dict[int, float] = {}  # window at which the main run's probe loss is compared -> neutral fork's
+            for w in range(max(windows) + horizon):
+                if w in windows:
+                    real = real_effects(env, plans, horizon)
+                    pred = model.predict(np.repeat(obs[None].astype(np.float32), len(plans), axis=0),
+                                         scored)["loss_at_n"].astype(np.float64)
+                    eff_real, eff_pred = real[1:] - real[0], pred[1:] - pred[0]
+                    points.append({"scenario": scenario, "seed": int(seed), "window": int(w),
+                                   "neutral_probe_loss": float(real[0]), "real": eff_real.tolist(),
+                                   "predicted": eff_pred.tolist(), **point_summary(eff_real, eff_pred)})
+                    pending[w + horizon] = float(real[0])
+                    bar.update(1)
+                obs, _, terminated, truncated, info = env.step(NEUTRAL)
+                if w + 1 in pending:
+                    fork_gaps.append(abs(float(info["probe_loss"]) - pending.pop(w + 1)))
+                if terminated or truncated:
+                    break
+            env.close()
+    bar.close()
+    return summarise(points, names, fork_gaps, horizon)
+
+
+def summarise(points: list[dict[str, Any]], names: list[str], fork_gaps: list[float],
+              horizon: int) -> dict[str, Any]:
+    """Per-change and overall figures of :func:`check`'s fork points."""
+    real = np.asarray([p["real"] for p in points], dtype=np.float64)
+    pred = np.asarray([p["predicted"] for p in points], dtype=np.float64)
+    per_change = {}
+    for j, name in enumerate(names):
+        ok = np.isfinite(real[:, j])
+        per_change[name] = {
+            "real_mean": float(real[ok, j].mean()) if ok.any() else None,
+            "predicted_mean": float(pred[:, j].mean()),
+            "sign_agreement": float((np.sign(real[ok, j]) == np.sign(pred[ok, j])).mean()) if ok.any() else None,
+            "diverged": int((~ok).sum())}
+    rhos = [p["spearman"] for p in points if p["spearman"] is not None]
+    by_scenario = {}
+    for sc in dict.fromkeys(p["scenario"] for p in points):
+        sel = [p for p in points if p["scenario"] == sc]
+        r = [p["spearman"] for p in sel if p["spearman"] is not None]
+        by_scenario[sc] = {"points": len(sel), "spearman_mean": float(np.mean(r)) if r else None,
+                           "regret_mean": float(np.mean([p["regret"] for p in sel])),
+                           "chosen_real_effect_mean": float(np.mean([p["chosen_real_effect"] for p in sel])),
+                           "best_real_effect_mean": float(np.mean([p["best_real_effect"] for p in sel]))}
+    return {"horizon": horizon, "changes": names, "points": points, "per_change": per_change,
+            "spearman_mean": float(np.mean(rhos)) if rhos else None, "by_scenario": by_scenario,
+            "regret_mean": float(np.mean([p["regret"] for p in points])) if points else None,
+            "fork_max_abs_gap": float(max(fork_gaps)) if fork_gaps else None}
+
+
+def _f(x: Any, digits: int = 3, sign: bool = False) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+
+
+def write_report(result: dict[str, Any], out: Path, meta: dict[str, Any]) -> Path:
+    """``out/report.md`` from a :func:`check` result."""
+    n = result["horizon"]
+    m = meta.get("machine", {})
+    lines = ["# Proxy effects against real forks", "",
+             f"Command: `{meta['command']}`  ", f"Commit: `{meta.get('commit')}`  ",
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()) + "  ",
+             f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores", "",
+             f"Proxy `{meta['proxy']}` (sha256 `{str(meta.get('proxy_sha256'))[:16]}`, horizon {n} windows); "
+             f"scenarios {', '.join(meta['scenarios'])}; seeds "
+             f"{meta['seeds']}; fork windows {meta['windows']}; {meta['seconds']:.0f} s. Effect = probe loss {n} "
+             "windows after the fork under the change, minus under the neutral action (nats; negative helps).", "",
+             "Fork check: the neutral copy's probe loss differs from the main run's by at most "
+             + ("n/a" if result["fork_max_abs_gap"] is None else f"{result['fork_max_abs_gap']:.3g}") + " nats.", "",
+             "| scenario | fork points | Spearman (real vs predicted effects), mean | real effect of the proxy's "
+             "best choice | real effect of the best choice | regret |", "| --- | --- | --- | --- | --- | --- |"]
+    for sc, s in result["by_scenario"].items():
+        lines.append(f"| `{sc}` | {s['points']} | {_f(s['spearman_mean'], 2, True)} | "
+                     f"{_f(s['chosen_real_effect_mean'], 4, True)} | {_f(s['best_real_effect_mean'], 4, True)} | "
+                     f"{_f(s['regret_mean'], 4)} |")
+    lines += ["", f"All fork points: mean Spearman {_f(result['spearman_mean'], 2, True)}, mean regret "
+                  f"{_f(result['regret_mean'], 4)} nats.", "",
+              "| change | real effect, mean | predicted effect, mean | signs agree | forks diverged |",
+              "| --- | --- | --- | --- | --- |"]
+    for name, c in result["per_change"].items():
+        agree = "n/a" if c["sign_agreement"] is None else f"{c['sign_agreement']:.0%}"
+        lines.append(f"| `{name}` | {_f(c['real_mean'], 4, True)} | {_f(c['predicted_mean'], 4, True)} | {agree} | "
+                     f"{c['diverged']} |")
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m agents.check_effects", description=__doc__.split("\n\n")[0])
+    p.add_argument("--proxy", required=True, help="proxy folder (agents.train_proxy / agents.train_controller)")
+    p.add_argument("--scenarios", default="calm,spiky,attn_logit", help="comma-separated scenarios")
+    p.add_argument("--seeds", type=int, default=2, help="real runs per scenario")
+    p.add_argument("--seed-offset", type=int, default=300_000, help="first seed (apart from collection and suites)")
+    p.add_argument("--windows", default="5,12,20,40", help="comma-separated env steps at which to fork")
+    p.add_argument("--episode-steps", type=int, default=600, help="optimizer steps of a run")
+    p.add_argument("--decision-interval", type=int, default=10, help="optimizer steps per env step")
+    p.add_argument("--preset", default="tiny", help="GPT-2 preset")
+    p.add_argument("--corpus", default="builtin", help="corpus")
+    p.add_argument("--out", default="runs/effects", help="output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        try:
+            windows = sorted({int(w) for w in args.windows.split(",") if w.strip()})
+        except ValueError:
+            raise ConfigError(f"--windows {args.windows!r}: comma-separated integers, e.g. 5,20,40") from None
+        if not windows or windows[0] < 0:
+            raise ConfigError(f"--windows {args.windows!r}: need at least one window >= 0")
+        if args.seeds < 1:
+            raise ConfigError(f"--seeds {args.seeds}: need at least 1")
+        scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+        seeds = [args.seed_offset + i for i in range(args.seeds)]
+        t0 = time.perf_counter()
+        result = check(Path(args.proxy), scenarios, seeds, windows, episode_steps=args.episode_steps,
+                       decision_interval=args.decision_interval, preset=args.preset, corpus=args.corpus,
+                       progress=not args.no_progress)
+        from agents.evaluate import git_commit, machine, versions
+        from stso_env.files import content_digest
+
+        meta = {"proxy": args.proxy, "proxy_sha256": content_digest(args.proxy), "scenarios": scenarios,
+                "seeds": seeds, "windows": windows, "seconds": time.perf_counter() - t0,
+                "command": "python -m agents.check_effects " + " ".join(sys.argv[1:] if argv is None else argv),
+                **git_commit(), "versions": versions(), "machine": machine()}
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        from stso_env.eval.report import write_json_atomic
+
+        write_json_atomic(out / "effects.json", {"meta": meta, **result})
+        report = write_report(result, out, meta)
+    except STSOError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(report.read_text(encoding="utf-8"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
