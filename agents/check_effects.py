@@ -40,23 +40,63 @@ from stso_env.errors import ConfigError, STSOError
 NEUTRAL = np.array([2, 1, 0, 0, 0, 0], dtype=np.int64)
 
 
-def real_effects(env: Any, candidates: np.ndarray, horizon: int) -> np.ndarray:
-    """Probe loss ``horizon`` windows after forking ``env`` once per candidate plan (first action, then
-    :func:`hold_continuation`); ``inf`` where a fork diverged. Forks are closed."""
+def _run(env: Any, actions: Any, windows: int) -> float:
+    """Step ``env`` ``windows`` times (``actions(w)`` gives window ``w``'s action); the last probe loss, or
+    ``inf`` when the run diverged or ended first."""
+    loss = math.inf
+    for w in range(windows):
+        _, _, terminated, truncated, info = env.step(actions(w))
+        loss = float(info.get("probe_loss", math.inf))
+        if terminated or (truncated and w < windows - 1):
+            return math.inf
+    return loss if math.isfinite(loss) else math.inf
+
+
+def cooled_loss(env: Any, windows: int) -> float:
+    """The probe loss after a cooldown of a fork of ``env``: its LR scale falls linearly towards zero
+    over ``windows`` windows under the neutral action. Comparing runs after the same cooldown
+    compares the progress they made, not how far each has already annealed: a lower LR lowers the
+    loss soon and can still end a run higher (short-horizon bias)."""
+    fork = env.fork()
+    try:
+        start = float(fork.trainer.knobs.lr_scale)
+
+        def anneal(w: int) -> np.ndarray:
+            fork.trainer.knobs.lr_scale = start * (1.0 - (w + 1) / (windows + 1))
+            return NEUTRAL
+        return _run(fork, anneal, windows)
+    finally:
+        fork.close()
+
+
+def real_effects(env: Any, candidates: np.ndarray, horizon: int, cooldown: int = 0,
+                 to_end: bool = False) -> dict[str, np.ndarray]:
+    """Real outcomes of forking ``env`` once per candidate plan (first action, then
+    :func:`hold_continuation`), each an array over the candidates (``inf`` where a fork diverged):
+
+    * ``"at_n"``: the probe loss ``horizon`` windows later;
+    * ``"cooled"`` (``cooldown > 0``): the probe loss after a further cooldown (:func:`cooled_loss`);
+    * ``"end"`` (``to_end``): the probe loss at the end of the run, the neutral action after the horizon.
+    """
     from stso_env.proxy.dataset import hold_continuation
 
-    out = np.full(len(candidates), np.inf)
+    out = {"at_n": np.full(len(candidates), np.inf)}
+    if cooldown:
+        out["cooled"] = np.full(len(candidates), np.inf)
+    if to_end:
+        out["end"] = np.full(len(candidates), np.inf)
     for i, first in enumerate(candidates):
         fork = env.fork()
         try:
             then = hold_continuation(first)[0]
-            for w in range(horizon):
-                _, _, terminated, truncated, info = fork.step(first if w == 0 else then)
-                if terminated or truncated:
-                    break
-            loss = float(info.get("probe_loss", math.inf))
-            if not terminated and math.isfinite(loss) and w == horizon - 1:
-                out[i] = loss
+            out["at_n"][i] = _run(fork, lambda w, a=first, b=then: a if w == 0 else b, horizon)
+            if not math.isfinite(out["at_n"][i]):
+                continue
+            if cooldown:
+                out["cooled"][i] = cooled_loss(fork, cooldown)
+            if to_end:
+                left = (fork.episode_steps - fork.trainer.global_step) // fork.decision_interval
+                out["end"][i] = _run(fork, lambda w: NEUTRAL, left) if left > 0 else out["at_n"][i]
         finally:
             fork.close()
     return out
@@ -81,8 +121,11 @@ def point_summary(real: np.ndarray, predicted: np.ndarray) -> dict[str, Any]:
 
 def check(proxy_dir: Path, scenarios: Sequence[str], seeds: Sequence[int], windows: Sequence[int], *,
           episode_steps: int = 600, decision_interval: int = 10, preset: str = "tiny", corpus: str = "builtin",
+          changes: Sequence[str] | None = None, cooldown: int = 0, to_end: bool = False,
           progress: bool = True) -> dict[str, Any]:
-    """Fork real runs at ``windows`` and compare real with predicted effects (see the module docstring)."""
+    """Fork real runs at ``windows`` and compare real with predicted effects (see the module docstring);
+    ``changes``: names from :data:`~stso_env.proxy.effects.DEVIATIONS` (default all); ``cooldown`` and
+    ``to_end``: also the effects after a cooldown and at the end of the run (:func:`real_effects`)."""
     import gymnasium as gym
 
     import stso_env  # noqa: F401  (registers the envs)
@@ -96,8 +139,12 @@ def check(proxy_dir: Path, scenarios: Sequence[str], seeds: Sequence[int], windo
     if max(windows) + horizon > n_windows:
         raise ConfigError(f"--windows: the last fork point {max(windows)} plus the proxy's horizon {horizon} "
                           f"passes the run's {n_windows} windows; lower it or raise --episode-steps")
-    names = [name for name, _ in DEVIATIONS]
-    cands = np.asarray([a for _, a in DEVIATIONS], dtype=np.int64)
+    known = dict(DEVIATIONS)
+    names = list(changes) if changes else list(known)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(f"--changes: {unknown} unknown; choose among {', '.join(known)}")
+    cands = np.asarray([known[n] for n in names], dtype=np.int64)
     plans = np.concatenate([NEUTRAL[None], cands])
     scored = as_plan(plans) if tuple(model.nvec) == tuple(PLAN_NVEC) else plans
     points: list[dict[str, Any]] = []
@@ -112,13 +159,18 @@ def check(proxy_dir: Path, scenarios: Sequence[str], seeds: Sequence[int], windo
             pending: dict[int, float] = {}  # window at which the main run's probe loss is compared -> neutral fork's
             for w in range(max(windows) + horizon):
                 if w in windows:
-                    real = real_effects(env, plans, horizon)
+                    outcomes = real_effects(env, plans, horizon, cooldown, to_end)
+                    real = outcomes["at_n"]
                     pred = model.predict(np.repeat(obs[None].astype(np.float32), len(plans), axis=0),
                                          scored)["loss_at_n"].astype(np.float64)
                     eff_real, eff_pred = real[1:] - real[0], pred[1:] - pred[0]
-                    points.append({"scenario": scenario, "seed": int(seed), "window": int(w),
-                                   "neutral_probe_loss": float(real[0]), "real": eff_real.tolist(),
-                                   "predicted": eff_pred.tolist(), **point_summary(eff_real, eff_pred)})
+                    point = {"scenario": scenario, "seed": int(seed), "window": int(w),
+                             "neutral_probe_loss": float(real[0]), "real": eff_real.tolist(),
+                             "predicted": eff_pred.tolist(), **point_summary(eff_real, eff_pred)}
+                    for key in ("cooled", "end"):
+                        if key in outcomes:
+                            point[f"real_{key}"] = (outcomes[key][1:] - outcomes[key][0]).tolist()
+                    points.append(point)
                     pending[w + horizon] = float(real[0])
                     bar.update(1)
                 obs, _, terminated, truncated, info = env.step(NEUTRAL)
@@ -144,6 +196,18 @@ def summarise(points: list[dict[str, Any]], names: list[str], fork_gaps: list[fl
             "predicted_mean": float(pred[:, j].mean()),
             "sign_agreement": float((np.sign(real[ok, j]) == np.sign(pred[ok, j])).mean()) if ok.any() else None,
             "diverged": int((~ok).sum())}
+        for key in ("cooled", "end"):
+            if points and f"real_{key}" in points[0]:
+                per_change[name][f"{key}_mean"] = _finite_mean([p[f"real_{key}"][j] for p in points])
+        if points and "real_end" in points[0]:
+            end = np.asarray([p["real_end"][j] for p in points])
+            shorter = {"at_n": real[:, j]}
+            if "real_cooled" in points[0]:
+                shorter["cooled"] = np.asarray([p["real_cooled"][j] for p in points])
+            for key, v in shorter.items():
+                both = np.isfinite(v) & np.isfinite(end)
+                per_change[name][f"{key}_sign_as_end"] = (float((np.sign(v[both]) == np.sign(end[both])).mean())
+                                                          if both.any() else None)
     rhos = [p["spearman"] for p in points if p["spearman"] is not None]
     by_scenario = {}
     for sc in dict.fromkeys(p["scenario"] for p in points):
@@ -157,6 +221,11 @@ def summarise(points: list[dict[str, Any]], names: list[str], fork_gaps: list[fl
             "spearman_mean": float(np.mean(rhos)) if rhos else None, "by_scenario": by_scenario,
             "regret_mean": float(np.mean([p["regret"] for p in points])) if points else None,
             "fork_max_abs_gap": float(max(fork_gaps)) if fork_gaps else None}
+
+
+def _finite_mean(values: Sequence[float]) -> float | None:
+    v = np.asarray(values, dtype=np.float64)
+    return float(v[np.isfinite(v)].mean()) if np.isfinite(v).any() else None
 
 
 def _f(x: Any, digits: int = 3, sign: bool = False) -> str:
@@ -193,6 +262,22 @@ def write_report(result: dict[str, Any], out: Path, meta: dict[str, Any]) -> Pat
         agree = "n/a" if c["sign_agreement"] is None else f"{c['sign_agreement']:.0%}"
         lines.append(f"| `{name}` | {_f(c['real_mean'], 4, True)} | {_f(c['predicted_mean'], 4, True)} | {agree} | "
                      f"{c['diverged']} |")
+    first = result["per_change"][result["changes"][0]] if result["changes"] else {}
+    if "end_mean" in first:
+        cooled = "cooled_mean" in first
+        lines += ["", f"Which short measure ranks a change as the end of the run does (real effects, mean over fork "
+                      f"points; the share of fork points where the sign of the short measure is the sign at the "
+                      f"end). Cooldown: {meta.get('cooldown', 0)} windows with the LR scale falling linearly to "
+                      "zero, after the horizon.", "",
+                  "| change | at +N | after cooldown | at the end of the run | sign at +N as at the end | "
+                  "sign after cooldown as at the end |", "| --- | --- | --- | --- | --- | --- |"]
+        for name, c in result["per_change"].items():
+            def share(key: str, c: dict[str, Any] = c) -> str:
+                v = c.get(key)
+                return "n/a" if v is None else f"{v:.0%}"
+            lines.append(f"| `{name}` | {_f(c['real_mean'], 4, True)} | "
+                         f"{_f(c.get('cooled_mean'), 4, True) if cooled else 'n/a'} | {_f(c['end_mean'], 4, True)} | "
+                         f"{share('at_n_sign_as_end')} | {share('cooled_sign_as_end')} |")
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
@@ -205,6 +290,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=2, help="real runs per scenario")
     p.add_argument("--seed-offset", type=int, default=300_000, help="first seed (apart from collection and suites)")
     p.add_argument("--windows", default="5,12,20,40", help="comma-separated env steps at which to fork")
+    p.add_argument("--changes", default=None,
+                   help="comma-separated changes to fork (default: every single change, see stso_env.proxy.effects)")
+    p.add_argument("--cooldown", type=int, default=0,
+                   help="also measure each fork after a cooldown of this many windows (LR scale linearly to zero)")
+    p.add_argument("--to-end", action="store_true",
+                   help="also run each fork to the end of the run under the neutral action (slow): the outcome the "
+                        "short measures stand in for")
     p.add_argument("--episode-steps", type=int, default=600, help="optimizer steps of a run")
     p.add_argument("--decision-interval", type=int, default=10, help="optimizer steps per env step")
     p.add_argument("--preset", default="tiny", help="GPT-2 preset")
@@ -225,17 +317,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"--windows {args.windows!r}: need at least one window >= 0")
         if args.seeds < 1:
             raise ConfigError(f"--seeds {args.seeds}: need at least 1")
+        if args.cooldown < 0:
+            raise ConfigError(f"--cooldown {args.cooldown}: windows, 0 or more")
+        changes = [c.strip() for c in args.changes.split(",") if c.strip()] if args.changes else None
         scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
         seeds = [args.seed_offset + i for i in range(args.seeds)]
         t0 = time.perf_counter()
         result = check(Path(args.proxy), scenarios, seeds, windows, episode_steps=args.episode_steps,
                        decision_interval=args.decision_interval, preset=args.preset, corpus=args.corpus,
-                       progress=not args.no_progress)
+                       changes=changes, cooldown=args.cooldown, to_end=args.to_end, progress=not args.no_progress)
         from agents.evaluate import git_commit, machine, versions
         from stso_env.files import content_digest
 
         meta = {"proxy": args.proxy, "proxy_sha256": content_digest(args.proxy), "scenarios": scenarios,
-                "seeds": seeds, "windows": windows, "seconds": time.perf_counter() - t0,
+                "seeds": seeds, "windows": windows, "cooldown": args.cooldown, "to_end": args.to_end,
+                "seconds": time.perf_counter() - t0,
                 "command": "python -m agents.check_effects " + " ".join(sys.argv[1:] if argv is None else argv),
                 **git_commit(), "versions": versions(), "machine": machine()}
         out = Path(args.out)
