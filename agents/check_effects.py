@@ -35,9 +35,10 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from stso_env.envs.gpt2_env import NEUTRAL_ACTION
 from stso_env.errors import ConfigError, STSOError
 
-NEUTRAL = np.array([2, 1, 0, 0, 0, 0], dtype=np.int64)
+NEUTRAL = np.asarray(NEUTRAL_ACTION, dtype=np.int64)
 
 
 def _run(env: Any, actions: Any, windows: int) -> float:
