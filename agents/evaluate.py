@@ -127,7 +127,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, a
     p.add_argument("--proxy", default=None,
                    help="trained proxy folder for stso / proxy_only / single_trigger (agents.train_proxy)")
     p.add_argument("--settings", default=None,
-                   help="YAML mapping controller name -> constructor settings, e.g. 'pbt: {population: 4}'")
+                   help="controller name -> constructor settings: a YAML file, or inline YAML such as "
+                        "'pbt: {population: 4}'")
     p.add_argument("--out", default=None,
                    help="output folder (default runs/eval__<scenario>__<unix time>, or runs/suites/<name>)")
     p.add_argument("--results-dir", default=None,
@@ -216,15 +217,19 @@ def check_resources(suite: Any, parser: argparse.ArgumentParser) -> None:
 
 
 def load_settings(path: str | None, parser: argparse.ArgumentParser) -> dict[str, dict[str, Any]]:
-    """``--settings`` YAML: a mapping of controller name -> mapping of constructor settings."""
+    """``--settings``: a YAML file, or inline YAML, mapping controller name -> constructor settings."""
     from agents.controllers import CONTROLLERS
 
     if path is None:
         return {}
     import yaml
 
+    inline = not Path(path).is_file()
+    if inline and ":" not in path:
+        parser.error(f"--settings {path}: no such file; give a YAML file or an inline mapping such as "
+                     "'pbt: {population: 4}'")
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = yaml.safe_load(path if inline else Path(path).read_text()) or {}
     except OSError as err:
         parser.error(f"--settings {path}: {err}")
     except yaml.YAMLError as err:

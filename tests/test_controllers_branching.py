@@ -101,6 +101,26 @@ def test_stso_adopts_the_verified_fork_by_default(proxy_dir, tmp_path):
     env.close()
 
 
+def test_stso_replans_the_schedule_to_end_where_the_budget_now_ends(proxy_dir, tmp_path):
+    ctrl = make_controller("stso", settings={"top_k": 2, "n_candidates": 12, "replan_schedule": True},
+                           proxy_dir=proxy_dir, branch_dir=tmp_path)
+    env = gym.make("STSO-GPT2-v0", **ENV)
+    obs, info = env.reset(seed=3)
+    ctrl.reset(env, seed=3, run_name="r")
+    tr = env.unwrapped.trainer
+    assert tr.schedule_end == 60
+    step0 = tr.global_step
+    ctrl.act(obs, dict(info, trigger=True))
+    step_flops = tr.flops_per_token * tr.seq_len * tr.cfg.data.batch_size
+    outside = ctrl.extra_flops / step_flops  # steps of the forks not adopted (2 forks of 10 steps, or fewer)
+    assert 5 <= outside <= 30
+    # the budget is 60 steps; the steps paid outside the kept run come off the schedule's end
+    assert tr.schedule_end == 60 - math.ceil(outside - 1e-9)
+    assert ctrl.replans == [{"global_step": step0 + 10, "from_end": 60, "to_end": tr.schedule_end}]
+    assert ctrl.describe()["replans"] == ctrl.replans
+    env.close()
+
+
 BURST = """name: burst
 description: one 10-step burst of random-token batches at step 60
 lr_scale: 1.0

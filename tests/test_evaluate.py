@@ -183,6 +183,21 @@ def test_cli_errors(args, message, capsys, tmp_path: Path):
     assert not (tmp_path / "out").exists()
 
 
+def test_settings_come_from_a_file_or_inline_yaml(tmp_path: Path, capsys):
+    _, parser = evaluate.parse_args([])
+    f = tmp_path / "s.yaml"
+    f.write_text("pbt: {population: 3}\nstso:\n")
+    assert evaluate.load_settings(str(f), parser) == {"pbt": {"population": 3}, "stso": {}}
+    assert evaluate.load_settings("stso: {top_k: 1, replan_schedule: true}", parser) == {
+        "stso": {"top_k": 1, "replan_schedule": True}}
+    for bad, message in [(str(tmp_path / "missing.yaml"), "no such file; give a YAML file or an inline mapping"),
+                         ("nope: {a: 1}", "unknown controller(s) ['nope']"),
+                         ("stso: 3", "expected a mapping"), ("stso: {top_k: [", "not valid YAML")]:
+        with pytest.raises(SystemExit):
+            evaluate.load_settings(bad, parser)
+        assert message in capsys.readouterr().err
+
+
 @pytest.fixture
 def registered(monkeypatch) -> None:
     """Use the real ``fixed`` / ``zclip`` controllers; only when their module is not there yet, stand in the

@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent('''
 
     mode, out, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     # dropout > 0 exercises the torch RNG; spiky exercises scenario noise; zclip and a reorder
-    # exercise clip-policy and sampler state.
+    # exercise clip-policy and sampler state; a re-planned LR schedule, the scheduler's state.
     cfg = tiny_config(scenario="spiky", model__dropout=0.1, clip__zclip_warmup=5, data__builtin_chars=100_000)
     t = Trainer(cfg)
     t.set_knobs(clip_policy="zclip")
@@ -29,6 +29,8 @@ SCRIPT = textwrap.dedent('''
         for _ in range(k):
             if t.global_step == 7:
                 t.set_knobs(reorder=True, momentum_reset=True, lr_scale=0.9)
+            if t.global_step == 9:  # a re-planned schedule is saved with the state
+                t.replan_schedule(20)
             losses.append(t.train_step().loss)
     if mode == "straight":
         run(2 * n)

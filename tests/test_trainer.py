@@ -51,6 +51,25 @@ def test_lr_schedule_and_knobs(trainer_and_splits):
         t.set_knobs(learning_rate=1.0)
 
 
+def test_replan_schedule_ends_the_cosine_early_and_keeps_the_lr_continuous(trainer_and_splits):
+    _, splits = trainer_and_splits
+    # steps=100, warm-up 10, floor 0.1 of the peak 1e-3
+    t = fresh(splits, scenario="calm", steps=100, optim__warmup_steps=10, optim__lr=1e-3, optim__min_lr_ratio=0.1)
+    lrs = [t.train_step().lr for _ in range(30)]
+    assert t.schedule_end == 100
+    planned = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 20 / 90))  # the factor at step 30
+    t.replan_schedule(50)
+    assert t.schedule_end == 50
+    lrs += [t.train_step().lr for _ in range(30)]
+    assert lrs[30] == pytest.approx(1e-3 * planned, rel=1e-9)  # continuous: step 30 as planned
+    mid = 0.1 + (planned - 0.1) * 0.5 * (1 + math.cos(math.pi * 10 / 20))  # halfway down the new tail
+    assert lrs[40] == pytest.approx(1e-3 * mid, rel=1e-9)
+    assert lrs[50] == pytest.approx(1e-4, rel=1e-9) and lrs[59] == pytest.approx(1e-4, rel=1e-9)  # the floor
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # never rises after the warm-up
+    with pytest.raises(ConfigError, match="must be after the current step 60"):
+        t.replan_schedule(60)
+
+
 def test_skip_batch_changes_nothing_but_data_position(trainer_and_splits):
     _, splits = trainer_and_splits
     t = fresh(splits, scenario="calm")

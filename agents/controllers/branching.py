@@ -28,15 +28,20 @@ Defaults are scaled to tiny runs of a few hundred to a few thousand steps (the g
 full-scale values are Delta = 1000 and M = 50 steps): rollback of at most
 ``max_rollback_steps=50``, ``top_k=3`` forks plus the control arm over the proxy's horizon
 (5 windows = 50 steps at the default decision interval), and ``cooldown_windows=10``, at most
-one decision per 100 steps. Verification is paid from the shared FLOPs budget. With
-``reserve=r > 0`` a share ``r`` of the budget is set aside for it (``main_run_share = 1 - r``)
-and the main run's warm-up + cosine schedule is sized to the rest; with the default
-``reserve=0`` the schedule spans the whole budget and verification makes the run stop early,
-in the cosine tail where the LR is already low.
+one decision per 100 steps. Verification is paid from the shared FLOPs budget, and at this
+scale it is dear: each decision trains ``top_k`` forks of 50 steps that are not kept, a quarter
+of a 600-step run. With ``reserve=r > 0`` a share ``r`` of the budget is set aside for it
+(``main_run_share = 1 - r``) and the main run's warm-up + cosine schedule is sized to the rest.
+With the default ``reserve=0`` the schedule spans the whole budget and verification makes the
+run stop early, wherever the budget runs out: two decisions stop a 600-step run near step 300,
+with the LR still near half its peak. ``replan_schedule=True`` ends the schedule where the
+budget now ends after each decision (:meth:`~stso_env.train.trainer.Trainer.replan_schedule`),
+so the run still anneals fully.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -85,6 +90,9 @@ class BranchController(Controller):
         snapshot_every: env steps between snapshots (rollback needs them).
         reserve: share of the FLOPs budget planned for verification (the main run's schedule gets the rest).
         adopt_fork: continue the run as the best verified fork instead of re-running its plan.
+        replan_schedule: after each decision, end the LR schedule where the budget now ends (the
+            training paid outside the kept run shortens it), so the run anneals fully instead of
+            stopping mid-schedule.
         use_ray: verify the plans in parallel as Ray tasks (a local two-CPU Ray, or ``ray_address``).
         ray_address: a running Ray cluster (``host:port`` of its head) to verify on; implies ``use_ray``
             (``agents.evaluate --ray-address`` passes it).
@@ -97,8 +105,8 @@ class BranchController(Controller):
                  top_k: int = 3, rollback: bool = True, max_rollback_steps: int = 50, alpha: float = 1.0,
                  beta: float = 0.5, gamma: float = 0.1, k_std: float = 1.0, control_arm: bool = True,
                  band_check: bool = True, cooldown_windows: int = 10, snapshot_every: int = 1,
-                 reserve: float = 0.0, adopt_fork: bool = True, use_ray: bool = False,
-                 ray_address: str | None = None) -> None:
+                 reserve: float = 0.0, adopt_fork: bool = True, replan_schedule: bool = False,
+                 use_ray: bool = False, ray_address: str | None = None) -> None:
         super().__init__()
         if cooldown_windows < 0 or snapshot_every < 1:
             raise ValueError(f"cooldown_windows={cooldown_windows} must be >= 0 and snapshot_every={snapshot_every} "
@@ -121,6 +129,8 @@ class BranchController(Controller):
         self.orchestrator = _TimedOrchestrator(self.config, self.proxy, self.bounds)
         self.cooldown_windows = cooldown_windows
         self.snapshot_every = snapshot_every
+        self.replan_schedule = bool(replan_schedule) and self.verify
+        self.replans: list[dict[str, int]] = []
         self._held: list[int] | None = None
         self._hold_left = 0
         self._persistent = list(NEUTRAL_ACTION)
@@ -135,6 +145,7 @@ class BranchController(Controller):
         self._persistent = list(NEUTRAL_ACTION)
         self._since = 10**9
         self._windows = 0
+        self.replans = []
         if self.config.rollback:
             # keep enough snapshots to reach max_rollback_steps back (the store is made at the first snapshot)
             windows = -(-self.config.max_rollback_steps // (self.base.decision_interval * self.snapshot_every))
@@ -168,12 +179,28 @@ class BranchController(Controller):
             # found better); the LR change and one-shots do not
             self._persistent = [NEUTRAL_ACTION[0], cont[1], cont[2], 0, 0, 0]
             self.record("branch", plan, decision.reason + f" [decision took {time.perf_counter() - t0:.2f}s]")
+            if self.replan_schedule:
+                self._replan()
             if decision.adopted:  # the whole plan has already run in the adopted fork
                 return np.asarray(self._persistent, dtype=np.int64)
             if self.verify:  # run the plan: its first window now, its continuation for the rest
                 self._held, self._hold_left = cont, decision.horizon - 1
             return np.asarray(first, dtype=np.int64)
         return np.asarray(self._persistent, dtype=np.int64)
+
+    def _replan(self) -> None:
+        # The budget pays for every step trained outside the kept run (forks not adopted, rolled-back
+        # steps), so the run has that many fewer steps left: end the LR schedule where the budget ends,
+        # instead of stopping mid-schedule with the LR still high.
+        tr = self.base.trainer
+        step_flops = float(tr.flops_per_token * tr.seq_len * tr.cfg.data.batch_size)
+        budget_steps = round(self.base.episode_steps / self.main_run_share)
+        end = budget_steps - math.ceil(self.extra_flops / step_flops)
+        end = max(end, tr.global_step + 1)
+        if end < tr.schedule_end:
+            self.replans.append({"global_step": int(tr.global_step), "from_end": int(tr.schedule_end),
+                                 "to_end": int(end)})
+            tr.replan_schedule(end)
 
     def describe(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -182,7 +209,8 @@ class BranchController(Controller):
         return {**super().describe(), "proxy_dir": str(self.proxy_dir), "branch": asdict(self.config),
                 "horizon_env_steps": orch.horizon, "plans": orch.plans,
                 "cooldown_windows": self.cooldown_windows, "snapshot_every": self.snapshot_every,
-                "reserve": self.reserve, "trigger": "uncertainty index (combined)",
+                "reserve": self.reserve, "replan_schedule": self.replan_schedule, "replans": self.replans,
+                "trigger": "uncertainty index (combined)",
                 "conformal_bounds": self.bounds is not None,
                 "calibration_check": {"checked": orch.checked, "rejected": orch.rejected,
                                       "rejection_rate": orch.rejection_rate, "band_scale": orch.band_scale}}

@@ -114,13 +114,40 @@ class WarmupCosine:
 
     def __init__(self, warmup: int, total: int, min_ratio: float) -> None:
         self.warmup, self.total, self.min_ratio = int(warmup), int(total), float(min_ratio)
+        # a re-planned tail (see replan): from step tail_start, cosine from tail_from down to min_ratio
+        # at tail_end; None: the planned schedule throughout
+        self.tail_start: int | None = None
+        self.tail_from = 1.0
+        self.tail_end: int | None = None
 
-    def __call__(self, step: int) -> float:
+    def planned(self, step: int) -> float:
+        """The factor of the schedule as first planned (no re-planned tail)."""
         if self.warmup and step < self.warmup:
             return (step + 1) / self.warmup
         span = max(1, self.total - self.warmup)
         t = min(1.0, (step - self.warmup) / span)
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    def __call__(self, step: int) -> float:
+        if self.tail_start is None or self.tail_end is None or step < self.tail_start:
+            return self.planned(step)
+        t = min(1.0, (step - self.tail_start) / max(1, self.tail_end - self.tail_start))
+        return self.min_ratio + (self.tail_from - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    def replan(self, step: int, end: int) -> None:
+        """End the schedule at ``end`` instead: from ``step`` on, a cosine from the factor at ``step``
+        down to ``min_ratio`` at ``end``. The LR stays continuous, and a run whose budget shrank
+        (training spent outside it) still anneals fully before the budget runs out."""
+        step, end = int(step), int(end)
+        if end <= step:
+            raise ValueError(f"replan: end {end} must come after step {step}")
+        self.tail_from = float(self(step))
+        self.tail_start, self.tail_end = step, end
+
+    @property
+    def end(self) -> int:
+        """The step at which the factor reaches ``min_ratio``."""
+        return self.total if self.tail_end is None else self.tail_end
 
 
 _SPLITS_CACHE: dict[tuple, TokenSplits] = {}
@@ -300,6 +327,22 @@ class Trainer:
                 raise ConfigError(f"knobs.{k}: unknown knob; allowed: {', '.join(asdict(self.knobs))}")
             setattr(self.knobs, k, v)
         self.knobs.validate()
+
+    @property
+    def schedule_end(self) -> int:
+        """The step at which the LR schedule reaches its floor (``decay_steps`` or ``steps`` unless re-planned)."""
+        return self.scheduler.lr_lambdas[0].end
+
+    def replan_schedule(self, end: int) -> None:
+        """Make the LR schedule reach its floor at step ``end`` (a cosine from the current LR factor,
+        so the LR stays continuous). For a run whose budget shrinks while it trains, e.g. when a
+        controller pays for forked training from it: without this the run stops wherever the budget
+        runs out, with its LR still high. ``end`` must lie after the current step."""
+        end = int(end)
+        if end <= self.global_step:
+            raise ConfigError(f"replan_schedule: end {end} must be after the current step {self.global_step}")
+        for fn in self.scheduler.lr_lambdas:
+            fn.replan(self.global_step, end)
 
     # ------------------------------------------------------------------ data
 
