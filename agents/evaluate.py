@@ -200,7 +200,7 @@ def setting_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
 
 
 def check_resources(suite: Any, parser: argparse.ArgumentParser) -> None:
-    need_proxy = [n for n in suite.controllers if n in PROXY_CONTROLLERS]
+    need_proxy = [n for n in suite.controllers if suite.controller_of(n) in PROXY_CONTROLLERS]
     if need_proxy and suite.proxy is None:
         parser.error(f"--proxy DIR is required for {', '.join(need_proxy)}: train one with "
                      "`python -m agents.collect ...` then `python -m agents.train_proxy --log-db RUN/log_db.parquet "
@@ -208,7 +208,7 @@ def check_resources(suite: Any, parser: argparse.ArgumentParser) -> None:
     if need_proxy and not Path(suite.proxy).is_dir():
         parser.error(f"--proxy {suite.proxy}: not a folder (expected proxy.json + proxy.safetensors from "
                      "agents.train_proxy or agents.train_controller)")
-    need_policy = [n for n in suite.controllers if n in POLICY_CONTROLLERS]
+    need_policy = [n for n in suite.controllers if suite.controller_of(n) in POLICY_CONTROLLERS]
     if need_policy and suite.policy is None:
         parser.error("--policy PATH is required for the 'policy' controller: train one with "
                      "`python -m agents.train_controller` (it writes policy.zip)")
@@ -368,17 +368,20 @@ def make_jobs(suite: Any, out: Path, *, val_windows: int = 64, device: str | Non
     for ci, cell in enumerate(suite.cells):
         res = cell.resolved()
         for name in suite.controllers:
+            cls = suite.controller_of(name)
+            # a variant's job names its controller (other jobs keep the keys their stored runs have)
+            variant = {"variant_of": cls} if cls != name else {}
             for si, seed in enumerate(suite.seed_list):
                 jobs.append({
                     "cell": cell.name, "scenario": res.scenario, "corpus": res.corpus, "tokenizer": res.tokenizer,
                     "controller": name, "seed": seed, "preset": suite.preset, "steps": suite.steps,
                     "decision_interval": suite.decision_interval, "builtin_chars": suite.builtin_chars,
                     "test_tokens": suite.test_tokens, "val_windows": val_windows, "device": device,
-                    "settings": suite.settings.get(name, {}),
+                    "settings": suite.settings_of(name), **variant,
                     "proxy": suite.proxy, "policy": suite.policy, **digests,
                     "branch_dir": str(out / cell.name / "branches"), "tuning_dir": str(out / "tuning"),
                     "ray_address": ray_address,
-                    "_order": (_COST_ORDER.index(name) if name in _COST_ORDER else len(_COST_ORDER), si, ci),
+                    "_order": (_COST_ORDER.index(cls) if cls in _COST_ORDER else len(_COST_ORDER), si, ci),
                 })
     jobs.sort(key=lambda j: j["_order"])
     for j in jobs:
@@ -408,7 +411,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     config = apply_overrides(TrainConfig(), overrides)
     name, seed = job["controller"], int(job["seed"])
     try:
-        ctrl = make_controller(name, settings=job["settings"], proxy_dir=job["proxy"], policy_path=job["policy"],
+        ctrl = make_controller(job.get("variant_of", name), settings=job["settings"], proxy_dir=job["proxy"],
+                               policy_path=job["policy"],
                                branch_dir=Path(job["branch_dir"]), tuning_dir=Path(job["tuning_dir"]),
                                ray_address=job.get("ray_address"))
     except ValueError as err:  # unknown or invalid settings
@@ -545,14 +549,14 @@ def headroom(controllers: dict[str, Any]) -> dict[str, Any]:
                      f"events by >= {HEADROOM_EVENTS:.0%}, each with a paired t-test p < 0.05 over the seeds")}
 
 
-def criteria(compared: dict[str, Any]) -> list[dict[str, Any]]:
+def criteria(compared: dict[str, Any], variants: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """The success criteria of each evaluated method of :data:`stso_env.eval.stats.METHODS` (of ``stso``
     with a note when none was evaluated); a method's best baseline is never one of
-    :data:`stso_env.eval.stats.OURS`."""
-    from stso_env.eval.stats import METHODS, OURS, success_criteria
+    :data:`stso_env.eval.stats.OURS`, nor a suite variant (label -> controller) of one of them."""
+    from stso_env.eval.stats import METHODS, ours, success_criteria
 
     methods = [m for m in METHODS if m in compared] or [METHODS[0]]
-    return [success_criteria(compared, m, REFERENCE, exclude=OURS) for m in methods]
+    return [success_criteria(compared, m, REFERENCE, exclude=ours(variants)) for m in methods]
 
 
 def build_results(settings: dict[str, Any], names: list[str], seeds_done: dict[str, list[dict[str, Any]]],
@@ -567,7 +571,7 @@ def build_results(settings: dict[str, Any], names: list[str], seeds_done: dict[s
     results: dict[str, Any] = {"complete": complete, "settings": settings, "controllers": controllers,
                                "comparison": compare_to_reference(compared, REFERENCE),
                                "tests": reference_tests(compared, REFERENCE), "headroom": headroom(controllers),
-                               "criteria": criteria(compared), "curves": "curves.json"}
+                               "criteria": criteria(compared, settings.get("variants")), "curves": "curves.json"}
     if REFERENCE not in controllers:
         results["tests_note"] = (f"no tests: the fixed schedule ({REFERENCE!r}) is not among the evaluated "
                                  "controllers; add it to --controllers")
@@ -584,7 +588,7 @@ def _job_key(job: dict[str, Any]) -> str:
     read them (a baseline's run does not change when the suite's proxy does). A stored job without the
     digests (written before runs recorded them) is matched on the paths alone."""
     keep = {k: v for k, v in job.items() if k not in ("branch_dir", "tuning_dir", "ray_address")}
-    name = job.get("controller")
+    name = job.get("variant_of", job.get("controller"))
     if name not in PROXY_CONTROLLERS + POLICY_CONTROLLERS:
         keep.pop("proxy", None)
         keep.pop("proxy_sha256", None)
@@ -680,7 +684,7 @@ def cell_outputs(suite: Any, cell: Any, grouped: dict[tuple[str, str], list[dict
 def prepare_artefacts(suite: Any, out: Path, progress: bool) -> None:
     """Train the proxy and policy a suite needs (``agents.train_controller`` with its defaults, whose
     collection and evaluation seeds never meet the suite's) unless the suite names them."""
-    need = [n for n in suite.controllers if n in PROXY_CONTROLLERS + POLICY_CONTROLLERS]
+    need = [n for n in suite.controllers if suite.controller_of(n) in PROXY_CONTROLLERS + POLICY_CONTROLLERS]
     if not need or (suite.proxy is not None and suite.policy is not None):
         return
     runs_dir = out / "prepare"
@@ -755,13 +759,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     base_settings = {
         "preset": suite.preset, "steps": suite.steps, "decision_interval": suite.decision_interval,
-        "seeds": suite.seeds, "controller_settings": {n: suite.settings.get(n, {}) for n in suite.controllers},
+        "seeds": suite.seeds, "controller_settings": {n: suite.settings_of(n) for n in suite.controllers},
         "test_tokens": suite.test_tokens, "val_windows": args.val_windows, "out": str(out),
         "accounting": ("budget = nominal FLOPs of a full --steps run; total = main-run FLOPs on the kept trajectory "
                        "+ FLOPs outside it; wasted = recovery FLOPs of the final model's lineage + FLOPs outside the "
                        "main run; events on that lineage; see agents/evaluate.py"),
         "versions": versions(),
     }
+    if suite.variants:
+        base_settings["variants"] = {n: suite.controller_of(n) for n in suite.variants}
     if args.suite is None:
         cell = suite.cells[0]
         results = cell_outputs(suite, cell, grouped, out, base_settings)

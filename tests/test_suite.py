@@ -68,6 +68,40 @@ def test_load_suite_is_strict(tmp_path: Path) -> None:
         load_suite("no-such-suite")
 
 
+def test_variants_run_a_controller_again_under_other_settings(tmp_path: Path) -> None:
+    from stso_env.eval.stats import ours
+
+    path = tmp_path / "variants.yaml"
+    path.write_text(SUITE.replace("seeds: 2", "seeds: 1").replace("[fixed, zclip]", "[fixed, hd, hd_fast]")
+                    + "variants:\n  hd_fast: {controller: hd, settings: {beta: 0.001}}\n")
+    suite = load_suite(str(path), tuple(CONTROLLERS))
+    assert suite.controller_of("hd_fast") == "hd" and suite.settings_of("hd_fast") == {"beta": 0.001}
+    assert suite.controller_of("hd") == "hd" and suite.settings_of("hd") == {}
+    out = tmp_path / "out"
+    evaluate_main(["--suite", str(path), "--threads", "1", "--no-progress", "--engine", "serial", "--out", str(out),
+                   "--results-dir", str(tmp_path / "res")])
+    runs = {p.stem: json.loads(p.read_text()) for p in (out / "runs" / "calm__builtin").glob("*.json")}
+    assert set(runs) == {"fixed__seed100000", "hd__seed100000", "hd_fast__seed100000"}
+    fast, plain = runs["hd_fast__seed100000"], runs["hd__seed100000"]
+    assert fast["job"]["variant_of"] == "hd" and fast["job"]["settings"] == {"beta": 0.001}
+    assert "variant_of" not in plain["job"]  # other jobs keep the keys stored runs were made with
+    assert fast["setup"]["describe"]["name"] == "hd" and fast["setup"]["describe"]["beta"] == 0.001
+    assert fast["record"]["final_test_ppl"] != plain["record"]["final_test_ppl"]  # the setting took effect
+    res = json.loads((tmp_path / "res" / "results.json").read_text())
+    assert res["settings"]["variants"] == {"hd_fast": {"controller": "hd", "settings": {"beta": 0.001}}}
+    assert json.loads((out / "calm__builtin" / "results.json").read_text())["settings"]["variants"] == {
+        "hd_fast": "hd"}
+    # a variant of one of STSO's own controllers is never a baseline
+    assert "stso_k1" in ours({"stso_k1": "stso", "hd_fast": "hd"}) and "hd_fast" not in ours({"hd_fast": "hd"})
+    for variants, message in [("  hd: {controller: hd}", "the label is a controller's name"),
+                              ("  hd_fast: {controller: hdd}", "unknown controller 'hdd'"),
+                              ("  hd_slow: {controller: hd}", "not listed in controllers"),
+                              ("  hd_fast: {settings: {beta: 1}}", "expected {controller: NAME")]:
+        path.write_text(SUITE.replace("[fixed, zclip]", "[fixed, hd, hd_fast]") + "variants:\n" + variants + "\n")
+        with pytest.raises(ConfigError, match=message):
+            load_suite(str(path), tuple(CONTROLLERS))
+
+
 def test_core_suite_covers_what_it_claims() -> None:
     core = load_suite("core", tuple(CONTROLLERS))
     builtin = {c.scenario for c in core.cells if c.corpus == "builtin"}

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from stso_env.eval.report import _table, comparison_section, fmt, fmt_pct, fmt_summary, write_json_atomic
-from stso_env.eval.stats import COMPARE_METRICS, METRICS, OURS
+from stso_env.eval.stats import COMPARE_METRICS, METRICS, ours
 from stso_env.files import write_text_atomic
 
 REFERENCE = "fixed"
@@ -79,7 +79,7 @@ def _mean(cell: Mapping[str, Any], name: str, metric: str) -> float | None:
     return None if c is None else c["summary"][metric]["mean"]
 
 
-def suite_summary(cells: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+def suite_summary(cells: Mapping[str, Mapping[str, Any]], variants: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Per cell: headroom and the controllers significantly better / worse than ``fixed`` (Holm-corrected
     paired t) per compared metric; across cells: mean rank of each controller by mean test perplexity and
     by mean model events (1 = best; the oracle is left out)."""
@@ -100,7 +100,7 @@ def suite_summary(cells: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
                 ranks[metric].setdefault(n, []).append(pos)
     mean_rank = {m: {n: float(np.mean(r)) for n, r in sorted(v.items(), key=lambda kv: np.mean(kv[1]))}
                  for m, v in ranks.items()}
-    return {"cells": per_cell, "mean_rank": mean_rank, "criteria": criteria_summary(cells, mean_rank)}
+    return {"cells": per_cell, "mean_rank": mean_rank, "criteria": criteria_summary(cells, mean_rank, variants)}
 
 
 def _criteria_blocks(cell: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -116,14 +116,15 @@ def _significantly_higher(m2: Mapping[str, Any]) -> bool:
                 and m2["p"] < m2["alpha"])
 
 
-def criteria_summary(cells: Mapping[str, Mapping[str, Any]],
-                     mean_rank: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
+def criteria_summary(cells: Mapping[str, Mapping[str, Any]], mean_rank: Mapping[str, Mapping[str, float]],
+                     variants: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The research guide's success criteria per method across the suite.
 
     Per stress cell (every scenario but ``calm``): M1 and M2 against ``fixed``; on ``calm``: no significant
     harm (test perplexity not higher with paired p < 0.05); in every cell: not significantly worse than the
     cell's best single baseline (same test). Across cells: the method's mean rank by test perplexity against
-    the best mean rank of any baseline (STSO's own controllers and the oracle left out).
+    the best mean rank of any baseline (STSO's own controllers, their suite ``variants`` (label -> controller)
+    and the oracle left out).
     """
     out: dict[str, Any] = {}
     methods = [b["method"] for c in cells.values() for b in _criteria_blocks(c) if b.get("against_reference")]
@@ -146,7 +147,7 @@ def criteria_summary(cells: Mapping[str, Mapping[str, Any]],
             if not is_calm:
                 stress.append(cname)
         ranks = mean_rank.get("final_test_ppl", {})
-        baselines = {n: r for n, r in ranks.items() if n not in (method, *OURS)}
+        baselines = {n: r for n, r in ranks.items() if n not in (method, *ours(variants))}
         best_rank = min(baselines.items(), key=lambda kv: kv[1]) if baselines else None
         calm = [n for n, r in rows.items() if r["calm"]]
         out[method] = {
@@ -401,8 +402,9 @@ def publish_suite(suite: Any, cells_full: Mapping[str, Mapping[str, Any]], meta:
 
     results_dir = Path(results_dir)
     cells = {n: _compact_cell(r) for n, r in cells_full.items()}
+    variants = {n: suite.controller_of(n) for n in suite.variants}
     results = {"suite": suite.name, "meta": dict(meta), "settings": to_dict(suite), "cells": cells,
-               "summary": suite_summary(cells), "compare_metrics": list(COMPARE_METRICS)}
+               "summary": suite_summary(cells, variants), "compare_metrics": list(COMPARE_METRICS)}
     fig_dir = results_dir / "figures"
     headroom_figure(cells, fig_dir / "headroom.png")
     comparison_heatmap(cells, fig_dir / "test_ppl_vs_fixed.png", "final_test_ppl")

@@ -445,6 +445,11 @@ METHODS = ("stso", "policy")
 OURS = ("stso", "rule", "proxy_only", "single_trigger", "policy")
 
 
+def ours(variants: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """:data:`OURS` and the labels of suite variants (label -> controller) of one of them."""
+    return OURS + tuple(label for label, ctrl in (variants or {}).items() if ctrl in OURS)
+
+
 def best_baseline(controllers: Mapping[str, Mapping[str, Any]], exclude: Iterable[str]) -> str | None:
     """The controller outside ``exclude`` with the lowest mean ``final_test_ppl`` (None if there is none)."""
     skip = set(exclude)

@@ -15,7 +15,9 @@ Example::
     decision_interval: 10
     seeds: 2
     seed_offset: 100000
-    controllers: [fixed, zclip]
+    controllers: [fixed, pbt, pbt_pair]
+    variants:  # a controller again under other settings, reported under its own label
+      pbt_pair: {controller: pbt, settings: {population: 2}}
     cells:
       - {scenario: calm, corpus: builtin}
       - {scenario: spiky, corpus: ../shared/data/wikitext-2}
@@ -83,6 +85,8 @@ class SuiteConfig:
                            "agents.train_controller into the suite's run folder)")
     policy: str | None = _f(None, "policy.zip for 'policy' (None: prepared like the proxy)")
     settings: dict[str, Any] = _f({}, "controller name -> constructor settings")
+    variants: dict[str, Any] = _f({}, "label -> {controller: NAME, settings: {...}}: a controller run again under "
+                                  "other settings, listed in controllers and reported under its label")
     cells: list[CellConfig] = field(default_factory=list, metadata={"help": "scenario x corpus cells"})
     readme: bool = _f(False, "the README's result tables are generated from this suite")
     report_copy: str | None = _f(None, "also write the report to this path (from the repository root)")
@@ -90,6 +94,15 @@ class SuiteConfig:
     @property
     def seed_list(self) -> list[int]:
         return [self.seed_offset + i for i in range(self.seeds)]
+
+    def controller_of(self, name: str) -> str:
+        """The registry controller behind ``name`` (a variant's controller, else ``name`` itself)."""
+        return self.variants[name]["controller"] if name in self.variants else name
+
+    def settings_of(self, name: str) -> dict[str, Any]:
+        """The constructor settings ``name`` runs under."""
+        return dict(self.variants[name].get("settings") or {}) if name in self.variants else \
+            dict(self.settings.get(name, {}))
 
 
 def available_suites() -> list[str]:
@@ -125,8 +138,24 @@ def load_suite(spec: str, known_controllers: tuple[str, ...] | None = None) -> S
         raise ConfigError(f"{path}: controllers: give at least one controller")
     if len(set(suite.controllers)) != len(suite.controllers):
         raise ConfigError(f"{path}: controllers: a controller is listed twice")
+    for label, v in suite.variants.items():
+        where = f"{path}: variants.{label}"
+        if not isinstance(v, dict) or "controller" not in v or set(v) - {"controller", "settings"}:
+            raise ConfigError(f"{where}: expected {{controller: NAME, settings: {{...}}}}, got {v!r}")
+        if not isinstance(v.get("settings") or {}, dict):
+            raise ConfigError(f"{where}.settings: expected a mapping of constructor settings")
+        if known_controllers is not None and label in known_controllers:
+            raise ConfigError(f"{where}: the label is a controller's name; give the variant a label of its own")
+        if v["controller"] in suite.variants:
+            raise ConfigError(f"{where}.controller: {v['controller']!r} is a variant itself; name a controller")
+        if known_controllers is not None:
+            if v["controller"] not in known_controllers:
+                raise ConfigError(f"{where}.controller: unknown controller {v['controller']!r}; allowed: "
+                                  f"{', '.join(known_controllers)}")
+        if label not in suite.controllers:
+            raise ConfigError(f"{where}: not listed in controllers; add {label} there or drop the variant")
     if known_controllers is not None:
-        unknown = [c for c in suite.controllers if c not in known_controllers]
+        unknown = [c for c in suite.controllers if c not in known_controllers and c not in suite.variants]
         unknown += [c for c in suite.settings if c not in known_controllers]
         if unknown:
             raise ConfigError(f"{path}: controllers/settings: unknown controller(s) {', '.join(unknown)}; allowed: "
