@@ -281,7 +281,8 @@ def criteria_lines(crit: Mapping[str, Mapping[str, Any]]) -> list[str]:
                 verdict = "n/a"
             rows.append([f"`{cname}`", fmt_pct(r["events_change"]), fmt_pct(r["wasted_change"]), m1,
                          f"{fmt_pct(r['ppl_change'])} (p {fmt(r['p'], 2)})", m2, verdict,
-                         f"`{r['best_baseline']}`: {fmt_pct(r['best_ppl_change'])} (p {fmt(r['best_p'], 2)})",
+                         f"`{r['best_baseline']}`: {fmt_pct(r['best_ppl_change'])} (p {fmt(r['best_p'], 2)})"
+                         if r["best_baseline"] else "n/a (no baseline besides the reference)",
                          _yes(r["worse_than_best"])])
         n = len(m["stress_cells"])
         rank = m["mean_rank"]
