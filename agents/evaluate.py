@@ -429,7 +429,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         obs, info = env.reset(seed=seed)
         base = env.unwrapped
         tr = base.trainer
-        budget = float(tr.flops_per_token * tr.seq_len * tr.cfg.data.batch_size * job["steps"])
+        budget = float(tr.step_flops * job["steps"])
         ctrl.reset(env, seed=seed, run_name=f"{name}__seed{seed}")
         exempt = bool(getattr(ctrl, "budget_exempt", False))
         ledger = Ledger(env, ctrl)

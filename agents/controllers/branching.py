@@ -195,9 +195,8 @@ class BranchController(Controller):
         # steps), so the run has that many fewer steps left: end the LR schedule where the budget ends,
         # instead of stopping mid-schedule with the LR still high.
         tr = self.base.trainer
-        step_flops = float(tr.flops_per_token * tr.seq_len * tr.cfg.data.batch_size)
         budget_steps = round(self.base.episode_steps / self.main_run_share)
-        end = budget_steps - math.ceil(self.extra_flops / step_flops)
+        end = budget_steps - math.ceil(self.extra_flops / tr.step_flops)
         end = max(end, tr.global_step + 1)
         if end < tr.schedule_end:
             self.replans.append({"global_step": int(tr.global_step), "from_end": int(tr.schedule_end),

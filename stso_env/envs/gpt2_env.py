@@ -357,7 +357,7 @@ class GPT2Env(OwnRNG, gym.Env):
         events, wasted = int(model["new_event"]), float(model["recovery_flops"])
         obs = mon.observe()
         w = self.reward_weights
-        window_flops = tr.flops_per_token * tr.seq_len * tr.cfg.data.batch_size * self.decision_interval
+        window_flops = tr.step_flops * self.decision_interval
         progress = probe_before - self._probe if math.isfinite(self._probe) else -OBS_LIMIT
         reward = (w.progress * progress - w.instability * events - w.wasted * wasted / window_flops
                   - w.divergence * float(diverged))

@@ -329,6 +329,11 @@ class Trainer:
         self.knobs.validate()
 
     @property
+    def step_flops(self) -> float:
+        """Nominal FLOPs of one optimizer step on the global batch (what budgets are counted in)."""
+        return self.flops_per_token * self.seq_len * self.cfg.data.batch_size
+
+    @property
     def schedule_end(self) -> int:
         """The step at which the LR schedule reaches its floor (``decay_steps`` or ``steps`` unless re-planned)."""
         return self.scheduler.lr_lambdas[0].end
