@@ -767,7 +767,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "versions": versions(),
     }
     if suite.variants:
-        base_settings["variants"] = {n: suite.controller_of(n) for n in suite.variants}
+        base_settings["variants"] = suite.variant_controllers
     if args.suite is None:
         cell = suite.cells[0]
         results = cell_outputs(suite, cell, grouped, out, base_settings)

@@ -403,9 +403,8 @@ def publish_suite(suite: Any, cells_full: Mapping[str, Mapping[str, Any]], meta:
 
     results_dir = Path(results_dir)
     cells = {n: _compact_cell(r) for n, r in cells_full.items()}
-    variants = {n: suite.controller_of(n) for n in suite.variants}
     results = {"suite": suite.name, "meta": dict(meta), "settings": to_dict(suite), "cells": cells,
-               "summary": suite_summary(cells, variants), "compare_metrics": list(COMPARE_METRICS)}
+               "summary": suite_summary(cells, suite.variant_controllers), "compare_metrics": list(COMPARE_METRICS)}
     fig_dir = results_dir / "figures"
     headroom_figure(cells, fig_dir / "headroom.png")
     comparison_heatmap(cells, fig_dir / "test_ppl_vs_fixed.png", "final_test_ppl")

@@ -99,6 +99,11 @@ class SuiteConfig:
         """The registry controller behind ``name`` (a variant's controller, else ``name`` itself)."""
         return self.variants[name]["controller"] if name in self.variants else name
 
+    @property
+    def variant_controllers(self) -> dict[str, str]:
+        """Each variant's label -> its registry controller."""
+        return {label: self.controller_of(label) for label in self.variants}
+
     def settings_of(self, name: str) -> dict[str, Any]:
         """The constructor settings ``name`` runs under."""
         return dict(self.variants[name].get("settings") or {}) if name in self.variants else \
