@@ -17,6 +17,7 @@
 | ``policy``       | a learned policy loaded from ``policy.zip``                             | learned         |
 | ``tuned_fixed``  | the fixed schedule at the best LR of a small sweep (validation split)   | tuned           |
 | ``oracle``       | hindsight oracle: forks every intervention, keeps the best (no budget)  | oracle          |
+| ``scripted``     | a given plan of actions by window, the neutral action elsewhere         | scripted        |
 
 Each method's paper is in ``assets/related_work.md`` under the key its class docstring cites
 (zclip 2025_Kumar_ZClip, arc 2025_Allouah_ARC, spam 2025_Huang_SPAM, hd 2018_Baydin_HD,
@@ -52,6 +53,7 @@ CONTROLLERS: dict[str, tuple[str, str]] = {
     "policy": ("agents.controllers.learned", "LearnedPolicy"),
     "tuned_fixed": ("agents.controllers.tuned", "TunedFixed"),
     "oracle": ("agents.controllers.oracle", "Oracle"),
+    "scripted": ("agents.controllers.scripted", "ScriptedPlan"),
 }
 
 
