@@ -15,6 +15,7 @@ import numpy as np
 
 from agents.controllers.base import Controller
 from stso_env.envs.gpt2_env import ACTION_FIELDS, ACTION_NVEC, NEUTRAL_ACTION
+from stso_env.envs.plumbing import checked_action
 
 
 def parse_plan(plan: Any) -> list[tuple[int, int, tuple[int, ...]]]:
@@ -39,12 +40,13 @@ def parse_plan(plan: Any) -> list[tuple[int, int, tuple[int, ...]]]:
         if not (isinstance(first, int) and isinstance(end, int)) or first < 0 or end <= first:
             raise ValueError(f"{where}: from={entry['from']!r}, to={entry.get('to')!r} must be integers with "
                              "0 <= from < to (windows from .. to - 1)")
-        action = entry["action"]
-        if (not isinstance(action, (list, tuple)) or len(action) != len(ACTION_NVEC)
-                or not all(isinstance(a, int) and 0 <= a < n for a, n in zip(action, ACTION_NVEC))):
-            raise ValueError(f"{where}: action={action!r} must be {len(ACTION_NVEC)} integers, "
-                             + ", ".join(f"{f} in 0..{n - 1}" for f, n in zip(ACTION_FIELDS, ACTION_NVEC)))
-        out.append((first, end, tuple(action)))
+        try:  # the env's own check of an action
+            action = checked_action(entry["action"], ACTION_NVEC, ACTION_FIELDS)
+        except ValueError as err:
+            raise ValueError(f"{where}: action={entry['action']!r} must be {len(ACTION_NVEC)} integers, "
+                             + ", ".join(f"{f} in 0..{n - 1}" for f, n in zip(ACTION_FIELDS, ACTION_NVEC))
+                             + f" ({err})") from err
+        out.append((first, end, tuple(int(a) for a in action)))
     out.sort()
     for (f0, e0, _), (f1, _, _) in zip(out, out[1:]):
         if f1 < e0:
