@@ -19,6 +19,12 @@ Reported (``OUT/effects.json``, ``OUT/report.md``):
 * a fork check: the neutral copy's probe loss equals the main run's ``N`` windows later (forks are
   exact), so every difference is the intervention's.
 
+Short measures against the end of the run (``--to-end``): which one ranks a change as the end of the
+run does. ``--cooldown W`` scores each fork after a further ``W`` windows of LR cooldown (a fork's
+worth of extra training per candidate); ``--ema DECAY`` scores the probe loss of an exponential
+moving average of the weights at ``+N`` (:class:`stso_env.train.weight_average.WeightEMA`, kept
+from the run's first step; no extra training).
+
 Only the probe split is read (what the proxy predicts); seeds default to 300000 and up, apart
 from the collection seeds (0 and up) and the evaluation suites' (100000 and up).
 """
@@ -71,28 +77,37 @@ def cooled_loss(env: Any, windows: int) -> float:
 
 
 def real_effects(env: Any, candidates: np.ndarray, horizon: int, cooldown: int = 0,
-                 to_end: bool = False) -> dict[str, np.ndarray]:
+                 to_end: bool = False, ema: Any = None) -> dict[str, np.ndarray]:
     """Real outcomes of forking ``env`` once per candidate plan (first action, then
     :func:`hold_continuation`), each an array over the candidates (``inf`` where a fork diverged):
 
     * ``"at_n"``: the probe loss ``horizon`` windows later;
     * ``"cooled"`` (``cooldown > 0``): the probe loss after a further cooldown (:func:`cooled_loss`);
-    * ``"end"`` (``to_end``): the probe loss at the end of the run, the neutral action after the horizon.
+    * ``"end"`` (``to_end``): the probe loss at the end of the run, the neutral action after the horizon;
+    * ``"ema"`` (``ema``, the main run's :class:`~stso_env.train.weight_average.WeightEMA`): the probe
+      loss of the averaged weights ``horizon`` windows later, each fork continuing the main run's average.
     """
     from stso_env.proxy.dataset import hold_continuation
+    from stso_env.train.weight_average import WeightEMA
 
     out = {"at_n": np.full(len(candidates), np.inf)}
     if cooldown:
         out["cooled"] = np.full(len(candidates), np.inf)
     if to_end:
         out["end"] = np.full(len(candidates), np.inf)
+    if ema is not None:
+        out["ema"] = np.full(len(candidates), np.inf)
     for i, first in enumerate(candidates):
         fork = env.fork()
         try:
+            fork_ema = None if ema is None else WeightEMA(ema.decay).attach(fork.trainer, start=ema)
             then = hold_continuation(first)[0]
             out["at_n"][i] = _run(fork, lambda w, a=first, b=then: a if w == 0 else b, horizon)
             if not math.isfinite(out["at_n"][i]):
                 continue
+            if fork_ema is not None:
+                out["ema"][i] = fork_ema.probe_loss()
+                fork_ema.detach()
             if cooldown:
                 out["cooled"][i] = cooled_loss(fork, cooldown)
             if to_end:
@@ -123,16 +138,18 @@ def point_summary(real: np.ndarray, predicted: np.ndarray) -> dict[str, Any]:
 def check(proxy_dir: Path, scenarios: Sequence[str], seeds: Sequence[int], windows: Sequence[int], *,
           episode_steps: int = 600, decision_interval: int = 10, preset: str = "tiny", corpus: str = "builtin",
           changes: Sequence[str] | None = None, cooldown: int = 0, to_end: bool = False,
-          progress: bool = True) -> dict[str, Any]:
+          ema_decay: float = 0.0, progress: bool = True) -> dict[str, Any]:
     """Fork real runs at ``windows`` and compare real with predicted effects (see the module docstring);
-    ``changes``: names from :data:`~stso_env.proxy.effects.DEVIATIONS` (default all); ``cooldown`` and
-    ``to_end``: also the effects after a cooldown and at the end of the run (:func:`real_effects`)."""
+    ``changes``: names from :data:`~stso_env.proxy.effects.DEVIATIONS` (default all); ``cooldown``,
+    ``to_end`` and ``ema_decay`` (0: off): also the effects after a cooldown, at the end of the run and
+    on averaged weights (:func:`real_effects`)."""
     import gymnasium as gym
 
     import stso_env  # noqa: F401  (registers the envs)
     from stso_env.proxy.dataset import PLAN_NVEC, as_plan
     from stso_env.proxy.effects import DEVIATIONS
     from stso_env.proxy.model import ProxyEnsemble
+    from stso_env.train.weight_average import WeightEMA
 
     model = ProxyEnsemble.load(proxy_dir)
     horizon = int(model.config.horizon)
@@ -157,10 +174,11 @@ def check(proxy_dir: Path, scenarios: Sequence[str], seeds: Sequence[int], windo
             env = gym.make("STSO-GPT2-v0", preset=preset, scenario=scenario, corpus=corpus,
                            decision_interval=decision_interval, episode_steps=episode_steps).unwrapped
             obs, _ = env.reset(seed=int(seed))
+            ema = WeightEMA(ema_decay).attach(env.trainer) if ema_decay else None
             pending: dict[int, float] = {}  # window at which the main run's probe loss is compared -> neutral fork's
             for w in range(max(windows) + horizon):
                 if w in windows:
-                    outcomes = real_effects(env, plans, horizon, cooldown, to_end)
+                    outcomes = real_effects(env, plans, horizon, cooldown, to_end, ema)
                     real = outcomes["at_n"]
                     pred = model.predict(np.repeat(obs[None].astype(np.float32), len(plans), axis=0),
                                          scored)["loss_at_n"].astype(np.float64)
@@ -168,7 +186,7 @@ def check(proxy_dir: Path, scenarios: Sequence[str], seeds: Sequence[int], windo
                     point = {"scenario": scenario, "seed": int(seed), "window": int(w),
                              "neutral_probe_loss": float(real[0]), "real": eff_real.tolist(),
                              "predicted": eff_pred.tolist(), **point_summary(eff_real, eff_pred)}
-                    for key in ("cooled", "end"):
+                    for key in ("cooled", "end", "ema"):
                         if key in outcomes:
                             point[f"real_{key}"] = (outcomes[key][1:] - outcomes[key][0]).tolist()
                     points.append(point)
@@ -197,14 +215,15 @@ def summarise(points: list[dict[str, Any]], names: list[str], fork_gaps: list[fl
             "predicted_mean": float(pred[:, j].mean()),
             "sign_agreement": float((np.sign(real[ok, j]) == np.sign(pred[ok, j])).mean()) if ok.any() else None,
             "diverged": int((~ok).sum())}
-        for key in ("cooled", "end"):
+        for key in ("cooled", "end", "ema"):
             if points and f"real_{key}" in points[0]:
                 per_change[name][f"{key}_mean"] = _finite_mean([p[f"real_{key}"][j] for p in points])
         if points and "real_end" in points[0]:
             end = np.asarray([p["real_end"][j] for p in points])
             shorter = {"at_n": real[:, j]}
-            if "real_cooled" in points[0]:
-                shorter["cooled"] = np.asarray([p["real_cooled"][j] for p in points])
+            for key in ("cooled", "ema"):
+                if f"real_{key}" in points[0]:
+                    shorter[key] = np.asarray([p[f"real_{key}"][j] for p in points])
             for key, v in shorter.items():
                 both = np.isfinite(v) & np.isfinite(end)
                 per_change[name][f"{key}_sign_as_end"] = (float((np.sign(v[both]) == np.sign(end[both])).mean())
@@ -265,20 +284,23 @@ def write_report(result: dict[str, Any], out: Path, meta: dict[str, Any]) -> Pat
                      f"{c['diverged']} |")
     first = result["per_change"][result["changes"][0]] if result["changes"] else {}
     if "end_mean" in first:
-        cooled = "cooled_mean" in first
+        ema = f"averaged weights (EMA decay {meta['ema']}) at +N" if meta.get("ema") else "averaged weights at +N"
         lines += ["", f"Which short measure ranks a change as the end of the run does (real effects, mean over fork "
                       f"points; the share of fork points where the sign of the short measure is the sign at the "
                       f"end). Cooldown: {meta.get('cooldown', 0)} windows with the LR scale falling linearly to "
-                      "zero, after the horizon.", "",
-                  "| change | at +N | after cooldown | at the end of the run | sign at +N as at the end | "
-                  "sign after cooldown as at the end |", "| --- | --- | --- | --- | --- | --- |"]
+                      "zero, after the horizon" + (f"; {ema}: the probe loss of an exponential moving average of "
+                                                    "the weights, kept from the run's first step"
+                                                    if meta.get("ema") else "") + ".", "",
+                  f"| change | at +N | after cooldown | {ema} | at the end of the run | sign at +N as at the end | "
+                  f"sign after cooldown as at the end | sign of {ema} as at the end |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for name, c in result["per_change"].items():
             def share(key: str, c: dict[str, Any] = c) -> str:
                 v = c.get(key)
                 return "n/a" if v is None else f"{v:.0%}"
-            lines.append(f"| `{name}` | {_f(c['real_mean'], 4, True)} | "
-                         f"{_f(c.get('cooled_mean'), 4, True) if cooled else 'n/a'} | {_f(c['end_mean'], 4, True)} | "
-                         f"{share('at_n_sign_as_end')} | {share('cooled_sign_as_end')} |")
+            lines.append(f"| `{name}` | {_f(c['real_mean'], 4, True)} | {_f(c.get('cooled_mean'), 4, True)} | "
+                         f"{_f(c.get('ema_mean'), 4, True)} | {_f(c['end_mean'], 4, True)} | "
+                         f"{share('at_n_sign_as_end')} | {share('cooled_sign_as_end')} | {share('ema_sign_as_end')} |")
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
@@ -295,6 +317,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="comma-separated changes to fork (default: every single change, see stso_env.proxy.effects)")
     p.add_argument("--cooldown", type=int, default=0,
                    help="also measure each fork after a cooldown of this many windows (LR scale linearly to zero)")
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="also measure each fork's probe loss on an exponential moving average of the weights at +N, "
+                        "with this decay per optimizer step (e.g. 0.98; 0: off)")
     p.add_argument("--to-end", action="store_true",
                    help="also run each fork to the end of the run under the neutral action (slow): the outcome the "
                         "short measures stand in for")
@@ -320,18 +345,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"--seeds {args.seeds}: need at least 1")
         if args.cooldown < 0:
             raise ConfigError(f"--cooldown {args.cooldown}: windows, 0 or more")
+        if not (args.ema == 0 or 0 < args.ema < 1):
+            raise ConfigError(f"--ema {args.ema}: a decay per optimizer step in (0, 1), e.g. 0.98; 0 turns it off")
         changes = [c.strip() for c in args.changes.split(",") if c.strip()] if args.changes else None
         scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
         seeds = [args.seed_offset + i for i in range(args.seeds)]
         t0 = time.perf_counter()
         result = check(Path(args.proxy), scenarios, seeds, windows, episode_steps=args.episode_steps,
                        decision_interval=args.decision_interval, preset=args.preset, corpus=args.corpus,
-                       changes=changes, cooldown=args.cooldown, to_end=args.to_end, progress=not args.no_progress)
+                       changes=changes, cooldown=args.cooldown, to_end=args.to_end, ema_decay=args.ema,
+                       progress=not args.no_progress)
         from agents.evaluate import git_commit, machine, versions
         from stso_env.files import content_digest
 
         meta = {"proxy": args.proxy, "proxy_sha256": content_digest(args.proxy), "scenarios": scenarios,
                 "seeds": seeds, "windows": windows, "cooldown": args.cooldown, "to_end": args.to_end,
+                "ema": args.ema,
                 "seconds": time.perf_counter() - t0,
                 "command": "python -m agents.check_effects " + " ".join(sys.argv[1:] if argv is None else argv),
                 **git_commit(), "versions": versions(), "machine": machine()}

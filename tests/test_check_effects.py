@@ -77,18 +77,22 @@ def test_cooldown_and_end_of_run_measures(proxy_dir, tmp_path):
     out = tmp_path / "fx"
     argv = ["--proxy", str(proxy_dir), "--scenarios", "calm", "--seeds", "1", "--windows", "1",
             "--episode-steps", "60", "--changes", "lr_change=x0.8,clip_policy=zclip", "--cooldown", "2",
-            "--to-end", "--out", str(out), "--no-progress"]
+            "--to-end", "--ema", "0.9", "--out", str(out), "--no-progress"]
     assert main(argv) == 0
     res = json.loads((out / "effects.json").read_text())
     point = res["points"][0]
     assert res["changes"] == ["lr_change=x0.8", "clip_policy=zclip"]
-    assert len(point["real"]) == len(point["real_cooled"]) == len(point["real_end"]) == 2
+    assert len(point["real"]) == len(point["real_cooled"]) == len(point["real_end"]) == len(point["real_ema"]) == 2
     assert all(np.isfinite(point["real_cooled"])) and all(np.isfinite(point["real_end"]))
+    # the averaged weights lag the live ones: another loss, so other effects
+    assert all(np.isfinite(point["real_ema"])) and point["real_ema"] != point["real"]
     # a cooldown is more training: each copy's loss differs from its loss at +N, so the effects do too
     assert point["real_cooled"] != point["real"] and point["real_end"] != point["real"]
     c = res["per_change"]["lr_change=x0.8"]
     assert c["end_mean"] == pytest.approx(point["real_end"][0]) and c["cooled_sign_as_end"] in (0.0, 1.0)
+    assert c["ema_sign_as_end"] in (0.0, 1.0)
     assert "sign after cooldown as at the end" in (out / "report.md").read_text()
+    assert "sign of averaged weights (EMA decay 0.9) at +N as at the end" in (out / "report.md").read_text()
     # fork at window 3 of 6 with horizon 2: one window is left after the horizon
-    assert main(argv[:-6] + ["--windows", "3", "--to-end", "--out", str(tmp_path / "late"), "--no-progress"]) == 0
+    assert main(argv[:-8] + ["--windows", "3", "--to-end", "--out", str(tmp_path / "late"), "--no-progress"]) == 0
     assert main(argv[:8] + ["--changes", "lr_change=x9", "--out", str(tmp_path / "bad"), "--no-progress"]) == 2
