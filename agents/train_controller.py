@@ -343,6 +343,22 @@ def shield_counts(eval_dir: Path) -> dict[str, Any] | None:
     return {"rule": rule, "level": level, "proposed": proposed, "ran": proposed - shielded}
 
 
+
+def _skill_lines(p: dict[str, Any]) -> list[str]:
+    """The proxy report's per-run R² spread and the persistence yardstick, as bullet lines (none when absent)."""
+    lines = []
+    if p.get("loss_r2_heldout") is not None:
+        runs = p.get("loss_r2_by_run", {})
+        lines.append(f"- loss@N R² over all {p['heldout_runs']} held-out runs (calibration and test; none trained on): "
+                     f"{_fmt(p['loss_r2_heldout'])}; each run alone: " + ", ".join(
+                         f"seed {k} {_fmt(v)}" for k, v in runs.items()))
+    if p.get("persistence_r2") is not None:
+        lines.append(f"- the forecast \"the probe loss stays where it is\" on the test runs: R² "
+                     f"{_fmt(p['persistence_r2'])}, MAE {_fmt(p['persistence_mae'], 4)}: the yardstick the proxy "
+                     "has to beat")
+    return lines
+
+
 def write_report(cfg: ControllerTrainConfig, run: Path, parts: dict[str, Any]) -> Path:
     """``run/report.md``: what ran, the proxy's accuracy, the learning curve and the held-out comparison."""
     lines = [f"# Controller training: `{run.name}`", "",
@@ -366,6 +382,7 @@ def write_report(cfg: ControllerTrainConfig, run: Path, parts: dict[str, Any]) -
                   "", f"- loss@N: R² {_fmt(p['loss_r2'])}, MAE {_fmt(p['loss_mae'], 4)}; R² of the change of the "
                       f"probe loss over the horizon {_fmt(p.get('loss_change_r2'))} (the part an intervention "
                       "can move; the level's R² is small where the held-out runs' loss is flat)",
+                  *_skill_lines(p),
                   f"- divergence: AUROC {_fmt(p['divergence_auroc'])}, Brier {_fmt(p['divergence_brier'], 4)}",
                   f"- conformal coverage, nominal -> empirical (mean over run-level re-partitions of the "
                   f"held-out runs): {cov}", "",

@@ -145,6 +145,7 @@ def fit_proxy(log_db: Path, out: Path, cfg: ProxyConfig, *, test_seeds: Sequence
     conformal_bounds(model, parts["calib"]).save(out)
     report.update({
         "loss_change_r2": loss_change_r2(model, parts["test"]), "plans": bool(plans),
+        **heldout_skill(model, parts["calib"], parts["test"]),
         "horizon": cfg.horizon, "n_train": len(parts["train"]), "n_valid": len(parts["valid"]),
         "n_train_runs": int(len(np.unique(parts["train"].groups))),
         "test_seeds": parts["test_seeds"], "valid_is_calib": parts["valid_is_calib"],
@@ -173,6 +174,48 @@ def loss_change_r2(model: ProxyEnsemble, test: ProxyDataset) -> float | None:
     return float(r2_score(test.loss_at_n[ok].astype(np.float64) - before, pred - before))
 
 
+def heldout_skill(model: ProxyEnsemble, calib: ProxyDataset, test: ProxyDataset) -> dict[str, Any]:
+    """How far one split's ``loss_r2`` can be trusted, and what it beats.
+
+    * ``loss_r2_heldout``: the level's R² over every held-out run, calibration and test (the
+      network trained on neither; ``heldout_runs`` of them), and ``loss_r2_by_run``: on each run
+      alone, by seed. With a handful of runs one split's figure moves with which runs were held
+      out; these show by how much.
+    * ``persistence_r2``, ``persistence_mae``: the forecast "the probe loss stays where it is"
+      (``loss_at_n = loss_before``) on the test rows ``loss_r2`` is measured on, the yardstick a
+      world model has to beat before its predicted changes mean anything (``None`` without
+      ``loss_before``).
+    """
+    from sklearn.metrics import mean_absolute_error, r2_score
+
+    by_run: dict[str, float | None] = {}
+    ys, preds = [], []
+    for part in (calib, test):
+        ok = np.isfinite(part.loss_at_n) & (part.diverged_at_n == 0)
+        if not ok.any():
+            continue
+        pred = model.predict(part.state[ok], part.action[ok])["loss_at_n"].astype(np.float64)
+        y_all = part.loss_at_n[ok].astype(np.float64)
+        ys.append(y_all)
+        preds.append(pred)
+        for seed in np.unique(part.seed[ok]):
+            k = part.seed[ok] == seed
+            y = y_all[k]
+            by_run[str(int(seed))] = float(r2_score(y, pred[k])) if len(y) > 1 and np.ptp(y) > 0 else None
+    pooled = None
+    if ys and sum(map(len, ys)) > 1:
+        pooled = float(r2_score(np.concatenate(ys), np.concatenate(preds)))
+    out: dict[str, Any] = {"loss_r2_heldout": pooled, "heldout_runs": len(by_run), "loss_r2_by_run": by_run,
+                           "persistence_r2": None, "persistence_mae": None}
+    if test.loss_before is not None:
+        ok = np.isfinite(test.loss_at_n) & np.isfinite(test.loss_before)
+        if ok.sum() > 1:
+            y, before = test.loss_at_n[ok].astype(np.float64), test.loss_before[ok].astype(np.float64)
+            out["persistence_r2"] = float(r2_score(y, before))
+            out["persistence_mae"] = float(mean_absolute_error(y, before))
+    return out
+
+
 def print_report(report: dict[str, Any], out: Path) -> None:
     """One short summary of a :func:`fit_proxy` report on stdout."""
     auroc = report["divergence_auroc"]
@@ -183,6 +226,12 @@ def print_report(report: dict[str, Any], out: Path) -> None:
     print(f"  loss_at_{report['horizon']}: R2 {'n/a' if r2 is None else f'{r2:.3f}'}  MAE {report['loss_mae']:.4f}  "
           f"R2 of the change {'n/a' if dr2 is None else f'{dr2:.3f}'}"
           + ("  (plans)" if report.get("plans") else ""))
+    if report.get("loss_r2_heldout") is not None:
+        print(f"  loss_at_{report['horizon']} R2 over all {report['heldout_runs']} held-out runs (calib + test): "
+              f"{report['loss_r2_heldout']:.3f}")
+    if report.get("persistence_r2") is not None:
+        print(f"  persistence forecast (the probe loss stays where it is), test rows: R2 "
+              f"{report['persistence_r2']:.3f}  MAE {report['persistence_mae']:.4f}")
     print(f"  divergence: AUROC {'n/a' if auroc is None else f'{auroc:.3f}'}  "
           f"Brier {report['divergence_brier']:.4f}")
     rep = report["coverage_repeats"]

@@ -306,3 +306,41 @@ def test_action_effects_depend_on_the_state_where_the_dynamics_do(trained):
     report = action_effects(model, parts["test"].state[:20])
     assert len(report["per_action"]) == 10 and report["n_states"] == 20
     assert sum(report["best"].values()) == pytest.approx(1.0)
+
+
+
+def test_heldout_skill_known_answers():
+    """A model that predicts every row exactly scores R² 1 on every held-out run and pooled; a constant
+    offset lowers both; the persistence forecast is scored from the logged probe loss before each row."""
+    from sklearn.metrics import mean_absolute_error, r2_score
+
+    from agents.train_proxy import heldout_skill
+
+    ds = build_targets(synth_table(range(6)), horizon=HORIZON)
+    ds = ds.subset(ds.diverged_at_n == 0)
+    calib, test = ds.subset(ds.seed < 3), ds.subset(ds.seed >= 3)
+    assert test.loss_before is not None
+
+    class Exact:
+        """Looks each state up in the log (states of different rows differ in the synthetic log)."""
+
+        offset = 0.0
+
+        def predict(self, state, action):
+            rows = [int(np.flatnonzero((ds.state == s).all(axis=1))[0]) for s in state]
+            return {"loss_at_n": ds.loss_at_n[rows] + self.offset}
+
+    out = heldout_skill(Exact(), calib, test)
+    assert out["heldout_runs"] == 6 and out["loss_r2_heldout"] == pytest.approx(1.0)
+    assert set(out["loss_r2_by_run"]) == {str(s) for s in range(6)}
+    assert all(v == pytest.approx(1.0) for v in out["loss_r2_by_run"].values())
+    y, before = test.loss_at_n.astype(np.float64), test.loss_before.astype(np.float64)
+    assert out["persistence_r2"] == pytest.approx(r2_score(y, before))
+    assert out["persistence_mae"] == pytest.approx(mean_absolute_error(y, before))
+    # the synthetic loss falls by ~5 % a step: staying put is a poor forecast over the horizon
+    assert out["persistence_mae"] > 0.01 and out["persistence_r2"] < 1.0
+
+    off = Exact()
+    off.offset = 0.1
+    worse = heldout_skill(off, calib, test)
+    assert worse["loss_r2_heldout"] < 1.0 and all(v < 1.0 for v in worse["loss_r2_by_run"].values())

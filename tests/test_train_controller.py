@@ -70,6 +70,9 @@ def test_end_to_end_tiny(tmp_path):
     report = (run / "report.md").read_text()
     assert "## 4. Held-out real episodes" in report and "| policy |" in report
     assert "Shield (rule `dominance`, level 0.9)" in report
+    # the proxy's figure over every held-out run and the yardstick it has to beat
+    assert "held-out runs (calibration and test; none trained on)" in report
+    assert "the probe loss stays where it is" in report
     # a second run into the same folder is refused without --overwrite, and nothing is lost
     before = (run / "policy.zip").read_bytes()
     again = subprocess.run([sys.executable, "-m", "agents.train_controller", "--config", str(path), "--run-name",
