@@ -38,6 +38,12 @@ soon and cost more later (a lower LR anneals early; short-horizon bias, 2018_Wu_
 and under the ``"upper"`` rule enough of them ran to make ``make train``'s policy significantly
 worse than the fixed schedule on held-out seeds and on ``calm``; with dominance the shield runs a
 change only where the proxy's gain exceeds its own uncertainty.
+
+Outcome gate (``gate``: a ``gate.json`` from ``agents.fit_gate``; off by default): a run-level
+decision learned from real end-of-run outcomes (:mod:`agents.controllers.outcome_gate`). The
+neutral action runs for the gate's first ``window`` windows; then the gate reads the observation
+once and either lets the policy act for the rest of the run (behind the shield, when one is on)
+or keeps the neutral action to the end.
 """
 
 from __future__ import annotations
@@ -98,7 +104,8 @@ class LearnedPolicy(Controller):
 
     def __init__(self, policy_path: str | Path, proxy_dir: str | Path | None = None, *, shield: bool = True,
                  shield_level: float = 0.9, shield_rule: str = "dominance",
-                 lr_bounds: tuple[float, float] | list[float] | None = (0.5, 2.0)) -> None:
+                 lr_bounds: tuple[float, float] | list[float] | None = (0.5, 2.0),
+                 gate: str | Path | None = None) -> None:
         super().__init__()
         if lr_bounds is not None:
             lo, hi = (float(x) for x in lr_bounds)
@@ -128,10 +135,39 @@ class LearnedPolicy(Controller):
             self.proxy = ProxyEnsemble.load(self.proxy_dir)
             self.bounds = ConformalBounds.load(self.proxy_dir)
         self.proposed = self.shielded = 0
+        self.gate_path = None if gate is None else Path(gate)
+        self.gate = None
+        if self.gate_path is not None:
+            from agents.controllers.outcome_gate import OutcomeGate
+
+            self.gate = OutcomeGate.load(self.gate_path)
+        self._window = 0
+        self.gate_open: bool | None = None
+        self.gate_probability: float | None = None
 
     def reset(self, env, *, seed: int, run_name: str) -> None:
         super().reset(env, seed=seed, run_name=run_name)
         self.proposed = self.shielded = self.bounded = 0
+        self._window, self.gate_open, self.gate_probability = 0, None, None
+
+    def _gate_allows(self, obs: np.ndarray) -> bool:
+        """False while the gate keeps the neutral action (its first windows, or the whole run once closed)."""
+        window = self._window
+        self._window += 1
+        if self.gate is None:
+            return True
+        if window < self.gate.window:
+            return False
+        if self.gate_open is None:
+            from stso_env.monitor.monitor import OBSERVATION_NAMES
+
+            self.gate_probability = self.gate.probability(obs, OBSERVATION_NAMES)
+            self.gate_open = self.gate_probability > 0.5
+            self.record("gate", NEUTRAL_ACTION, f"outcome gate after {window} windows: P(the policy beats the "
+                                                f"fixed schedule) {self.gate_probability:.2f}, "
+                                                + ("open: the policy acts" if self.gate_open
+                                                   else "closed: the fixed schedule to the end"))
+        return bool(self.gate_open)
 
     def _bounds(self, obs: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Conformal interval (lower, upper) of the probe loss N windows ahead (mean -/+ std without
@@ -151,6 +187,8 @@ class LearnedPolicy(Controller):
                 np.asarray(p["diverged_prob"], dtype=np.float64))
 
     def act(self, obs: np.ndarray, info: dict[str, Any]) -> np.ndarray:
+        if not self._gate_allows(obs):
+            return np.asarray(NEUTRAL_ACTION, dtype=np.int64)
         if self.algorithm == "maskable_ppo":
             action, _ = self.model.predict(obs, deterministic=True, action_masks=self.base.action_masks())
         else:
@@ -186,4 +224,6 @@ class LearnedPolicy(Controller):
                 "proxy_dir": None if self.proxy_dir is None else str(self.proxy_dir),
                 "proposed_changes": self.proposed, "shielded_changes": self.shielded,
                 "lr_bounds": None if self.lr_bounds is None else list(self.lr_bounds),
-                "lr_changes_bounded": self.bounded}
+                "lr_changes_bounded": self.bounded,
+                "gate": None if self.gate_path is None else str(self.gate_path), "gate_open": self.gate_open,
+                "gate_probability": self.gate_probability}

@@ -1,0 +1,179 @@
+"""Fit the outcome gate of a learned policy on real runs: where does the policy beat the fixed schedule?
+
+``python -m agents.fit_gate --policy runs/train-controller/policy.zip [--scenarios spiky,adam_v_lag]
+[--seeds 3] [--window 1] --out runs/train-controller/gate.json``
+
+For every scenario and seed: a real STSO-GPT2-v0 run trains ``--window`` windows under the neutral
+action; the observation there is the gate's input. The run is then forked: one copy keeps the fixed
+schedule to the end, the other plays the policy (unshielded, with its LR bounds) to the end. The
+label is 1 where the policy's copy ends with the lower *probe* loss (the split controllers may
+read; the validation and test splits are never touched). A logistic regression from the
+observation to the label is the gate (:mod:`agents.controllers.outcome_gate`); ``LearnedPolicy``
+reads it with the setting ``gate``.
+
+Seeds default to 200000 and up: apart from the collection's (0 and up), ``make train``'s
+evaluation (100000 and up) and the suites' (300000 and up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from stso_env.envs.gpt2_env import NEUTRAL_ACTION
+from stso_env.errors import ConfigError, STSOError
+
+NEUTRAL = np.asarray(NEUTRAL_ACTION, dtype=np.int64)
+
+
+def play_to_end(env: Any, act: Any, obs: np.ndarray, info: dict[str, Any]) -> float:
+    """Step ``env`` to the end of its run with ``act(obs, info)``; the last probe loss (``inf`` if it diverged)."""
+    loss = float(info.get("probe_loss", math.inf))
+    while True:
+        obs, _, terminated, truncated, info = env.step(act(obs, info))
+        loss = float(info.get("probe_loss", math.inf))
+        if terminated or truncated:
+            return loss if math.isfinite(loss) and not info.get("diverged", False) else math.inf
+
+
+def gate_runs(policy: Path, scenarios: Sequence[str], seeds: Sequence[int], *, window: int, preset: str = "tiny",
+              corpus: str = "builtin", episode_steps: int = 600, decision_interval: int = 10,
+              builtin_chars: int | None = None, progress: bool = True) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """The gate's training data: the observation after ``window`` neutral windows, one row per run, and
+    per run the end probe loss of the fixed schedule and of the policy from there."""
+    import gymnasium as gym
+
+    import stso_env  # noqa: F401  (registers the envs)
+    from agents.controllers.learned import LearnedPolicy
+
+    if window * decision_interval >= episode_steps:
+        raise ConfigError(f"--window {window}: {window} windows of {decision_interval} steps leave nothing of a "
+                          f"{episode_steps}-step run for the policy; lower it")
+    from stso_env.config import TrainConfig, apply_overrides
+
+    config = TrainConfig()
+    if builtin_chars is not None:
+        config = apply_overrides(config, {"data.builtin_chars": builtin_chars})
+    ctrl = LearnedPolicy(policy, shield=False)
+    states, runs = [], []
+    bar = tqdm(total=len(scenarios) * len(seeds), desc="gate runs", unit="run", file=sys.stderr, disable=not progress)
+    for scenario in scenarios:
+        for seed in seeds:
+            env = gym.make("STSO-GPT2-v0", preset=preset, scenario=scenario, corpus=corpus, config=config,
+                           decision_interval=decision_interval, episode_steps=episode_steps).unwrapped
+            obs, info = env.reset(seed=int(seed))
+            for _ in range(window):
+                obs, _, terminated, truncated, info = env.step(NEUTRAL)
+                if terminated or truncated:
+                    raise ConfigError(f"{scenario} seed {seed}: the run ended within the gate's {window} windows")
+            fork = env.fork()
+            try:
+                fixed = play_to_end(fork, lambda o, i: NEUTRAL, obs, info)
+            finally:
+                fork.close()
+            ctrl.reset(env, seed=int(seed), run_name=f"gate-{scenario}-{seed}")
+            learned = play_to_end(env, ctrl.act, obs, info)
+            env.close()
+            states.append(np.asarray(obs, dtype=np.float64))
+            runs.append({"scenario": scenario, "seed": int(seed), "fixed_probe_loss": fixed,
+                         "policy_probe_loss": learned, "policy_wins": bool(learned < fixed)})
+            bar.update(1)
+            bar.set_postfix_str(f"{scenario} {seed}: fixed {fixed:.3f}, policy {learned:.3f}")
+    bar.close()
+    return np.stack(states), runs
+
+
+def write_report(gate: Any, out: Path, meta: dict[str, Any]) -> Path:
+    """``gate.md`` beside the gate: the runs it was fitted on and what it says about each."""
+    from stso_env.monitor.monitor import OBSERVATION_NAMES
+
+    lines = ["# Outcome gate", "", f"Command: `{meta['command']}`  ", f"Commit: `{meta.get('commit')}`  ",
+             f"Policy `{meta['policy']}`; the gate decides after {gate.window} neutral windows; "
+             f"{meta['seconds']:.0f} s.",
+             "", "| scenario | seed | fixed: end probe loss | policy: end probe loss | policy wins | "
+             "gate: P(policy wins) |", "| --- | --- | --- | --- | --- | --- |"]
+    for r, s in zip(gate.runs, meta["states"]):
+        prob = gate.probability(np.asarray(s), OBSERVATION_NAMES)
+        lines.append(f"| `{r['scenario']}` | {r['seed']} | {r['fixed_probe_loss']:.4f} | {r['policy_probe_loss']:.4f} "
+                     f"| {'yes' if r['policy_wins'] else 'no'} | {prob:.2f} |")
+    top = np.argsort(-np.abs(np.asarray(gate.coef)))[:5]
+    if any(gate.coef):
+        lines += ["", "Largest standardised coefficients: " + ", ".join(
+            f"`{gate.features[i]}` {gate.coef[i]:+.3f}" for i in top if gate.coef[i] != 0) + "."]
+    else:
+        lines += ["", "Every run has the same label, so the gate is constant: always "
+                      + ("open." if gate.intercept > 0 else "closed.")]
+    path = out.with_suffix(".md")
+    from stso_env.files import write_text_atomic
+
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    return path
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m agents.fit_gate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--policy", required=True, help="policy.zip (agents.train_controller)")
+    p.add_argument("--scenarios", default="spiky,adam_v_lag",
+                   help="comma-separated scenarios (default: make train's collection scenarios)")
+    p.add_argument("--seeds", type=int, default=3, help="runs per scenario")
+    p.add_argument("--seed-offset", type=int, default=200_000, help="first seed (apart from collection and suites)")
+    p.add_argument("--window", type=int, default=1, help="neutral windows before the gate decides")
+    p.add_argument("--episode-steps", type=int, default=600, help="optimizer steps of a run")
+    p.add_argument("--decision-interval", type=int, default=10, help="optimizer steps per env step")
+    p.add_argument("--preset", default="tiny", help="GPT-2 preset")
+    p.add_argument("--corpus", default="builtin", help="corpus")
+    p.add_argument("--builtin-chars", type=int, default=None, help="characters of the built-in corpus")
+    p.add_argument("--c", type=float, default=1.0, help="inverse L2 strength of the logistic regression")
+    p.add_argument("--out", required=True, help="gate file to write (JSON); a .md report goes beside it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.seeds < 1:
+            raise ConfigError(f"--seeds {args.seeds}: need at least 1")
+        if args.window < 1:
+            raise ConfigError(f"--window {args.window}: at least 1 (the gate reads the state after that many windows)")
+        if not (math.isfinite(args.c) and args.c > 0):
+            raise ConfigError(f"--c {args.c}: a positive number (1.0 is scikit-learn's default)")
+        policy = Path(args.policy)
+        if not policy.is_file():
+            raise ConfigError(f"--policy {policy}: no such file; train one with `python -m agents.train_controller`")
+        scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+        seeds = [args.seed_offset + i for i in range(args.seeds)]
+        t0 = time.perf_counter()
+        states, runs = gate_runs(policy, scenarios, seeds, window=args.window, preset=args.preset,
+                                 corpus=args.corpus, episode_steps=args.episode_steps,
+                                 decision_interval=args.decision_interval, builtin_chars=args.builtin_chars,
+                                 progress=not args.no_progress)
+        from agents.controllers.outcome_gate import fit_gate
+        from agents.evaluate import git_commit
+        from stso_env.monitor.monitor import OBSERVATION_NAMES
+
+        wins = np.asarray([r["policy_wins"] for r in runs], dtype=np.int64)
+        gate = fit_gate(states, wins, OBSERVATION_NAMES, args.window, runs, c=args.c)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        gate.save(out)
+        meta = {"policy": str(policy), "seconds": time.perf_counter() - t0, "states": states.tolist(),
+                "command": "python -m agents.fit_gate " + " ".join(sys.argv[1:] if argv is None else argv),
+                **git_commit()}
+        report = write_report(gate, out, meta)
+    except STSOError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(report.read_text(encoding="utf-8"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
