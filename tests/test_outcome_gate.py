@@ -1,0 +1,132 @@
+"""The outcome gate: fitted from real end-of-run outcomes, read once per run by the learned policy."""
+
+from __future__ import annotations
+
+import json
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import stso_env  # noqa: F401  (registers the envs)
+from agents.controllers import make_controller
+from agents.controllers.outcome_gate import OutcomeGate, fit_gate
+from stso_env.envs.gpt2_env import NEUTRAL_ACTION
+from stso_env.errors import DataError
+from stso_env.monitor.monitor import OBSERVATION_NAMES
+
+ENV = {"preset": "tiny", "scenario": "calm", "decision_interval": 5, "episode_steps": 40}
+NAMES = ["grad_norm", "loss", "lr"]
+
+
+def test_fit_learns_which_runs_the_policy_wins_and_round_trips(tmp_path):
+    # the policy wins the runs whose gradients are tiny (the quiet stretch of adam_v_lag), loses the others
+    states = np.array([[0.01, 3.0, 1.0], [0.02, 3.1, 1.0], [0.015, 2.9, 1.0],
+                       [1.0, 3.0, 1.0], [1.2, 3.1, 1.0], [0.9, 2.9, 1.0]])
+    wins = np.array([1, 1, 1, 0, 0, 0])
+    runs = [{"scenario": "s", "seed": i} for i in range(6)]
+    gate = fit_gate(states, wins, NAMES, window=2, runs=runs)
+    assert gate.window == 2 and gate.scale[2] == 1.0  # a constant feature keeps a unit scale
+    assert gate.coef[0] < 0 and gate.coef[2] == 0.0
+    assert gate.probability(np.array([0.01, 3.0, 1.0]), NAMES) > 0.5
+    assert gate.probability(np.array([1.1, 3.0, 1.0]), NAMES) < 0.5
+    # the observation's own feature order is followed by name
+    assert gate.probability(np.array([1.0, 0.01, 3.0]), ["lr", "grad_norm", "loss"]) > 0.5
+    back = OutcomeGate.load(gate.save(tmp_path / "gate.json"))
+    assert back == gate
+    # one class only: a constant gate
+    closed = fit_gate(states, np.zeros(6), NAMES, window=1, runs=runs)
+    opened = fit_gate(states, np.ones(6), NAMES, window=1, runs=runs)
+    assert closed.probability(states[0], NAMES) < 1e-4 and opened.probability(states[3], NAMES) > 1 - 1e-4
+
+
+def test_bad_gate_files_are_clear_errors(tmp_path):
+    gate = fit_gate(np.eye(3), np.array([1, 0, 0]), NAMES, window=1, runs=[])
+    path = gate.save(tmp_path / "gate.json")
+    with pytest.raises(DataError, match="agents.fit_gate"):
+        OutcomeGate.load(tmp_path / "missing.json")
+    (tmp_path / "text.json").write_text("{not json")
+    with pytest.raises(DataError, match="not JSON"):
+        OutcomeGate.load(tmp_path / "text.json")
+    raw = json.loads(path.read_text())
+    for change, message in (({"format": 9}, "format 9"), ({"extra": 1}, "unknown keys"),
+                            ({"coef": [1.0]}, "coef must hold 3"), ({"scale": [1.0, 0.0, 1.0]}, "positive"),
+                            ({"window": 0}, "window")):
+        (tmp_path / "bad.json").write_text(json.dumps(dict(raw, **change)))
+        with pytest.raises(DataError, match=message):
+            OutcomeGate.load(tmp_path / "bad.json")
+    with pytest.raises(DataError, match="lacks"):
+        gate.probability(np.zeros(2), ["grad_norm", "loss"])
+
+
+@pytest.fixture(scope="module")
+def policy_zip(tmp_path_factory):
+    from sb3_contrib import MaskablePPO
+
+    env = gym.make("STSO-GPT2-v0", **ENV)
+    path = tmp_path_factory.mktemp("policy") / "policy.zip"
+    MaskablePPO("MlpPolicy", env, n_steps=8, batch_size=8, seed=0, device="cpu").save(str(path))
+    env.close()
+    return path
+
+
+def _gate(tmp_path, open_: bool, window: int = 2):
+    n = len(OBSERVATION_NAMES)
+    gate = OutcomeGate(window=window, features=list(OBSERVATION_NAMES), mean=[0.0] * n, scale=[1.0] * n,
+                       coef=[0.0] * n, intercept=10.0 if open_ else -10.0)
+    return gate.save(tmp_path / f"gate_{open_}.json")
+
+
+def test_policy_keeps_the_fixed_schedule_until_the_gate_and_after_a_closed_one(policy_zip, tmp_path, monkeypatch):
+    env = gym.make("STSO-GPT2-v0", **ENV)
+    proposal = np.array([1, 1, 1, 0, 0, 0])  # LR x0.9, well inside the LR bounds for a few windows
+    for open_ in (True, False):
+        ctrl = make_controller("policy", policy_path=policy_zip, settings={"gate": str(_gate(tmp_path, open_))})
+        assert not ctrl.shield and ctrl.gate is not None
+        obs, info = env.reset(seed=3)
+        ctrl.reset(env, seed=3, run_name="g")
+        monkeypatch.setattr(ctrl.model, "predict", lambda *a, **k: (proposal, None))
+        played = []
+        for _ in range(5):
+            a = ctrl.act(obs, info)
+            played.append(a.tolist())
+            obs, _, _, _, info = env.step(a)
+        neutral = list(NEUTRAL_ACTION)
+        # two neutral windows, then the gate decides once: the policy's action, or neutral to the end
+        assert played[:2] == [neutral, neutral]
+        assert played[2:] == ([proposal.tolist()] * 3 if open_ else [neutral] * 3)
+        d = ctrl.describe()
+        assert d["gate_open"] is open_ and (d["gate_probability"] > 0.5) is open_
+        gates = [x for x in ctrl.decisions if x["kind"] == "gate"]
+        assert len(gates) == 1 and ("open" if open_ else "closed") in gates[0]["reason"]
+        # a new run asks the gate again
+        env.reset(seed=4)
+        ctrl.reset(env, seed=4, run_name="g2")
+        assert ctrl.gate_open is None and ctrl.act(obs, info).tolist() == neutral
+    with pytest.raises(DataError, match="agents.fit_gate"):
+        make_controller("policy", policy_path=policy_zip, settings={"gate": str(tmp_path / "none.json")})
+    env.close()
+
+
+def test_fit_gate_on_real_tiny_runs(policy_zip, tmp_path):
+    from agents.fit_gate import main
+
+    out = tmp_path / "gate.json"
+    argv = ["--policy", str(policy_zip), "--scenarios", "calm", "--seeds", "2", "--episode-steps", "40",
+            "--decision-interval", "5", "--builtin-chars", "200000", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    gate = OutcomeGate.load(out)
+    assert gate.window == 1 and [r["seed"] for r in gate.runs] == [200000, 200001]
+    for r in gate.runs:
+        assert np.isfinite(r["fixed_probe_loss"]) and np.isfinite(r["policy_probe_loss"])
+        assert r["policy_wins"] == (r["policy_probe_loss"] < r["fixed_probe_loss"])
+    # the policy changes the run: its end differs from the fixed schedule's
+    assert any(r["policy_probe_loss"] != r["fixed_probe_loss"] for r in gate.runs)
+    report = out.with_suffix(".md").read_text()
+    assert "| `calm` | 200000 |" in report
+    # deterministic: the same runs give the same losses
+    again = tmp_path / "again.json"
+    assert main(argv[:-3] + ["--out", str(again), "--no-progress"]) == 0
+    assert OutcomeGate.load(again).runs == gate.runs
+    assert main(argv[:-3] + ["--window", "8", "--out", str(tmp_path / "w.json")]) == 2
+    assert main(["--policy", str(tmp_path / "nope.zip"), "--out", str(out)]) == 2
