@@ -10,10 +10,19 @@
 3. **train MaskablePPO** (sb3-contrib) in STSO-Proxy-v0, the proxy as an env,
    with action masks, TensorBoard logs in ``RUN/tb/`` and a
    ``MaskableEvalCallback`` on a separate proxy env;
-4. **evaluate** the saved ``RUN/policy.zip`` on real episodes whose seeds were
-   never collected, against the fixed schedule, with ``agents.evaluate`` (same
-   FLOPs budget, Welch t-tests, figures) into ``RUN/eval/``;
-5. write ``RUN/report.md`` and ``RUN/config.yaml`` (the resolved settings).
+4. **fit the outcome gate** (``agents.fit_gate``): on real runs of training seeds of
+   the collected scenarios, the fixed schedule and the policy play from the same
+   state after the gate's first window(s); a logistic regression from that state to
+   "the policy ends the run with the lower probe loss" is ``RUN/gate.json``
+   (:mod:`agents.controllers.outcome_gate`). The proxy's horizon favours the same
+   LR cut everywhere; the gate lets the policy act only in runs that start like
+   those where it won at the end;
+5. **evaluate** the saved ``RUN/policy.zip`` (behind its gate, with the per-window
+   shield off: the gate was fitted on the unshielded policy; with ``gate.enabled:
+   false``, behind the conformal shield) on real episodes whose seeds were never
+   collected, against the fixed schedule, with ``agents.evaluate`` (same FLOPs
+   budget, paired tests, figures) into ``RUN/eval/``;
+6. write ``RUN/report.md`` and ``RUN/config.yaml`` (the resolved settings).
 
 ``--algo ppo`` and ``--algo maskable_ppo`` are model-free: the policy learns
 directly in ``--env`` (STSO-GPT2-v0 by default: real training runs, slow), or in
@@ -96,6 +105,17 @@ class RLSettings:
 
 
 @dataclass
+class GateSettings:
+    """The outcome gate (step 4, agents.fit_gate): where the policy may act, learned from real run ends."""
+
+    enabled: bool = _f(True, "fit the gate and evaluate the policy behind it (false: behind the conformal shield)")
+    seeds: int = _f(3, "real runs per collected scenario", range=(1, 1000))
+    seed_offset: int = _f(200_000, "first seed of the gate's runs (apart from collection and evaluation)",
+                          range=(0, 2**31 - 1))
+    window: int = _f(1, "neutral windows before the gate reads the state", range=(1, 10**6))
+
+
+@dataclass
 class EvalSettings:
     """The held-out real evaluation (step 4, through agents.evaluate)."""
 
@@ -123,6 +143,7 @@ class ControllerTrainConfig:
     collect: CollectSettings = field(default_factory=CollectSettings)
     proxy: ProxySettings = field(default_factory=ProxySettings)
     rl: RLSettings = field(default_factory=RLSettings)
+    gate: GateSettings = field(default_factory=GateSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
 
     def validate(self, source: str = "<config>") -> None:
@@ -138,6 +159,9 @@ class ControllerTrainConfig:
         if self.rl.batch_size > self.rl.n_steps * self.rl.n_envs:
             raise ConfigError(f"{source}: rl.batch_size: {self.rl.batch_size} is more than one rollout "
                               f"(n_steps x n_envs = {self.rl.n_steps * self.rl.n_envs}); lower it")
+        if self.gate.enabled and self.gate.window * self.decision_interval >= self.eval.steps:
+            raise ConfigError(f"{source}: gate.window: {self.gate.window} windows of {self.decision_interval} steps "
+                              f"leave nothing of a {self.eval.steps}-step run for the policy; lower it")
         if "policy" not in self.eval.controllers or "fixed" not in self.eval.controllers:
             raise ConfigError(f"{source}: eval.controllers: {self.eval.controllers} must include 'policy' and "
                               "'fixed' (the learned policy is judged against the fixed schedule)")
@@ -251,6 +275,32 @@ def learn_policy(cfg: ControllerTrainConfig, run: Path, progress: bool) -> dict[
             "curve": curve, "policy": str(run / "policy.zip")}
 
 
+def fit_outcome_gate(cfg: ControllerTrainConfig, run: Path, progress: bool) -> dict[str, Any]:
+    """Step 4: real runs of the fixed schedule and the policy from the same early state, on training seeds of
+    the collected scenarios; the gate learned from their ends is ``run/gate.json`` (report: ``run/gate.md``)."""
+    from agents.controllers.outcome_gate import fit_gate
+    from agents.fit_gate import gate_runs
+    from agents.evaluate import git_commit
+    from agents.fit_gate import write_report as write_gate_report
+    from stso_env.monitor.monitor import OBSERVATION_NAMES
+
+    scenarios = list(cfg.collect.scenarios) if cfg.collect.scenarios else [cfg.scenario]
+    seeds = [cfg.gate.seed_offset + cfg.seed + i for i in range(cfg.gate.seeds)]
+    t0 = time.perf_counter()
+    states, runs = gate_runs(run / "policy.zip", scenarios, seeds, window=cfg.gate.window, preset=cfg.preset,
+                             corpus=cfg.corpus, episode_steps=cfg.eval.steps, decision_interval=cfg.decision_interval,
+                             builtin_chars=cfg.builtin_chars, progress=progress)
+    wins = np.asarray([r["policy_wins"] for r in runs], dtype=np.int64)
+    gate = fit_gate(states, wins, OBSERVATION_NAMES, cfg.gate.window, runs)
+    path = gate.save(run / "gate.json")
+    write_gate_report(gate, path, {"policy": str(run / "policy.zip"), "seconds": time.perf_counter() - t0,
+                                   "states": states.tolist(), "command": "python -m agents.train_controller (step 4)",
+                                   **git_commit()})
+    probs = [gate.probability(x, OBSERVATION_NAMES) for x in states]
+    return {"path": str(path), "scenarios": scenarios, "seeds": seeds, "window": cfg.gate.window, "runs": runs,
+            "fitted_probability": probs}
+
+
 def evaluate_policy_real(cfg: ControllerTrainConfig, run: Path, progress: bool,
                          ray_address: str | None = None) -> dict[str, Any]:
     """Step 4: the learned policy and the baselines on held-out real episodes (``agents.evaluate``);
@@ -264,6 +314,9 @@ def evaluate_policy_real(cfg: ControllerTrainConfig, run: Path, progress: bool,
             "--out", str(run / "eval")]
     if cfg.uses_proxy:
         argv += ["--proxy", str(run / "proxy")]
+    if cfg.gate.enabled:
+        # the gate was fitted on the unshielded policy: it replaces the per-window shield
+        argv += ["--settings", json.dumps({"policy": {"shield": False, "gate": str(run / "gate.json")}})]
     if cfg.builtin_chars is not None:
         argv += ["--builtin-chars", str(cfg.builtin_chars)]
     if ray_address is not None:
@@ -317,8 +370,12 @@ def levers(cfg: ControllerTrainConfig) -> list[tuple[str, bool, str]]:
          f"horizon {cfg.proxy.horizon} env steps"),
         ("MOPO-style penalty on the ensemble's disagreement", proxy and cfg.rl.uncertainty_penalty > 0,
          f"lambda {cfg.rl.uncertainty_penalty}"),
+        ("outcome gate: real runs on training seeds decide in which runs the policy acts (agents.fit_gate)",
+         cfg.gate.enabled, f"{cfg.gate.seeds} seeds per collected scenario, decides after {cfg.gate.window} "
+                           "window(s); the per-window shield is off behind it"),
         ("conformal shield: the neutral action unless the policy's choice is better beyond both conformal "
-         "intervals", proxy, "LearnedPolicy with the run's proxy and calibration.json, level 0.9, dominance rule"),
+         "intervals", proxy and not cfg.gate.enabled,
+         "LearnedPolicy with the run's proxy and calibration.json, level 0.9, dominance rule"),
         ("collection over several scenarios", len(scen) > 1, ", ".join(scen)),
         ("more and longer collected episodes", proxy, f"{cfg.collect.episodes} x {cfg.collect.episode_steps} steps"),
         ("model-based iterations (collect with the policy, refit, retrain)", False, "not implemented yet"),
@@ -342,6 +399,18 @@ def shield_counts(eval_dir: Path) -> dict[str, Any] | None:
         return None
     return {"rule": rule, "level": level, "proposed": proposed, "ran": proposed - shielded}
 
+
+
+def gate_counts(eval_dir: Path) -> dict[str, Any] | None:
+    """In how many of the policy's evaluation runs its outcome gate opened."""
+    opened = total = 0
+    for path in sorted(eval_dir.glob("runs/*/policy__seed*.json")):
+        d = json.loads(path.read_text(encoding="utf-8"))["setup"]["describe"]
+        if d.get("gate") is None:
+            return None
+        total += 1
+        opened += int(bool(d.get("gate_open")))
+    return {"opened": opened, "runs": total} if total else None
 
 
 def _skill_lines(p: dict[str, Any]) -> list[str]:
@@ -399,6 +468,7 @@ def write_report(cfg: ControllerTrainConfig, run: Path, parts: dict[str, Any]) -
                       for k, v in fx["per_action"].items()]
             lines += [""]
     rl = parts["rl"]
+    gate_part = parts.get("gate")
     lines += ["## Levers", "", "What this run used to make the policy better than doing nothing:", ""]
     lines += [f"- {name}: **{'on' if on else 'off'}**{': ' + note if note else ''}" for name, on, note in levers(cfg)]
     lines += [""]
@@ -409,8 +479,19 @@ def write_report(cfg: ControllerTrainConfig, run: Path, parts: dict[str, Any]) -
         lines += [f"Evaluation return: first {rl['curve']['mean_reward'][0]:.3f}, last "
                   f"{rl['curve']['mean_reward'][-1]:.3f}, best {max(rl['curve']['mean_reward']):.3f}.", "",
                   "![learning curve](figures/learning_curve.png)", ""]
+    if gate_part:
+        lines += ["## 4. Outcome gate", "",
+                  f"Real runs on seeds {gate_part['seeds'][0]}-{gate_part['seeds'][-1]} of "
+                  f"{', '.join(gate_part['scenarios'])} ({cfg.eval.steps} steps; the fixed schedule and the policy "
+                  f"from the same state after {gate_part['window']} window(s)); the gate is `gate.json`, its report "
+                  "`gate.md`.", "", "| scenario | seed | fixed: end probe loss | policy: end probe loss | policy wins "
+                  "| gate: P(policy wins) |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| `{r['scenario']}` | {r['seed']} | {r['fixed_probe_loss']:.4f} | {r['policy_probe_loss']:.4f} | "
+                  f"{'yes' if r['policy_wins'] else 'no'} | {p:.2f} |"
+                  for r, p in zip(gate_part["runs"], gate_part["fitted_probability"])]
+        lines += [""]
     ev = parts["eval"]
-    lines += ["## 4. Held-out real episodes", "",
+    lines += [f"## {5 if gate_part else 4}. Held-out real episodes", "",
               f"{cfg.eval.seeds} seeds from {cfg.eval.seed_offset + cfg.seed} (never collected), {cfg.eval.steps} "
               "optimizer steps each, the same FLOPs budget for every controller. Full report: `eval/report.md`.",
               "", "| controller | final test ppl | model events / 100k steps | wasted FLOPs | total FLOPs |",
@@ -436,6 +517,10 @@ def write_report(cfg: ControllerTrainConfig, run: Path, parts: dict[str, Any]) -
                      "worse": "The policy is significantly **worse** than the fixed schedule."}.get(
                       verdict, "The policy is **not** significantly better than the fixed schedule on these seeds."),
                   ""]
+    gated = gate_counts(run / "eval")
+    if gated is not None:
+        lines += [f"Outcome gate: open in {gated['opened']} of {gated['runs']} of the policy's runs (the policy "
+                  "acted after the gate's window); closed in the others, which ran the fixed schedule.", ""]
     shield = shield_counts(run / "eval")
     if shield is not None:
         lines += [f"Shield (rule `{shield['rule']}`, level {shield['level']}): {shield['ran']} of "
@@ -525,6 +610,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parts["rl"] = learn_policy(cfg, run, progress)
         parts["seconds"]["policy"] = time.perf_counter() - t0
         learning_curve_figure(parts["rl"]["curve"], run / "figures" / "learning_curve.png")
+        if cfg.gate.enabled:
+            t0 = time.perf_counter()
+            parts["gate"] = fit_outcome_gate(cfg, run, progress)
+            parts["seconds"]["gate"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         parts["eval"] = evaluate_policy_real(cfg, run, progress, args.ray_address)
         parts["seconds"]["evaluation"] = time.perf_counter() - t0

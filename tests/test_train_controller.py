@@ -56,7 +56,7 @@ def test_end_to_end_tiny(tmp_path):
                            "e2e", "--no-progress"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "e2e"
-    for name in ("policy.zip", "config.yaml", "report.md", "proxy/proxy.json", "proxy/proxy.safetensors",
+    for name in ("policy.zip", "gate.json", "config.yaml", "report.md", "proxy/proxy.json", "proxy/proxy.safetensors",
                  "proxy/proxy_report.json", "figures/learning_curve.png", "eval/results.json",
                  "eval/figures/loss_curves.png", "eval/figures/uncertainty_timeline.png"):
         assert (run / name).is_file(), name
@@ -68,8 +68,17 @@ def test_end_to_end_tiny(tmp_path):
     assert set(results["controllers"]) == {"fixed", "policy"}
     assert len(results["controllers"]["policy"]["seeds"]) == 2
     report = (run / "report.md").read_text()
-    assert "## 4. Held-out real episodes" in report and "| policy |" in report
-    assert "Shield (rule `dominance`, level 0.9)" in report
+    assert "## 5. Held-out real episodes" in report and "| policy |" in report
+    # the outcome gate: fitted on real runs of training seeds, read by every evaluation run of the policy
+    from agents.controllers.outcome_gate import OutcomeGate
+
+    gate = OutcomeGate.load(run / "gate.json")
+    assert [r["seed"] for r in gate.runs] == [200000, 200001, 200002] * 2
+    assert {r["scenario"] for r in gate.runs} == {"spiky", "adam_v_lag"}
+    assert "## 4. Outcome gate" in report and "Outcome gate: open in" in report and (run / "gate.md").is_file()
+    for record in (run / "eval" / "runs").rglob("policy__seed*.json"):
+        d = json.loads(record.read_text())["setup"]["describe"]
+        assert d["gate"] == str(run / "gate.json") and not d["shield"] and d["gate_open"] in (True, False)
     # the proxy's figure over every held-out run and the yardstick it has to beat
     assert "held-out runs (calibration and test; none trained on)" in report
     assert "the probe loss stays where it is" in report
@@ -113,3 +122,15 @@ def test_shield_counts_add_up_over_the_policy_runs(tmp_path):
     (cell / "fixed__seed0.json").write_text(json.dumps({"setup": {"describe": {}}}))
     assert shield_counts(tmp_path) == {"rule": "dominance", "level": 0.9, "proposed": 15, "ran": 3}
     assert shield_counts(tmp_path / "nothing") is None
+
+
+def test_gate_settings_are_checked(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump({"gate": {"window": 60}}))
+    with pytest.raises(ConfigError, match="gate.window: 60 windows"):
+        build_config(parse_args(["--config", str(path)]))
+    path.write_text(yaml.safe_dump({"gate": {"seed": 1}}))
+    with pytest.raises(ConfigError, match=r"gate\.seed: unknown key"):
+        build_config(parse_args(["--config", str(path)]))
+    cfg = build_config(parse_args([]))
+    assert cfg.gate.enabled and cfg.gate.seeds == 3 and cfg.gate.seed_offset == 200_000
