@@ -90,19 +90,24 @@ def gate_runs(policy: Path, scenarios: Sequence[str], seeds: Sequence[int], *, w
     return np.stack(states), runs
 
 
-def write_report(gate: Any, out: Path, meta: dict[str, Any]) -> Path:
-    """``gate.md`` beside the gate: the runs it was fitted on and what it says about each."""
+def runs_table(gate: Any, states: np.ndarray) -> list[str]:
+    """The runs the gate was fitted on, as Markdown table lines, with the probability it gives each."""
     from stso_env.monitor.monitor import OBSERVATION_NAMES
 
-    lines = ["# Outcome gate", "", f"Command: `{meta['command']}`  ", f"Commit: `{meta.get('commit')}`  ",
-             f"Policy `{meta['policy']}`; the gate decides after {gate.window} neutral windows; "
-             f"{meta['seconds']:.0f} s.",
-             "", "| scenario | seed | fixed: end probe loss | policy: end probe loss | policy wins | "
+    lines = ["| scenario | seed | fixed: end probe loss | policy: end probe loss | policy wins | "
              "gate: P(policy wins) |", "| --- | --- | --- | --- | --- | --- |"]
-    for r, s in zip(gate.runs, meta["states"]):
-        prob = gate.probability(np.asarray(s), OBSERVATION_NAMES)
+    for r, x in zip(gate.runs, states):
+        prob = gate.probability(np.asarray(x), OBSERVATION_NAMES)
         lines.append(f"| `{r['scenario']}` | {r['seed']} | {r['fixed_probe_loss']:.4f} | {r['policy_probe_loss']:.4f} "
                      f"| {'yes' if r['policy_wins'] else 'no'} | {prob:.2f} |")
+    return lines
+
+
+def write_report(gate: Any, out: Path, meta: dict[str, Any]) -> Path:
+    """``gate.md`` beside the gate: the runs it was fitted on and what it says about each."""
+    lines = ["# Outcome gate", "", f"Command: `{meta['command']}`  ", f"Commit: `{meta.get('commit')}`  ",
+             f"Policy `{meta['policy']}`; the gate decides after {gate.window} neutral windows; "
+             f"{meta['seconds']:.0f} s.", "", *runs_table(gate, meta["states"])]
     top = np.argsort(-np.abs(np.asarray(gate.coef)))[:5]
     if any(gate.coef):
         lines += ["", "Largest standardised coefficients: " + ", ".join(
@@ -115,6 +120,26 @@ def write_report(gate: Any, out: Path, meta: dict[str, Any]) -> Path:
 
     write_text_atomic(path, "\n".join(lines) + "\n")
     return path
+
+
+def fit_and_write(policy: Path, scenarios: Sequence[str], seeds: Sequence[int], out: Path, *, window: int,
+                  command: str, c: float = 1.0, **run_settings: Any) -> tuple[Any, np.ndarray, Path]:
+    """Run :func:`gate_runs`, fit the gate, write it to ``out`` and its report beside it (``run_settings``:
+    the keyword arguments of :func:`gate_runs`); returns the gate, the states it was fitted on and the
+    report's path."""
+    from agents.controllers.outcome_gate import fit_gate
+    from agents.evaluate import git_commit
+    from stso_env.monitor.monitor import OBSERVATION_NAMES
+
+    t0 = time.perf_counter()
+    states, runs = gate_runs(policy, scenarios, seeds, window=window, **run_settings)
+    wins = np.asarray([r["policy_wins"] for r in runs], dtype=np.int64)
+    gate = fit_gate(states, wins, OBSERVATION_NAMES, window, runs, c=c)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    gate.save(out)
+    meta = {"policy": str(policy), "seconds": time.perf_counter() - t0, "states": states.tolist(),
+            "command": command, **git_commit()}
+    return gate, states, write_report(gate, out, meta)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -150,24 +175,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"--policy {policy}: no such file; train one with `python -m agents.train_controller`")
         scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
         seeds = [args.seed_offset + i for i in range(args.seeds)]
-        t0 = time.perf_counter()
-        states, runs = gate_runs(policy, scenarios, seeds, window=args.window, preset=args.preset,
-                                 corpus=args.corpus, episode_steps=args.episode_steps,
-                                 decision_interval=args.decision_interval, builtin_chars=args.builtin_chars,
-                                 progress=not args.no_progress)
-        from agents.controllers.outcome_gate import fit_gate
-        from agents.evaluate import git_commit
-        from stso_env.monitor.monitor import OBSERVATION_NAMES
-
-        wins = np.asarray([r["policy_wins"] for r in runs], dtype=np.int64)
-        gate = fit_gate(states, wins, OBSERVATION_NAMES, args.window, runs, c=args.c)
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        gate.save(out)
-        meta = {"policy": str(policy), "seconds": time.perf_counter() - t0, "states": states.tolist(),
-                "command": "python -m agents.fit_gate " + " ".join(sys.argv[1:] if argv is None else argv),
-                **git_commit()}
-        report = write_report(gate, out, meta)
+        _, _, report = fit_and_write(
+            policy, scenarios, seeds, Path(args.out), window=args.window, c=args.c,
+            command="python -m agents.fit_gate " + " ".join(sys.argv[1:] if argv is None else argv),
+            preset=args.preset, corpus=args.corpus, episode_steps=args.episode_steps,
+            decision_interval=args.decision_interval, builtin_chars=args.builtin_chars,
+            progress=not args.no_progress)
     except STSOError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -278,27 +278,17 @@ def learn_policy(cfg: ControllerTrainConfig, run: Path, progress: bool) -> dict[
 def fit_outcome_gate(cfg: ControllerTrainConfig, run: Path, progress: bool) -> dict[str, Any]:
     """Step 4: real runs of the fixed schedule and the policy from the same early state, on training seeds of
     the collected scenarios; the gate learned from their ends is ``run/gate.json`` (report: ``run/gate.md``)."""
-    from agents.controllers.outcome_gate import fit_gate
-    from agents.fit_gate import gate_runs
-    from agents.evaluate import git_commit
-    from agents.fit_gate import write_report as write_gate_report
-    from stso_env.monitor.monitor import OBSERVATION_NAMES
+    from agents.fit_gate import fit_and_write, runs_table
 
     scenarios = list(cfg.collect.scenarios) if cfg.collect.scenarios else [cfg.scenario]
     seeds = [cfg.gate.seed_offset + cfg.seed + i for i in range(cfg.gate.seeds)]
-    t0 = time.perf_counter()
-    states, runs = gate_runs(run / "policy.zip", scenarios, seeds, window=cfg.gate.window, preset=cfg.preset,
-                             corpus=cfg.corpus, episode_steps=cfg.eval.steps, decision_interval=cfg.decision_interval,
-                             builtin_chars=cfg.builtin_chars, progress=progress)
-    wins = np.asarray([r["policy_wins"] for r in runs], dtype=np.int64)
-    gate = fit_gate(states, wins, OBSERVATION_NAMES, cfg.gate.window, runs)
-    path = gate.save(run / "gate.json")
-    write_gate_report(gate, path, {"policy": str(run / "policy.zip"), "seconds": time.perf_counter() - t0,
-                                   "states": states.tolist(), "command": "python -m agents.train_controller (step 4)",
-                                   **git_commit()})
-    probs = [gate.probability(x, OBSERVATION_NAMES) for x in states]
-    return {"path": str(path), "scenarios": scenarios, "seeds": seeds, "window": cfg.gate.window, "runs": runs,
-            "fitted_probability": probs}
+    gate, states, _ = fit_and_write(run / "policy.zip", scenarios, seeds, run / "gate.json", window=cfg.gate.window,
+                                    command="python -m agents.train_controller (step 4)", preset=cfg.preset,
+                                    corpus=cfg.corpus, episode_steps=cfg.eval.steps,
+                                    decision_interval=cfg.decision_interval, builtin_chars=cfg.builtin_chars,
+                                    progress=progress)
+    return {"path": str(run / "gate.json"), "scenarios": scenarios, "seeds": seeds, "window": cfg.gate.window,
+            "runs": gate.runs, "table": runs_table(gate, states)}
 
 
 def evaluate_policy_real(cfg: ControllerTrainConfig, run: Path, progress: bool,
@@ -484,12 +474,7 @@ def write_report(cfg: ControllerTrainConfig, run: Path, parts: dict[str, Any]) -
                   f"Real runs on seeds {gate_part['seeds'][0]}-{gate_part['seeds'][-1]} of "
                   f"{', '.join(gate_part['scenarios'])} ({cfg.eval.steps} steps; the fixed schedule and the policy "
                   f"from the same state after {gate_part['window']} window(s)); the gate is `gate.json`, its report "
-                  "`gate.md`.", "", "| scenario | seed | fixed: end probe loss | policy: end probe loss | policy wins "
-                  "| gate: P(policy wins) |", "| --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| `{r['scenario']}` | {r['seed']} | {r['fixed_probe_loss']:.4f} | {r['policy_probe_loss']:.4f} | "
-                  f"{'yes' if r['policy_wins'] else 'no'} | {p:.2f} |"
-                  for r, p in zip(gate_part["runs"], gate_part["fitted_probability"])]
-        lines += [""]
+                  "`gate.md`.", "", *gate_part["table"], ""]
     ev = parts["eval"]
     lines += [f"## {5 if gate_part else 4}. Held-out real episodes", "",
               f"{cfg.eval.seeds} seeds from {cfg.eval.seed_offset + cfg.seed} (never collected), {cfg.eval.steps} "
