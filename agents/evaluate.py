@@ -154,7 +154,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, a
     p.add_argument("--resume", action="store_true",
                    help="keep the finished runs found in --out and run only the missing ones")
     p.add_argument("--update-readme", default=None, metavar="SUITE",
-                   help="only rewrite README.md's result block of SUITE from assets/results/SUITE/results.json")
+                   help="run nothing: rewrite assets/results/SUITE/report.md (and the suite's report copy) and, "
+                        "for a suite with readme: true, README.md's result block, from "
+                        "assets/results/SUITE/results.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv), p
 
@@ -720,17 +722,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     args, parser = parse_args(argv)
     if args.update_readme is not None:
-        from stso_env.eval.published import update_readme
+        from stso_env.eval.published import update_readme, write_reports
 
         results = REPO_ROOT / "assets" / "results" / args.update_readme / "results.json"
         if not results.is_file():
             parser.error(f"--update-readme {args.update_readme}: {results} does not exist; run the suite first")
-        try:
-            changed = update_readme(REPO_ROOT / "README.md", args.update_readme, results)
-        except ValueError as err:
-            parser.error(str(err))
-        print(f"README.md {'updated' if changed else 'already up to date'} from {results}", file=sys.stderr)
-        return {"readme_changed": changed}
+        written = write_reports(results.parent, REPO_ROOT)
+        changed = False
+        if json.loads(results.read_text(encoding="utf-8"))["settings"].get("readme"):
+            try:
+                changed = update_readme(REPO_ROOT / "README.md", args.update_readme, results)
+            except ValueError as err:
+                parser.error(str(err))
+            print(f"README.md {'updated' if changed else 'already up to date'} from {results}", file=sys.stderr)
+        print("rewrote " + ", ".join(str(w) for w in written), file=sys.stderr)
+        return {"readme_changed": changed, "reports": [str(w) for w in written]}
     check_args(args, parser)
     command = "python -m agents.evaluate " + " ".join(sys.argv[1:] if argv is None else list(argv))
     if args.suite is not None:

@@ -145,6 +145,30 @@ def test_suite_criteria_per_method_with_known_answers():
     assert "`policy`: M1 holds on 0/1 stress cells, M2 on 0/1; on `calm` significant harm" in md
 
 
+def test_ablation_steps_with_known_answers():
+    from stso_env.eval.published import ablation_lines, ablation_step
+
+    fixed = [10.0, 10.5, 11.0, 10.2, 10.8]
+    ppl = {"fixed": fixed, "rule": fixed,
+           "proxy_only": [p - 1.0 + 0.01 * i for i, p in enumerate(fixed)],  # the proxy helps: -1.0 vs the rule
+           "stso": [p - 0.5 + 0.02 * i for i, p in enumerate(fixed)],  # forks give back half of it
+           "single_trigger": fixed}
+    cell = _cell("spiky", ppl, {n: [1.0] * 5 for n in ppl})
+    step = ablation_step(cell, "proxy_only", "rule")
+    assert step["mean_diff"] == pytest.approx(-1.0 + 0.02) and step["n"] == 5 and step["p"] < 1e-6
+    forks = ablation_step(cell, "stso", "proxy_only")
+    assert forks["mean_diff"] == pytest.approx(0.5 + 0.02) and forks["p"] < 1e-4
+    assert ablation_step(cell, "stso", "pbt") is None  # not in the cell
+    md = "\n".join(ablation_lines({"spiky": cell}, {"rule": 4.0, "proxy_only": 1.0, "stso": 2.0,
+                                                    "single_trigger": 4.0}))
+    assert "| `spiky` | +0.0 % (p n/a) | -9.3 % (p " in md  # rule equals fixed; proxy_only -0.98 on 10.5
+    assert "| mean rank | 4.00 | 1.00 | 2.00 | 4.00 |" in md
+    assert "(B vs A): lowers test perplexity significantly in 1 of 1 cells, raises it significantly in 0." in md
+    assert "(C vs B): lowers test perplexity significantly in 0 of 1 cells, raises it significantly in 1." in md
+    no_ablation = _cell("spiky", {"fixed": fixed, "zclip": fixed}, {"fixed": [1.0] * 5, "zclip": [1.0] * 5})
+    assert ablation_lines({"spiky": no_ablation}, {}) == []
+
+
 def test_figures_from_synthetic_curves(tmp_path: Path):
     results = _synthetic_results()
     steps = [10, 20, 30, 20, 30]  # a rollback from step 30 to step 10 and two windows re-run

@@ -182,6 +182,22 @@ def test_readme_tables_come_from_the_committed_results(tmp_path: Path) -> None:
     assert copy.read_text() == readme
 
 
+def test_write_reports_renders_the_report_and_its_copy_from_results(tmp_path: Path) -> None:
+    from stso_env.eval.published import render_suite_report, write_reports
+
+    results = json.loads((REPO / "assets" / "results" / "core" / "results.json").read_text())
+    results["settings"]["report_copy"] = "copy.md"
+    (tmp_path / "res").mkdir()
+    (tmp_path / "res" / "results.json").write_text(json.dumps(results))
+    written = write_reports(tmp_path / "res", tmp_path)
+    assert written == [tmp_path / "res" / "report.md", tmp_path / "copy.md"]
+    report = written[0].read_text()
+    assert report == render_suite_report(results)
+    assert "Ablations of the branch method" in report and "Where the gain comes from" in report
+    assert "](figures/" not in written[1].read_text()
+    assert written[1].read_text() == report.replace("](figures/", "](assets/results/core/figures/")
+
+
 @pytest.mark.parametrize("name", ["rlhf_calibration", "rlhf", "rlhf_proxy"])
 def test_rlhf_readme_blocks_are_the_committed_reports(name: str) -> None:
     """The Phase 2 blocks are the committed reports as their commands wrote them (``--readme-block``)."""

@@ -301,6 +301,74 @@ def criteria_lines(crit: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+#: The research guide's ablations of the branch method (label, controller): A the rule-based trigger and
+#: action, B the proxy's choice without verification forks, C the full method, D the full method on a
+#: single indicator (the loss z-score) instead of the uncertainty index.
+ABLATIONS = (("A: rule", "rule"), ("B: proxy only", "proxy_only"), ("C: full", "stso"),
+             ("D: single indicator", "single_trigger"))
+#: What each step between two ablations adds, as (label, with it, without it).
+ABLATION_STEPS = (("the proxy's choice instead of the rule (B vs A)", "proxy_only", "rule"),
+                  ("verification forks and rollback choice (C vs B)", "stso", "proxy_only"),
+                  ("the uncertainty index instead of one indicator (C vs D)", "stso", "single_trigger"))
+
+
+def ablation_step(cell: Mapping[str, Any], with_it: str, without: str,
+                  metric: str = "final_test_ppl") -> dict[str, Any] | None:
+    """Paired t-test (by seed) of ``metric`` between two controllers of a compact cell: the change made by the
+    step from ``without`` to ``with_it``; None when either controller is missing from the cell."""
+    from stso_env.eval.stats import align_by_seed, paired_test
+
+    ctl = cell["controllers"]
+    if with_it not in ctl or without not in ctl:
+        return None
+    pairs = align_by_seed(ctl[with_it]["seeds"], ctl[without]["seeds"])
+    return paired_test([r.get(metric) for r in pairs["runs"]], [r.get(metric) for r in pairs["ref_runs"]])
+
+
+def _change(test: Mapping[str, Any] | None) -> str:
+    if test is None:
+        return "n/a"
+    return f"{fmt_pct(test['rel_change'])} (p {fmt(test['p'], 2)})"
+
+
+def ablation_lines(cells: Mapping[str, Mapping[str, Any]], mean_rank: Mapping[str, float]) -> list[str]:
+    """The ablation section (markdown lines): each ablation's test perplexity against ``fixed`` per cell,
+    what each step between ablations changes (paired t by seed, unadjusted), and how often a step helps or
+    hurts significantly; empty when the suite ran none of the ablations."""
+    present = [(label, n) for label, n in ABLATIONS if any(n in c["controllers"] for c in cells.values())]
+    if not present:
+        return []
+    lines = ["Ablations of the branch method (test perplexity against `fixed`, paired t, Holm-adjusted across "
+             "the cell's controllers; mean rank by test perplexity across cells in the last row):", ""]
+    rows = []
+    for cname, cell in cells.items():
+        block = cell["comparison"].get("metrics", {}).get("final_test_ppl", {})
+        row = [f"`{cname}`"]
+        for _, n in present:
+            r = block.get(n)
+            row.append("n/a" if r is None else
+                       f"{fmt_pct(r['paired']['rel_change'])} (p {fmt(r.get('p_holm_paired_t'), 2)})")
+        rows.append(row)
+    rows.append(["mean rank", *("n/a" if mean_rank.get(n) is None else f"{mean_rank[n]:.2f}" for _, n in present)])
+    lines += _table(["cell", *(f"{label} (`{n}`)" for label, n in present)], rows)
+    steps = [s for s in ABLATION_STEPS if all(any(n in c["controllers"] for c in cells.values()) for n in s[1:])]
+    if not steps:
+        return lines + [""]
+    tests = {s: {cname: ablation_step(cell, s[1], s[2]) for cname, cell in cells.items()} for s in steps}
+    lines += ["", "Where the gain comes from: the change in test perplexity that each step of the method makes "
+              "(mean of the step's controller against the one without it, paired t by seed, unadjusted):", ""]
+    lines += _table(["cell", *(s[0] for s in steps)],
+                    [[f"`{cname}`", *(_change(tests[s][cname]) for s in steps)] for cname in cells])
+    lines.append("")
+    for s in steps:
+        done = [t for t in tests[s].values() if t is not None and t["p"] is not None]
+        helps = sum(t["p"] < 0.05 and t["mean_diff"] < 0 for t in done)
+        hurts = sum(t["p"] < 0.05 and t["mean_diff"] > 0 for t in done)
+        lines.append(f"- {s[0]}: lowers test perplexity significantly in {helps} of {len(tests[s])} cells, "
+                     f"raises it significantly in {hurts}.")
+    return lines + [""]
+
+
 def readme_tables(results: Mapping[str, Any]) -> str:
     """The README's result block for a published suite (markdown, no markers)."""
     cells, summary = results["cells"], results["summary"]
@@ -321,6 +389,9 @@ def readme_tables(results: Mapping[str, Any]) -> str:
     if summary.get("criteria"):
         lines += [""] + criteria_lines(summary["criteria"])[:-1]
     ranks = summary["mean_rank"]
+    ablations = ablation_lines(cells, ranks["final_test_ppl"])
+    if ablations:
+        lines += [""] + ablations[:-1]
     lines += ["", "Mean rank across cells (1 = best; by mean test perplexity, and by mean model events):", ""]
     lines += _table(["controller", "rank: test ppl", "rank: model events"],
                     [[f"`{n}`", f"{r:.2f}", f"{ranks['model_events_per_100k_steps'].get(n, math.nan):.2f}"]
@@ -395,6 +466,22 @@ def render_suite_report(results: Mapping[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def write_reports(results_dir: Path, repo_root: Path) -> list[Path]:
+    """Render ``report.md`` (and the suite's ``report_copy`` at the repository root, if it names one) from
+    ``results_dir/results.json``; returns the files written. Rerunnable: a new report layout reaches the
+    committed reports without rerunning a suite."""
+    results = json.loads((Path(results_dir) / "results.json").read_text(encoding="utf-8"))
+    report = render_suite_report(results)
+    written = [Path(results_dir) / "report.md"]
+    write_text_atomic(written[0], report)
+    copy = results["settings"].get("report_copy")
+    if copy:
+        # The copy sits at the repository root: its figure links point into the results folder.
+        written.append(Path(repo_root) / copy)
+        write_text_atomic(written[1], report.replace("](figures/", f"](assets/results/{results['suite']}/figures/"))
+    return written
+
+
 def publish_suite(suite: Any, cells_full: Mapping[str, Mapping[str, Any]], meta: Mapping[str, Any],
                   results_dir: Path) -> dict[str, Any]:
     """Write the committed results of a suite to ``results_dir``; returns the compact results dict."""
@@ -414,12 +501,7 @@ def publish_suite(suite: Any, cells_full: Mapping[str, Mapping[str, Any]], meta:
         for extra in set(figs) - {"loss_curves", "metric_bars"}:
             Path(figs[extra]).unlink(missing_ok=True)  # the timeline per cell stays in the runs folder
     write_json_atomic(results_dir / "results.json", results)
-    report = render_suite_report(json.loads((results_dir / "results.json").read_text()))
-    write_text_atomic(results_dir / "report.md", report)
-    if suite.report_copy:
-        # The copy sits at the repository root: its figure links point into the results folder.
-        write_text_atomic(REPO_ROOT / suite.report_copy,
-                          report.replace("](figures/", f"](assets/results/{suite.name}/figures/"))
+    write_reports(results_dir, REPO_ROOT)
     if suite.readme:
         update_readme(REPO_ROOT / "README.md", suite.name, results_dir / "results.json")
     return results
