@@ -355,15 +355,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                        decision_interval=args.decision_interval, preset=args.preset, corpus=args.corpus,
                        changes=changes, cooldown=args.cooldown, to_end=args.to_end, ema_decay=args.ema,
                        progress=not args.no_progress)
-        from agents.evaluate import git_commit, machine, versions
+        from agents.evaluate import provenance
         from stso_env.files import content_digest
 
         meta = {"proxy": args.proxy, "proxy_sha256": content_digest(args.proxy), "scenarios": scenarios,
                 "seeds": seeds, "windows": windows, "cooldown": args.cooldown, "to_end": args.to_end,
-                "ema": args.ema,
-                "seconds": time.perf_counter() - t0,
-                "command": "python -m agents.check_effects " + " ".join(sys.argv[1:] if argv is None else argv),
-                **git_commit(), "versions": versions(), "machine": machine()}
+                "ema": args.ema, "seconds": time.perf_counter() - t0, **provenance("agents.check_effects", argv)}
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         from stso_env.eval.report import write_json_atomic

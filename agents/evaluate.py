@@ -285,6 +285,13 @@ def machine() -> dict[str, Any]:
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+def provenance(program: str, argv: Sequence[str] | None) -> dict[str, Any]:
+    """What a committed result records about how it was made: the command line of ``program`` (a module
+    name, with ``argv`` or the process's own arguments), the commit, versions and machine."""
+    return {"command": f"python -m {program} " + " ".join(sys.argv[1:] if argv is None else list(argv)),
+            **git_commit(), "versions": versions(), "machine": machine()}
+
+
 def git_commit() -> dict[str, Any]:
     """The commit the code ran at and whether the tree had uncommitted changes."""
     root = Path(__file__).resolve().parent.parent

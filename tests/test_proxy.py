@@ -344,3 +344,47 @@ def test_heldout_skill_known_answers():
     off.offset = 0.1
     worse = heldout_skill(off, calib, test)
     assert worse["loss_r2_heldout"] < 1.0 and all(v < 1.0 for v in worse["loss_r2_by_run"].values())
+
+
+def test_proxy_baselines_reproduce_the_proxy_split_with_known_answers(tmp_path):
+    """agents.proxy_baselines scores the proxy on the runs agents.train_proxy held out: its figures for the
+    proxy and for persistence equal the proxy report's; persistence predicts no effect of any action."""
+    from agents.proxy_baselines import compare, main, real_effects
+    from agents.train_proxy import fit_proxy
+
+    db = LogDB(tmp_path / "log_db.parquet", observation_names=OBSERVATION_NAMES, flush_rows=500)
+    for s in range(40):
+        for row in synth_rows(s, steps=20):
+            db.append(row)
+    db.close()
+    test_seeds = list(range(32, 40))
+    report = fit_proxy(tmp_path / "log_db.parquet", tmp_path / "proxy",
+                       ProxyConfig(horizon=3, hidden=16, ensemble=2, epochs=4), test_seeds=test_seeds,
+                       progress=False)
+    out = compare(tmp_path / "log_db.parquet", tmp_path / "proxy", test_seeds=test_seeds)
+    assert out["test_seeds"] == test_seeds and out["horizon"] == 3
+    models = out["models"]
+    assert models["proxy"]["loss_r2"] == pytest.approx(report["loss_r2"], abs=1e-5)
+    assert models["proxy"]["loss_r2_heldout"] == pytest.approx(report["loss_r2_heldout"], abs=1e-5)
+    assert models["persistence"]["loss_r2"] == pytest.approx(report["persistence_r2"], abs=1e-6)
+    assert models["persistence"]["loss_mae"] == pytest.approx(report["persistence_mae"], abs=1e-6)
+    assert models["persistence"]["max_abs_effect"] == 0.0
+    # the synthetic loss falls with the LR scale: every fitted model sees the action columns matter
+    assert models["ridge"]["max_abs_effect"] > 0 and models["extra trees"]["loss_r2"] > models["persistence"]["loss_r2"]
+    # real effects from an agents.check_effects file: data_reorder's root mean square is the chance scale
+    eff = tmp_path / "effects.json"
+    eff.write_text(json.dumps({"changes": ["lr_change=x0.8", "data_reorder"],
+                               "points": [{"real": [-0.1, 0.03]}, {"real": [-0.3, -0.04]}]}))
+    real = real_effects(eff)
+    assert real["effects"]["lr_change=x0.8"] == pytest.approx(-0.2)
+    assert real["mean_abs_effect"] == pytest.approx(0.2) and real["chance_rms"] == pytest.approx(0.035355, abs=1e-6)
+    # bad input: clear errors, exit code 2
+    assert main(["--log-db", str(tmp_path / "log_db.parquet"), "--proxy", str(tmp_path / "nope"),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert main(["--log-db", str(tmp_path / "log_db.parquet"), "--proxy", str(tmp_path / "proxy"),
+                 "--test-seeds", *map(str, test_seeds), "--effects", str(tmp_path / "missing.json"),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert main(["--log-db", str(tmp_path / "log_db.parquet"), "--proxy", str(tmp_path / "proxy"),
+                 "--test-seeds", *map(str, test_seeds), "--effects", str(eff), "--out", str(tmp_path / "o")]) == 0
+    text = (tmp_path / "o" / "report.md").read_text()
+    assert "| `persistence` |" in text and "root mean square 0.0354 nats" in text

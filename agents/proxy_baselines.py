@@ -1,0 +1,255 @@
+"""What the proxy's loss@N accuracy is made of: the proxy against scikit-learn baselines on its own split.
+
+    python -m agents.proxy_baselines --log-db runs/train-controller/log_db.parquet \
+        --proxy runs/train-controller/proxy --effects assets/results/effects/effects.json
+
+The proxy's R² for loss@N mixes two things: where the run is heading anyway (the state's dynamics) and
+what an intervention changes. Only the second ranks candidates. This command splits the log database
+exactly as ``agents.train_proxy`` does for the proxy (same runs for training, calibration and test),
+fits baselines on the proxy's training and validation runs, and reports on the held-out runs:
+
+* ``persistence``: loss@N = the probe loss now; ``persistence + mean change``: plus the training runs'
+  mean change over the horizon;
+* ``ridge``: a linear model of the change (scikit-learn ``RidgeCV``) on state and plan;
+* ``extra trees``: an ensemble of extremely randomised trees (scikit-learn ``ExtraTreesRegressor``) of
+  the change on state and plan;
+* the proxy itself.
+
+For each: loss@N R² and MAE on the test runs, R² of the change, the level's R² over every held-out run
+(calibration and test), and the size of the effects it predicts for the single changes of the action
+grid against the neutral action on the test states (:func:`stso_env.proxy.effects.action_effects`):
+the mean over changes of the absolute mean effect, and the largest one. ``--effects`` adds the real
+effects of the same changes measured by ``agents.check_effects`` (forks of real runs), with the
+real effect of reordering the data, which changes nothing but chance, as the noise scale.
+
+Writes ``OUT/baselines.json`` and ``OUT/report.md`` (default ``runs/proxy_baselines``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from stso_env.errors import ConfigError, DataError, STSOError
+
+#: Trees of the extra-trees baseline; leaves hold at least two rows (a few hundred training rows).
+TREES = 300
+MIN_SAMPLES_LEAF = 2
+
+
+def _rows(part: Any, alive: bool = False) -> np.ndarray:
+    """Rows with a finite loss@N and probe loss now, as the proxy report scores them; ``alive``: only rows
+    whose run did not diverge within the horizon (the report's held-out R²)."""
+    if part.loss_before is None:
+        raise DataError("the log database has no probe_loss_before column; collect with a current "
+                        "agents.collect or agents.train_controller")
+    ok = np.isfinite(part.loss_at_n) & np.isfinite(part.loss_before)
+    return ok & (part.diverged_at_n == 0) if alive else ok
+
+
+class ChangeModel:
+    """A scikit-learn regressor of the change of the probe loss over the horizon, as a proxy-like
+    ``predict(state, action)``: the probe loss now (``baseline(state)``) plus the predicted change."""
+
+    def __init__(self, estimator: Any, baseline: Any, nvec: tuple[int, ...]) -> None:
+        self.estimator, self.baseline, self.nvec = estimator, baseline, nvec
+
+    def fit(self, x: np.ndarray, change: np.ndarray) -> ChangeModel:
+        self.estimator.fit(x, change)
+        return self
+
+    def change(self, state: np.ndarray, action: np.ndarray) -> np.ndarray:
+        x = np.concatenate([np.asarray(state, np.float32), np.asarray(action, np.float32)], axis=1)
+        return self.estimator.predict(x)
+
+    def predict(self, state: np.ndarray, action: np.ndarray) -> dict[str, np.ndarray]:
+        # The baseline cancels in an effect (two actions, one state); it matters only for the level.
+        return {"loss_at_n": self.baseline(state) + self.change(state, action)}
+
+
+def _skill(predict: Any, calib: Any, test: Any) -> dict[str, float]:
+    from sklearn.metrics import mean_absolute_error, r2_score
+
+    def level(part: Any, k: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        before = part.loss_before[k].astype(np.float64)
+        return (part.loss_at_n[k].astype(np.float64), before,
+                np.asarray(predict(part.state[k], part.action[k], before), np.float64))
+
+    y, before, p = level(test, _rows(test))
+    pooled = [level(part, _rows(part, alive=True)) for part in (calib, test)]
+    return {"loss_r2": float(r2_score(y, p)), "loss_mae": float(mean_absolute_error(y, p)),
+            "loss_change_r2": float(r2_score(y - before, p - before)),
+            "loss_r2_heldout": float(r2_score(np.concatenate([q[0] for q in pooled]),
+                                              np.concatenate([q[2] for q in pooled])))}
+
+
+def _effect_size(model: Any, states: np.ndarray) -> dict[str, Any]:
+    from stso_env.proxy.effects import action_effects
+
+    eff = action_effects(model, states)
+    means = {name: v["mean"] for name, v in eff["per_action"].items()}
+    return {"effects": means, "mean_abs_effect": float(np.mean(np.abs(list(means.values())))),
+            "max_abs_effect": float(np.max(np.abs(list(means.values())))),
+            "modal_best": eff["modal_best"], "modal_best_share": eff["modal_best_share"]}
+
+
+def real_effects(path: Path) -> dict[str, Any]:
+    """Real effects of the single changes at +N from an ``agents.check_effects`` output (``effects.json``):
+    mean per change, their mean absolute value, and the root mean square of the data-reorder effect."""
+    if not path.is_file():
+        raise DataError(f"--effects {path}: no such file; pass the effects.json that agents.check_effects wrote")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        changes, points = data["changes"], data["points"]
+        real = np.asarray([p["real"] for p in points], dtype=np.float64)
+    except (KeyError, TypeError, ValueError) as err:
+        raise DataError(f"--effects {path}: not an agents.check_effects effects.json ({err})") from None
+    means = {c: float(np.nanmean(real[:, j])) for j, c in enumerate(changes)}
+    out: dict[str, Any] = {"path": str(path), "proxy": data.get("meta", {}).get("proxy"), "fork_points": len(points),
+                           "effects": means,
+                           "mean_abs_effect": float(np.mean([abs(v) for c, v in means.items() if c != "data_reorder"]))}
+    if "data_reorder" in changes:
+        r = real[:, changes.index("data_reorder")]
+        out["chance_rms"] = float(np.sqrt(np.nanmean(r ** 2)))
+    return out
+
+
+def compare(log_db: Path, proxy_dir: Path, *, test_seeds: Sequence[int] | None = None, seed: int = 0,
+            calib_frac: float = 0.25, valid_frac: float = 0.15) -> dict[str, Any]:
+    """Fit the baselines on the proxy's split of ``log_db`` and score them and the proxy (module docstring)."""
+    from sklearn.ensemble import ExtraTreesRegressor
+    from sklearn.linear_model import RidgeCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from agents.train_proxy import split_runs
+    from stso_env.proxy.dataset import PLAN_NVEC, build_targets
+    from stso_env.proxy.logdb import read_log_db
+    from stso_env.proxy.model import ProxyEnsemble
+
+    if not log_db.exists():
+        raise DataError(f"--log-db {log_db}: does not exist; pass the log_db.parquet folder of a run")
+    model = ProxyEnsemble.load(proxy_dir)
+    ds = build_targets(read_log_db(log_db), model.config.horizon, plans=tuple(model.nvec) == tuple(PLAN_NVEC))
+    parts = split_runs(ds, test_seeds, calib_frac=calib_frac, valid_frac=valid_frac, seed=seed)
+    fit_parts = [parts["train"]] if parts["valid_is_calib"] else [parts["train"], parts["valid"]]
+    x = np.concatenate([p.features()[_rows(p, alive=True)] for p in fit_parts])
+    change = np.concatenate([(p.loss_at_n - p.loss_before)[_rows(p, alive=True)]
+                             for p in fit_parts]).astype(np.float64)
+    calib, test = parts["calib"], parts["test"]
+    states = test.state[_rows(test, alive=True)]
+
+    def mean_change(state: np.ndarray, action: np.ndarray, before: np.ndarray) -> np.ndarray:
+        return before + change.mean()
+
+    fitted = {
+        "ridge": ChangeModel(make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13))),
+                             model.loss_baseline, model.nvec).fit(x, change),
+        "extra trees": ChangeModel(ExtraTreesRegressor(TREES, min_samples_leaf=MIN_SAMPLES_LEAF, n_jobs=1,
+                                                       random_state=seed),
+                                   model.loss_baseline, model.nvec).fit(x, change),
+        "proxy": model,
+    }
+    rows: dict[str, Any] = {
+        "persistence": {**_skill(lambda s, a, b: b, calib, test), "mean_abs_effect": 0.0, "max_abs_effect": 0.0},
+        "persistence + mean change": {**_skill(mean_change, calib, test), "mean_abs_effect": 0.0,
+                                      "max_abs_effect": 0.0},
+    }
+    for name, m in fitted.items():
+        # the baselines add their change to the logged probe loss; the proxy predicts the level itself
+        level = (lambda s, a, b, m=m: b + m.change(s, a)) if isinstance(m, ChangeModel) else \
+            (lambda s, a, b, m=m: m.predict(s, a)["loss_at_n"])
+        rows[name] = {**_skill(level, calib, test), **_effect_size(m, states)}
+    trees = fitted["extra trees"].estimator
+    n_state = ds.state.shape[1]
+    return {"models": rows, "test_seeds": parts["test_seeds"],
+            "calib_seeds": sorted(map(int, np.unique(calib.seed))), "n_fit_rows": int(len(change)),
+            "n_test_rows": int(_rows(test).sum()), "horizon": model.config.horizon,
+            "trees_action_importance": float(trees.feature_importances_[n_state:].sum())}
+
+
+def write_report(result: dict[str, Any], out: Path, meta: dict[str, Any]) -> Path:
+    from stso_env.eval.report import _table, fmt
+    from stso_env.files import write_text_atomic
+
+    rows = [[f"`{n}`", fmt(r["loss_r2"], 3), fmt(r["loss_mae"], 3), fmt(r["loss_change_r2"], 3),
+             fmt(r["loss_r2_heldout"], 3), fmt(r["mean_abs_effect"], 3), fmt(r["max_abs_effect"], 3)]
+            for n, r in result["models"].items()]
+    lines = ["# The proxy's loss@N against simple baselines", "",
+             f"Command: `{meta['command']}`  ", f"Commit: `{meta.get('commit')}`"
+             + (" (with uncommitted changes)" if meta.get("dirty") else "") + "  ",
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + "  ",
+             f"Machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores", "",
+             f"Proxy `{meta['proxy']}` (horizon {result['horizon']} windows); log `{meta['log_db']}`. The baselines "
+             f"are fitted on the proxy's training and validation runs ({result['n_fit_rows']} rows) and scored on its "
+             f"test runs (seeds {', '.join(map(str, result['test_seeds']))}, {result['n_test_rows']} rows); "
+             f"'held-out R²' pools the calibration runs (seeds {', '.join(map(str, result['calib_seeds']))}) "
+             "and the test runs. Effects: the predicted loss@N of each single change of the action grid minus "
+             "that of the neutral action, mean over the test states (nats).", "",
+             *_table(["model", "loss@N R²", "MAE (nats)", "R² of the change", "held-out R²",
+                      "mean |effect| of a change", "largest |effect|"], rows), "",
+             f"The extra trees put {100 * result['trees_action_importance']:.1f} % of their feature importance on "
+             "the plan's action columns."]
+    real = result.get("real_effects")
+    if real:
+        lines += ["", f"Real effects at +N (`{real['path']}`, forks of real runs, {real['fork_points']} fork points, "
+                  f"proxy `{real['proxy']}`): mean |effect| of a change {fmt(real['mean_abs_effect'], 3)} nats; "
+                  "the real effect of reordering the data, which changes only chance, has root mean square "
+                  f"{fmt(real.get('chance_rms'), 3)} nats.", "",
+                  *_table(["change", "real effect, mean", *(f"`{n}`" for n in result["models"]
+                                                            if "effects" in result["models"][n])],
+                          [[f"`{c}`", fmt(v, 3), *(fmt(r["effects"].get(c), 3) for r in result["models"].values()
+                                                   if "effects" in r)]
+                           for c, v in real["effects"].items()])]
+    path = out / "report.md"
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    return path
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m agents.proxy_baselines", description=__doc__.split("\n\n")[0])
+    p.add_argument("--log-db", default="runs/train-controller/log_db.parquet",
+                   help="the log database the proxy was trained on (default: make train's)")
+    p.add_argument("--proxy", default="runs/train-controller/proxy", help="the proxy folder (default: make train's)")
+    p.add_argument("--effects", default=None,
+                   help="an agents.check_effects effects.json to set the real effects beside the predicted ones")
+    p.add_argument("--seed", type=int, default=0, help="the split seed agents.train_proxy used (default 0)")
+    p.add_argument("--test-seeds", type=int, nargs="*", default=None,
+                   help="the test seeds agents.train_proxy used (default: its default split)")
+    p.add_argument("--out", default="runs/proxy_baselines", help="output folder")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if not Path(args.proxy).is_dir():
+            raise ConfigError(f"--proxy {args.proxy}: not a folder; pass a proxy folder of agents.train_proxy "
+                              "or agents.train_controller (RUN/proxy)")
+        t0 = time.perf_counter()
+        result = compare(Path(args.log_db), Path(args.proxy), test_seeds=args.test_seeds, seed=args.seed)
+        if args.effects:
+            result["real_effects"] = real_effects(Path(args.effects))
+        from agents.evaluate import provenance
+        from stso_env.eval.report import write_json_atomic
+
+        meta = {"proxy": args.proxy, "log_db": args.log_db, "seconds": time.perf_counter() - t0,
+                **provenance("agents.proxy_baselines", argv)}
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(args.out) / "baselines.json", {"meta": meta, **result})
+        report = write_report(result, Path(args.out), meta)
+    except STSOError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(report.read_text(encoding="utf-8"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
