@@ -193,13 +193,13 @@ def write_report(result: dict[str, Any], out: Path, meta: dict[str, Any]) -> Pat
              "and the test runs. Effects: the predicted loss@N of each single change of the action grid minus "
              "that of the neutral action, mean over the test states (nats).", "",
              *_table(["model", "loss@N R²", "MAE (nats)", "R² of the change", "held-out R²",
-                      "mean |effect| of a change", "largest |effect|"], rows), "",
+                      "mean absolute effect of a change", "largest absolute effect"], rows), "",
              f"The extra trees put {100 * result['trees_action_importance']:.1f} % of their feature importance on "
              "the plan's action columns."]
     real = result.get("real_effects")
     if real:
         lines += ["", f"Real effects at +N (`{real['path']}`, forks of real runs, {real['fork_points']} fork points, "
-                  f"proxy `{real['proxy']}`): mean |effect| of a change {fmt(real['mean_abs_effect'], 3)} nats; "
+                  f"proxy `{real['proxy']}`): mean absolute effect of a change {fmt(real['mean_abs_effect'], 3)} nats; "
                   "the real effect of reordering the data, which changes only chance, has root mean square "
                   f"{fmt(real.get('chance_rms'), 3)} nats.", "",
                   *_table(["change", "real effect, mean", *(f"`{n}`" for n in result["models"]
