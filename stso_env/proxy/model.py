@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -304,7 +305,7 @@ class ProxyEnsemble(nn.Module):
                     yv: torch.Tensor) -> None:
         """Ridge regression of every regression head on the standardised inputs, per member on its bootstrap
         rows, into ``lin_w``; the penalty is chosen among :data:`RIDGE_ALPHAS` (times the rows) on ``valid``.
-        The divergence logit gets no linear path (a least-squares fit of a 0/1 label is no logit)."""
+        The divergence logit gets a logistic regression instead (:meth:`_fit_logistic`)."""
         z = ((x - self.x_mean) / self.x_std).clamp(-10.0, 10.0)
         yz = (y - self.y_mean) / self.y_std
         yz = torch.where(torch.isfinite(yz), yz, torch.zeros(()))  # a missing target pulls towards the mean
@@ -323,6 +324,50 @@ class ProxyEnsemble(nn.Module):
             if v < best:
                 best, best_w = v, w
         self.lin_w.copy_(best_w)
+        self._fit_logistic(z, y[:, 1], boot, xv, yv)
+
+    @torch.no_grad()
+    def _fit_logistic(self, z: torch.Tensor, label: torch.Tensor, boot: torch.Tensor, xv: torch.Tensor,
+                      yv: torch.Tensor) -> None:
+        """L2-penalised logistic regression (scikit-learn) of the divergence label on the standardised
+        inputs, per member on its bootstrap rows, into the logit's linear path (``lin_w``) and bias
+        (``head_b``); the penalty is chosen among :data:`RIDGE_ALPHAS` on the validation rows' log loss.
+
+        Without it the logit had only the MLP, and early stopping, which watches the loss head, often
+        restores an epoch before the MLP learned it: on 16 collected ``unstable`` runs the proxy then
+        predicted 0.5 for every row (AUROC 0.5). A member whose resample holds one class only keeps the
+        MLP's logit alone, so a collection without divergences fits exactly as before."""
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.linear_model import LogisticRegression
+
+        lab = label.numpy()
+        ok = np.isfinite(lab)
+        if not ok.any() or len(np.unique(lab[ok])) < 2:
+            return
+        zn, bn = z.double().numpy(), boot.numpy()
+        n, e = z.shape[0], boot.shape[0]
+        yl = torch.nan_to_num(yv[:, 1]).clamp(0.0, 1.0)
+        best, best_wb = float("inf"), None
+        for alpha in RIDGE_ALPHAS:
+            w = torch.zeros(e, self.in_dim)
+            b = torch.zeros(e)
+            for m in range(e):
+                rows = bn[m][ok[bn[m]]]
+                if len(np.unique(lab[rows])) < 2:
+                    continue
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", ConvergenceWarning)
+                    fit = LogisticRegression(C=1.0 / (alpha * n), max_iter=500).fit(zn[rows], lab[rows])
+                w[m] = torch.from_numpy(fit.coef_[0]).float()
+                b[m] = float(fit.intercept_[0])
+            self.lin_w[:, :, 1] = w
+            self.head_b[:, 0, 1] = b
+            logit = self(xv)[..., 1].mean(0)
+            v = float(nn.functional.binary_cross_entropy_with_logits(logit, yl))
+            if v < best:
+                best, best_wb = v, (w, b)
+        self.lin_w[:, :, 1] = best_wb[0]
+        self.head_b[:, 0, 1] = best_wb[1]
 
     def _fit_probe_scale(self, ds: ProxyDataset) -> float:
         """Nats per unit of the ``probe_loss`` feature (ln vocab), measured on the logged rows; 0 when the
