@@ -174,6 +174,40 @@ def compare(log_db: Path, proxy_dir: Path, *, test_seeds: Sequence[int] | None =
             "trees_action_importance": float(trees.feature_importances_[n_state:].sum())}
 
 
+def effects_figure(result: dict[str, Any], path: Path) -> Path | None:
+    """Grouped bars per single change: the real mean effect at +N and each model's predicted one (needs
+    ``real_effects``); None without them."""
+    real = result.get("real_effects")
+    if not real:
+        return None
+    from matplotlib.figure import Figure
+
+    from stso_env.eval.figures import save_figure
+
+    changes = list(real["effects"])
+    series = {"real (forks)": [real["effects"][c] for c in changes]}
+    series.update({name: [r["effects"].get(c, np.nan) for c in changes]
+                   for name, r in result["models"].items() if "effects" in r})
+    x = np.arange(len(changes))
+    width = 0.8 / len(series)
+    fig = Figure(figsize=(max(7, 0.9 * len(changes) + 2), 4))
+    ax = fig.subplots()
+    for i, (name, vals) in enumerate(series.items()):
+        ax.bar(x - 0.4 + (i + 0.5) * width, vals, width, label=name, color="black" if i == 0 else None)
+    ax.axhline(0, color="grey", lw=0.8)
+    if real.get("chance_rms") is not None:
+        for sign in (-1, 1):
+            ax.axhline(sign * real["chance_rms"], color="grey", ls="--", lw=0.8,
+                       label="chance (data reorder, RMS)" if sign > 0 else None)
+    ax.set_xticks(x, changes, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("effect on the probe loss at +N (nats)")
+    ax.set_title("Effect of each single change against the neutral action: real and predicted")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 def write_report(result: dict[str, Any], out: Path, meta: dict[str, Any]) -> Path:
     from stso_env.eval.report import _table, fmt
     from stso_env.files import write_text_atomic
@@ -207,6 +241,8 @@ def write_report(result: dict[str, Any], out: Path, meta: dict[str, Any]) -> Pat
                           [[f"`{c}`", fmt(v, 3), *(fmt(r["effects"].get(c), 3) for r in result["models"].values()
                                                    if "effects" in r)]
                            for c, v in real["effects"].items()])]
+    if effects_figure(result, out / "effects.png") is not None:
+        lines += ["", "![real and predicted effects](effects.png)"]
     path = out / "report.md"
     write_text_atomic(path, "\n".join(lines) + "\n")
     return path

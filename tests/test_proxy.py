@@ -410,3 +410,5 @@ def test_proxy_baselines_reproduce_the_proxy_split_with_known_answers(tmp_path):
                  "--test-seeds", *map(str, test_seeds), "--effects", str(eff), "--out", str(tmp_path / "o")]) == 0
     text = (tmp_path / "o" / "report.md").read_text()
     assert "| `persistence` |" in text and "root mean square 0.0354 nats" in text
+    assert "![real and predicted effects](effects.png)" in text
+    assert (tmp_path / "o" / "effects.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

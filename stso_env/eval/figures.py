@@ -27,7 +27,8 @@ from stso_env.eval.stats import METRICS
 DPI = 110
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Write ``fig`` (a pyplot-free :class:`~matplotlib.figure.Figure`) to ``path`` as PNG; returns ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=DPI)
@@ -92,7 +93,7 @@ def loss_curves(curves: Mapping[str, Any], path: Path) -> Path:
     axes[0].legend(fontsize=8)
     fig.suptitle("Loss: mean over seeds, band = seed range")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def uncertainty_timeline(curves: Mapping[str, Any], path: Path, *, seed: int | None = None) -> Path:
@@ -130,7 +131,7 @@ def uncertainty_timeline(curves: Mapping[str, Any], path: Path, *, seed: int | N
     axes[-1].set_xlabel("global step")
     fig.suptitle("Uncertainty index, trigger (shaded) and decisions")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _step_width(steps: np.ndarray) -> float:
@@ -169,7 +170,7 @@ def metric_bars(results: Mapping[str, Any], path: Path, metrics: Sequence[str] |
         ax.set_visible(False)
     fig.suptitle("Metrics per controller: mean over seeds, 95 % CI")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def make_figures(results: Mapping[str, Any], curves: Mapping[str, Any], out_dir: Path) -> dict[str, Path]:
