@@ -120,6 +120,41 @@ def real_effects(path: Path) -> dict[str, Any]:
     return out
 
 
+def divergence_skill(fit_parts: Sequence[Any], test: Any, model: Any, seed: int = 0) -> dict[str, Any]:
+    """AUROC and Brier score of "the run diverges within the horizon" on the test rows: the proxy's
+    ``diverged_prob`` against the training rate, a logistic regression and extra trees (scikit-learn) fitted
+    on the same rows as the loss baselines; ``reason`` instead when either side holds one class only."""
+    from sklearn.ensemble import ExtraTreesClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import brier_score_loss, roc_auc_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    y_fit = np.concatenate([p.diverged_at_n for p in fit_parts]).astype(int)
+    y = test.diverged_at_n.astype(int)
+    out: dict[str, Any] = {"test_rows": int(len(y)), "test_diverged": int(y.sum()),
+                           "fit_rows": int(len(y_fit)), "fit_diverged": int(y_fit.sum())}
+    if len(np.unique(y_fit)) < 2 or len(np.unique(y)) < 2:
+        out["reason"] = ("no divergence in the " + ("fitting" if len(np.unique(y_fit)) < 2 else "test")
+                         + " runs: AUROC needs both outcomes")
+        return out
+
+    def finite(x: np.ndarray) -> np.ndarray:
+        return np.nan_to_num(np.asarray(x, np.float64), nan=0.0, posinf=1e6, neginf=-1e6)
+
+    x_fit = finite(np.concatenate([p.features() for p in fit_parts]))
+    x = finite(test.features())
+    probs = {"training rate": np.full(len(y), y_fit.mean())}
+    for name, clf in (("logistic regression", make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))),
+                      ("extra trees", ExtraTreesClassifier(TREES, min_samples_leaf=MIN_SAMPLES_LEAF, n_jobs=1,
+                                                           random_state=seed))):
+        probs[name] = clf.fit(x_fit, y_fit).predict_proba(x)[:, 1]
+    probs["proxy"] = np.asarray(model.predict(test.state, test.action)["diverged_prob"], np.float64)
+    out["models"] = {n: {"auroc": float(roc_auc_score(y, q)), "brier": float(brier_score_loss(y, q))}
+                     for n, q in probs.items()}
+    return out
+
+
 def compare(log_db: Path, proxy_dir: Path, *, test_seeds: Sequence[int] | None = None, seed: int = 0,
             calib_frac: float = 0.25, valid_frac: float = 0.15) -> dict[str, Any]:
     """Fit the baselines on the proxy's split of ``log_db`` and score them and the proxy (module docstring)."""
@@ -171,7 +206,8 @@ def compare(log_db: Path, proxy_dir: Path, *, test_seeds: Sequence[int] | None =
     return {"models": rows, "test_seeds": parts["test_seeds"],
             "calib_seeds": sorted(map(int, np.unique(calib.seed))), "n_fit_rows": int(len(change)),
             "n_test_rows": int(_rows(test).sum()), "horizon": model.config.horizon,
-            "trees_action_importance": float(trees.feature_importances_[n_state:].sum())}
+            "trees_action_importance": float(trees.feature_importances_[n_state:].sum()),
+            "divergence": divergence_skill(fit_parts, test, model, seed)}
 
 
 def effects_figure(result: dict[str, Any], path: Path) -> Path | None:
@@ -230,6 +266,13 @@ def write_report(result: dict[str, Any], out: Path, meta: dict[str, Any]) -> Pat
                       "mean absolute effect of a change", "largest absolute effect"], rows), "",
              f"The extra trees put {100 * result['trees_action_importance']:.1f} % of their feature importance on "
              "the plan's action columns."]
+    div = result.get("divergence") or {}
+    lines += ["", f"Divergence within the horizon: {div.get('test_diverged', 0)} of {div.get('test_rows', 0)} test "
+              f"rows diverged ({div.get('fit_diverged', 0)} of {div.get('fit_rows', 0)} fitting rows)"
+              + (f"; {div['reason']}." if div.get("reason") else ".")]
+    if div.get("models"):
+        lines += ["", *_table(["model", "AUROC", "Brier score"],
+                              [[f"`{n}`", fmt(r["auroc"], 3), fmt(r["brier"], 3)] for n, r in div["models"].items()])]
     real = result.get("real_effects")
     if real:
         lines += ["", f"Real effects at +N (`{real['path']}`, forks of real runs, {real['fork_points']} fork points, "

@@ -393,6 +393,13 @@ def test_proxy_baselines_reproduce_the_proxy_split_with_known_answers(tmp_path):
     assert models["persistence"]["max_abs_effect"] == 0.0
     # the synthetic loss falls with the LR scale: every fitted model sees the action columns matter
     assert models["ridge"]["max_abs_effect"] > 0 and models["extra trees"]["loss_r2"] > models["persistence"]["loss_r2"]
+    # divergence: the synthetic runs diverge when the LR scale passes 3; the proxy's AUROC is the report's
+    div = out["divergence"]
+    assert div["test_diverged"] > 0 and "reason" not in div
+    assert div["models"]["proxy"]["auroc"] == pytest.approx(report["divergence_auroc"], abs=1e-9)
+    assert div["models"]["proxy"]["brier"] == pytest.approx(report["divergence_brier"], abs=1e-6)
+    assert div["models"]["training rate"]["auroc"] == 0.5
+    assert div["models"]["extra trees"]["auroc"] > 0.9
     # real effects from an agents.check_effects file: data_reorder's root mean square is the chance scale
     eff = tmp_path / "effects.json"
     eff.write_text(json.dumps({"changes": ["lr_change=x0.8", "data_reorder"],
