@@ -380,6 +380,9 @@ def make_jobs(suite: Any, out: Path, *, val_windows: int = 64, device: str | Non
             cls = suite.controller_of(name)
             # a variant's job names its controller (other jobs keep the keys their stored runs have)
             variant = {"variant_of": cls} if cls != name else {}
+            # an outcome gate the settings name is an artefact like the policy: its content, not its path
+            gate = (suite.settings_of(name) or {}).get("gate")
+            gate_digest = {"gate_sha256": content_digest(gate)} if gate else {}
             for si, seed in enumerate(suite.seed_list):
                 jobs.append({
                     "cell": cell.name, "scenario": res.scenario, "corpus": res.corpus, "tokenizer": res.tokenizer,
@@ -387,7 +390,7 @@ def make_jobs(suite: Any, out: Path, *, val_windows: int = 64, device: str | Non
                     "decision_interval": suite.decision_interval, "builtin_chars": suite.builtin_chars,
                     "test_tokens": suite.test_tokens, "val_windows": val_windows, "device": device,
                     "settings": suite.settings_of(name), **variant,
-                    "proxy": suite.proxy, "policy": suite.policy, **digests,
+                    "proxy": suite.proxy, "policy": suite.policy, **digests, **gate_digest,
                     "branch_dir": str(out / cell.name / "branches"), "tuning_dir": str(out / "tuning"),
                     "ray_address": ray_address,
                     "_order": (_COST_ORDER.index(cls) if cls in _COST_ORDER else len(_COST_ORDER), si, ci),
@@ -626,11 +629,12 @@ def execute(suite: Any, out: Path, args: argparse.Namespace) -> dict[tuple[str, 
             # recomputed from the stored job, so runs kept under an older key rule still match
             current = job if "proxy_sha256" in stored else {k: v for k, v in job.items() if not k.endswith("_sha256")}
             if _job_key(stored) != _job_key(current):
-                changed = [k for k in ("proxy_sha256", "policy_sha256") if k in stored
+                changed = [k for k in ("proxy_sha256", "policy_sha256", "gate_sha256") if k in stored
                            and _job_key(stored) == _job_key(dict(current, **{k: stored[k]}))]
                 if changed:
                     what = changed[0].split("_")[0]
-                    raise SystemExit(f"error: {path} was made with another {what} than {job[what]} holds now (its "
+                    where = job[what] if what in job else job["settings"][what]
+                    raise SystemExit(f"error: {path} was made with another {what} than {where} holds now (its "
                                      "contents changed: retrained in place?); delete that controller's runs to "
                                      "rerun them with it, or choose another --out")
                 raise SystemExit(f"error: {path} was made under other settings than this run's; --resume only "

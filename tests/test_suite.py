@@ -279,3 +279,17 @@ def test_resume_refuses_runs_made_with_a_proxy_retrained_in_place(tmp_path: Path
     for job in make_jobs(suite_with(["stso"]), out):
         store(job, legacy=True)
     assert len(execute(suite_with(["fixed", "stso"]), out, args)) == 2  # legacy runs match on the path
+    # an outcome gate named in the policy's settings counts by its content too
+    gate = tmp_path / "gate.json"
+    gate.write_text('{"fit": 1}')
+    gated = suite_with(["policy"])
+    gated.settings = {"policy": {"gate": str(gate)}}
+    jobs = make_jobs(gated, out)
+    assert all(j["gate_sha256"] for j in jobs)
+    assert "gate_sha256" not in make_jobs(suite_with(["fixed"]), out)[0]
+    for job in jobs:
+        store(job)
+    assert len(execute(gated, out, args)) == 1
+    gate.write_text('{"fit": 2}')
+    with pytest.raises(SystemExit, match=f"another gate than {gate}.*retrained in place"):
+        execute(gated, out, args)
