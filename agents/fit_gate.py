@@ -123,18 +123,22 @@ def write_report(gate: Any, out: Path, meta: dict[str, Any]) -> Path:
 
 
 def fit_and_write(policy: Path, scenarios: Sequence[str], seeds: Sequence[int], out: Path, *, window: int,
-                  command: str, c: float = 1.0, **run_settings: Any) -> tuple[Any, np.ndarray, Path]:
+                  command: str, c: float = 1.0, loss_levels: bool = True,
+                  **run_settings: Any) -> tuple[Any, np.ndarray, Path]:
     """Run :func:`gate_runs`, fit the gate, write it to ``out`` and its report beside it (``run_settings``:
-    the keyword arguments of :func:`gate_runs`); returns the gate, the states it was fitted on and the
-    report's path."""
-    from agents.controllers.outcome_gate import fit_gate
+    the keyword arguments of :func:`gate_runs`; ``loss_levels=False``: the gate does not read the loss
+    levels, :data:`~agents.controllers.outcome_gate.LOSS_LEVELS`); returns the gate, the states it was
+    fitted on (every observation feature) and the report's path."""
+    from agents.controllers.outcome_gate import fit_gate, gate_features
     from agents.evaluate import git_commit
     from stso_env.monitor.monitor import OBSERVATION_NAMES
 
     t0 = time.perf_counter()
     states, runs = gate_runs(policy, scenarios, seeds, window=window, **run_settings)
     wins = np.asarray([r["policy_wins"] for r in runs], dtype=np.int64)
-    gate = fit_gate(states, wins, OBSERVATION_NAMES, window, runs, c=c)
+    names = gate_features(OBSERVATION_NAMES, loss_levels)
+    cols = [OBSERVATION_NAMES.index(n) for n in names]
+    gate = fit_gate(states[:, cols], wins, names, window, runs, c=c)
     out.parent.mkdir(parents=True, exist_ok=True)
     gate.save(out)
     meta = {"policy": str(policy), "seconds": time.perf_counter() - t0, "states": states.tolist(),
@@ -156,6 +160,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--corpus", default="builtin", help="corpus")
     p.add_argument("--builtin-chars", type=int, default=None, help="characters of the built-in corpus")
     p.add_argument("--c", type=float, default=1.0, help="inverse L2 strength of the logistic regression")
+    p.add_argument("--no-loss-levels", dest="loss_levels", action="store_false",
+                   help="the gate does not read the loss levels (loss, batch and probe loss and their EMAs), "
+                        "which differ between corpora")
     p.add_argument("--out", required=True, help="gate file to write (JSON); a .md report goes beside it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -176,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
         seeds = [args.seed_offset + i for i in range(args.seeds)]
         _, _, report = fit_and_write(
-            policy, scenarios, seeds, Path(args.out), window=args.window, c=args.c,
+            policy, scenarios, seeds, Path(args.out), window=args.window, c=args.c, loss_levels=args.loss_levels,
             command="python -m agents.fit_gate " + " ".join(sys.argv[1:] if argv is None else argv),
             preset=args.preset, corpus=args.corpus, episode_steps=args.episode_steps,
             decision_interval=args.decision_interval, builtin_chars=args.builtin_chars,

@@ -113,6 +113,8 @@ class GateSettings:
     seed_offset: int = _f(200_000, "first seed of the gate's runs (apart from collection and evaluation)",
                           range=(0, 2**31 - 1))
     window: int = _f(1, "neutral windows before the gate reads the state", range=(1, 10**6))
+    loss_levels: bool = _f(True, "the gate reads the loss levels too (false: only features that do not differ "
+                                 "between corpora by level, agents.controllers.outcome_gate.LOSS_LEVELS)")
 
 
 @dataclass
@@ -283,6 +285,7 @@ def fit_outcome_gate(cfg: ControllerTrainConfig, run: Path, progress: bool) -> d
     scenarios = list(cfg.collect.scenarios) if cfg.collect.scenarios else [cfg.scenario]
     seeds = [cfg.gate.seed_offset + cfg.seed + i for i in range(cfg.gate.seeds)]
     gate, states, _ = fit_and_write(run / "policy.zip", scenarios, seeds, run / "gate.json", window=cfg.gate.window,
+                                    loss_levels=cfg.gate.loss_levels,
                                     command="python -m agents.train_controller (step 4)", preset=cfg.preset,
                                     corpus=cfg.corpus, episode_steps=cfg.eval.steps,
                                     decision_interval=cfg.decision_interval, builtin_chars=cfg.builtin_chars,

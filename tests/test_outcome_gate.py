@@ -10,7 +10,7 @@ import pytest
 
 import stso_env  # noqa: F401  (registers the envs)
 from agents.controllers import make_controller
-from agents.controllers.outcome_gate import OutcomeGate, fit_gate
+from agents.controllers.outcome_gate import LOSS_LEVELS, OutcomeGate, fit_gate, gate_features
 from stso_env.envs.gpt2_env import NEUTRAL_ACTION
 from stso_env.errors import DataError
 from stso_env.monitor.monitor import OBSERVATION_NAMES
@@ -38,6 +38,14 @@ def test_fit_learns_which_runs_the_policy_wins_and_round_trips(tmp_path):
     closed = fit_gate(states, np.zeros(6), NAMES, window=1, runs=runs)
     opened = fit_gate(states, np.ones(6), NAMES, window=1, runs=runs)
     assert closed.probability(states[0], NAMES) < 1e-4 and opened.probability(states[3], NAMES) > 1 - 1e-4
+
+
+def test_gate_features_leave_out_exactly_the_loss_levels():
+    kept = gate_features(OBSERVATION_NAMES, loss_levels=False)
+    assert gate_features(OBSERVATION_NAMES) == list(OBSERVATION_NAMES)
+    assert set(OBSERVATION_NAMES) - set(kept) == set(LOSS_LEVELS) == {
+        "loss", "loss_ema", "batch_loss_mean", "batch_loss_mean_ema", "probe_loss", "probe_loss_ema"}
+    assert "probe_loss_delta" in kept and "grad_norm" in kept
 
 
 def test_bad_gate_files_are_clear_errors(tmp_path):
@@ -124,9 +132,11 @@ def test_fit_gate_on_real_tiny_runs(policy_zip, tmp_path):
     assert any(r["policy_probe_loss"] != r["fixed_probe_loss"] for r in gate.runs)
     report = out.with_suffix(".md").read_text()
     assert "| `calm` | 200000 |" in report
-    # deterministic: the same runs give the same losses
+    # deterministic: the same runs give the same losses; without the loss levels the gate reads the rest
     again = tmp_path / "again.json"
-    assert main(argv[:-3] + ["--out", str(again), "--no-progress"]) == 0
+    assert main(argv[:-3] + ["--out", str(again), "--no-progress", "--no-loss-levels"]) == 0
     assert OutcomeGate.load(again).runs == gate.runs
+    assert gate.features == list(OBSERVATION_NAMES)
+    assert OutcomeGate.load(again).features == [n for n in OBSERVATION_NAMES if n not in LOSS_LEVELS]
     assert main(argv[:-3] + ["--window", "8", "--out", str(tmp_path / "w.json")]) == 2
     assert main(["--policy", str(tmp_path / "nope.zip"), "--out", str(out)]) == 2

@@ -31,6 +31,17 @@ from stso_env.errors import DataError
 
 GATE_FORMAT = 1
 
+#: Observation features that are loss *levels*. Their values say which corpus and tokenizer a run
+#: trains on more than how it is going (WikiText-2's byte-level loss sits far above the built-in
+#: corpus'), so a gate fitted on one corpus and reading them misfires on another; ``loss_levels=False``
+#: leaves them out and keeps their changes, volatilities and every other feature.
+LOSS_LEVELS = ("loss", "loss_ema", "batch_loss_mean", "batch_loss_mean_ema", "probe_loss", "probe_loss_ema")
+
+
+def gate_features(names: Sequence[str], loss_levels: bool = True) -> list[str]:
+    """The observation features a gate reads: all of ``names``, or all but :data:`LOSS_LEVELS`."""
+    return [n for n in names if loss_levels or n not in LOSS_LEVELS]
+
 
 @dataclass
 class OutcomeGate:
