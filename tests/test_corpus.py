@@ -98,11 +98,11 @@ def test_builtin_has_structure() -> None:
     assert h3 < h3_shuffled - 1.2
 
 
-def test_builtin_generation_speed() -> None:
-    start = time.perf_counter()
+def test_builtin_generation_length_and_determinism() -> None:
+    # its speed is a benchmark's matter (make bench: env.json, builtin_generation_seconds)
     text = generate_builtin_text(11, 2_000_000)
     assert len(text) == 2_000_000
-    assert time.perf_counter() - start < 3.0
+    assert generate_builtin_text(11, 1000) == generate_builtin_text(11, 1000)
 
 
 def test_builtin_load_counts(byte: Tokenizer, tmp_path: Path) -> None:

@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -248,12 +247,9 @@ def test_scores_500_candidates_in_one_batched_call(trained):
     a = np.stack([rng.integers(n, size=500) for n in NVEC], axis=1)
     out = model.predict(x, a)
     assert out["loss_at_n"].shape == (500,) and out["next_state"].shape == (500, len(OBSERVATION_NAMES))
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        model.predict(x, a)
-        best = min(best, time.perf_counter() - t0)
-    assert best < 0.05  # measured ~5-15 ms on 2 shared cores
+    # one call scores them all, and each row alone gives the same answer (its time: make bench, proxy.json)
+    one = model.predict(x[7:8], a[7:8])
+    assert one["loss_at_n"][0] == pytest.approx(out["loss_at_n"][7], abs=1e-5)
 
 
 def test_train_proxy_cli_end_to_end(tmp_path):
