@@ -134,3 +134,9 @@ def test_gate_settings_are_checked(tmp_path):
         build_config(parse_args(["--config", str(path)]))
     cfg = build_config(parse_args([]))
     assert cfg.gate.enabled and cfg.gate.seeds == 3 and cfg.gate.seed_offset == 200_000
+    assert cfg.gate.corpora == []
+    path.write_text(yaml.safe_dump({"gate": {"corpora": ["builtin", "../shared/data/wikitext-2"]}}))
+    assert build_config(parse_args(["--config", str(path)])).gate.corpora == ["builtin", "../shared/data/wikitext-2"]
+    path.write_text(yaml.safe_dump({"gate": {"corpora": "builtin"}}))
+    with pytest.raises(ConfigError, match="gate.corpora"):
+        build_config(parse_args(["--config", str(path)]))
