@@ -166,6 +166,11 @@ class ControllerTrainConfig:
         if self.gate.enabled and self.gate.window * self.decision_interval >= self.eval.steps:
             raise ConfigError(f"{source}: gate.window: {self.gate.window} windows of {self.decision_interval} steps "
                               f"leave nothing of a {self.eval.steps}-step run for the policy; lower it")
+        for corpus in self.gate.corpora:
+            # checked here, not when step 4 starts after the collection and the policy's training
+            if corpus != "builtin" and not corpus.startswith("hf:") and not Path(corpus).exists():
+                raise ConfigError(f"{source}: gate.corpora: {corpus!r} is not builtin, hf:... or an existing text "
+                                  "file or folder; fix the path (relative paths start at the working folder)")
         if "policy" not in self.eval.controllers or "fixed" not in self.eval.controllers:
             raise ConfigError(f"{source}: eval.controllers: {self.eval.controllers} must include 'policy' and "
                               "'fixed' (the learned policy is judged against the fixed schedule)")
