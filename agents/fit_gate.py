@@ -1,15 +1,18 @@
 """Fit the outcome gate of a learned policy on real runs: where does the policy beat the fixed schedule?
 
 ``python -m agents.fit_gate --policy runs/train-controller/policy.zip [--scenarios spiky,adam_v_lag]
-[--seeds 3] [--window 1] --out runs/train-controller/gate.json``
+[--seeds 3] [--window 1] [--corpus builtin,../shared/data/wikitext-2] --out runs/train-controller/gate.json``
 
-For every scenario and seed: a real STSO-GPT2-v0 run trains ``--window`` windows under the neutral
+For every corpus, scenario and seed: a real STSO-GPT2-v0 run trains ``--window`` windows under the neutral
 action; the observation there is the gate's input. The run is then forked: one copy keeps the fixed
 schedule to the end, the other plays the policy (unshielded, with its LR bounds) to the end. The
 label is 1 where the policy's copy ends with the lower *probe* loss (the split controllers may
 read; the validation and test splits are never touched). A logistic regression from the
 observation to the label is the gate (:mod:`agents.controllers.outcome_gate`); ``LearnedPolicy``
 reads it with the setting ``gate``.
+
+Several corpora (a comma list) give one gate fitted on the runs of all of them: a gate fitted on one
+corpus reads another's loss levels as a different state and can misfire there.
 
 Seeds default to 200000 and up: apart from the collection's (0 and up), ``make train``'s
 evaluation (100000 and up) and the suites' (300000 and up).
@@ -44,10 +47,11 @@ def play_to_end(env: Any, act: Any, obs: np.ndarray, info: dict[str, Any]) -> fl
 
 
 def gate_runs(policy: Path, scenarios: Sequence[str], seeds: Sequence[int], *, window: int, preset: str = "tiny",
-              corpus: str = "builtin", episode_steps: int = 600, decision_interval: int = 10,
+              corpus: str | Sequence[str] = "builtin", episode_steps: int = 600, decision_interval: int = 10,
               builtin_chars: int | None = None, progress: bool = True) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """The gate's training data: the observation after ``window`` neutral windows, one row per run, and
-    per run the end probe loss of the fixed schedule and of the policy from there."""
+    per run the end probe loss of the fixed schedule and of the policy from there; ``corpus``: one corpus
+    or several (every scenario and seed runs on each)."""
     import gymnasium as gym
 
     import stso_env  # noqa: F401  (registers the envs)
@@ -61,31 +65,34 @@ def gate_runs(policy: Path, scenarios: Sequence[str], seeds: Sequence[int], *, w
     config = TrainConfig()
     if builtin_chars is not None:
         config = apply_overrides(config, {"data.builtin_chars": builtin_chars})
+    corpora = [corpus] if isinstance(corpus, str) else list(corpus)
+    if not corpora:
+        raise ConfigError("--corpus: name at least one corpus (builtin, a text file or folder, hf:...)")
     ctrl = LearnedPolicy(policy, shield=False)
     states, runs = [], []
-    bar = tqdm(total=len(scenarios) * len(seeds), desc="gate runs", unit="run", file=sys.stderr, disable=not progress)
-    for scenario in scenarios:
-        for seed in seeds:
-            env = gym.make("STSO-GPT2-v0", preset=preset, scenario=scenario, corpus=corpus, config=config,
-                           decision_interval=decision_interval, episode_steps=episode_steps).unwrapped
-            obs, info = env.reset(seed=int(seed))
-            for _ in range(window):
-                obs, _, terminated, truncated, info = env.step(NEUTRAL)
-                if terminated or truncated:
-                    raise ConfigError(f"{scenario} seed {seed}: the run ended within the gate's {window} windows")
-            fork = env.fork()
-            try:
-                fixed = play_to_end(fork, lambda o, i: NEUTRAL, obs, info)
-            finally:
-                fork.close()
-            ctrl.reset(env, seed=int(seed), run_name=f"gate-{scenario}-{seed}")
-            learned = play_to_end(env, ctrl.act, obs, info)
-            env.close()
-            states.append(np.asarray(obs, dtype=np.float64))
-            runs.append({"scenario": scenario, "seed": int(seed), "fixed_probe_loss": fixed,
-                         "policy_probe_loss": learned, "policy_wins": bool(learned < fixed)})
-            bar.update(1)
-            bar.set_postfix_str(f"{scenario} {seed}: fixed {fixed:.3f}, policy {learned:.3f}")
+    cases = [(c, sc, sd) for c in corpora for sc in scenarios for sd in seeds]
+    bar = tqdm(total=len(cases), desc="gate runs", unit="run", file=sys.stderr, disable=not progress)
+    for corpus_name, scenario, seed in cases:
+        env = gym.make("STSO-GPT2-v0", preset=preset, scenario=scenario, corpus=corpus_name, config=config,
+                       decision_interval=decision_interval, episode_steps=episode_steps).unwrapped
+        obs, info = env.reset(seed=int(seed))
+        for _ in range(window):
+            obs, _, terminated, truncated, info = env.step(NEUTRAL)
+            if terminated or truncated:
+                raise ConfigError(f"{scenario} seed {seed}: the run ended within the gate's {window} windows")
+        fork = env.fork()
+        try:
+            fixed = play_to_end(fork, lambda o, i: NEUTRAL, obs, info)
+        finally:
+            fork.close()
+        ctrl.reset(env, seed=int(seed), run_name=f"gate-{scenario}-{seed}")
+        learned = play_to_end(env, ctrl.act, obs, info)
+        env.close()
+        states.append(np.asarray(obs, dtype=np.float64))
+        runs.append({"corpus": corpus_name, "scenario": scenario, "seed": int(seed), "fixed_probe_loss": fixed,
+                     "policy_probe_loss": learned, "policy_wins": bool(learned < fixed)})
+        bar.update(1)
+        bar.set_postfix_str(f"{corpus_name} {scenario} {seed}: fixed {fixed:.3f}, policy {learned:.3f}")
     bar.close()
     return np.stack(states), runs
 
@@ -94,11 +101,13 @@ def runs_table(gate: Any, states: np.ndarray) -> list[str]:
     """The runs the gate was fitted on, as Markdown table lines, with the probability it gives each."""
     from stso_env.monitor.monitor import OBSERVATION_NAMES
 
-    lines = ["| scenario | seed | fixed: end probe loss | policy: end probe loss | policy wins | "
-             "gate: P(policy wins) |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| corpus | scenario | seed | fixed: end probe loss | policy: end probe loss | policy wins | "
+             "gate: P(policy wins) |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r, x in zip(gate.runs, states):
         prob = gate.probability(np.asarray(x), OBSERVATION_NAMES)
-        lines.append(f"| `{r['scenario']}` | {r['seed']} | {r['fixed_probe_loss']:.4f} | {r['policy_probe_loss']:.4f} "
+        # gates written before runs named their corpus were fitted on one corpus, not named in the file
+        lines.append(f"| `{r.get('corpus', '?')}` | `{r['scenario']}` | {r['seed']} | {r['fixed_probe_loss']:.4f} "
+                     f"| {r['policy_probe_loss']:.4f} "
                      f"| {'yes' if r['policy_wins'] else 'no'} | {prob:.2f} |")
     return lines
 
@@ -157,7 +166,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--episode-steps", type=int, default=600, help="optimizer steps of a run")
     p.add_argument("--decision-interval", type=int, default=10, help="optimizer steps per env step")
     p.add_argument("--preset", default="tiny", help="GPT-2 preset")
-    p.add_argument("--corpus", default="builtin", help="corpus")
+    p.add_argument("--corpus", default="builtin",
+                   help="corpus, or a comma list of corpora: one gate fitted on runs of each (builtin, a text "
+                        "file or folder, hf:...)")
     p.add_argument("--builtin-chars", type=int, default=None, help="characters of the built-in corpus")
     p.add_argument("--c", type=float, default=1.0, help="inverse L2 strength of the logistic regression")
     p.add_argument("--no-loss-levels", dest="loss_levels", action="store_false",
@@ -181,11 +192,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not policy.is_file():
             raise ConfigError(f"--policy {policy}: no such file; train one with `python -m agents.train_controller`")
         scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+        corpora = [c.strip() for c in args.corpus.split(",") if c.strip()]
         seeds = [args.seed_offset + i for i in range(args.seeds)]
         _, _, report = fit_and_write(
             policy, scenarios, seeds, Path(args.out), window=args.window, c=args.c, loss_levels=args.loss_levels,
             command="python -m agents.fit_gate " + " ".join(sys.argv[1:] if argv is None else argv),
-            preset=args.preset, corpus=args.corpus, episode_steps=args.episode_steps,
+            preset=args.preset, corpus=corpora, episode_steps=args.episode_steps,
             decision_interval=args.decision_interval, builtin_chars=args.builtin_chars,
             progress=not args.no_progress)
     except STSOError as err:

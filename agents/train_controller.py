@@ -115,6 +115,8 @@ class GateSettings:
     window: int = _f(1, "neutral windows before the gate reads the state", range=(1, 10**6))
     loss_levels: bool = _f(True, "the gate reads the loss levels too (false: only features that do not differ "
                                  "between corpora by level, agents.controllers.outcome_gate.LOSS_LEVELS)")
+    corpora: list[str] = _f([], "corpora of the gate's runs, each with every scenario and seed (empty: the run's "
+                                "corpus); a gate fitted on one corpus can misfire on another")
 
 
 @dataclass
@@ -164,6 +166,11 @@ class ControllerTrainConfig:
         if self.gate.enabled and self.gate.window * self.decision_interval >= self.eval.steps:
             raise ConfigError(f"{source}: gate.window: {self.gate.window} windows of {self.decision_interval} steps "
                               f"leave nothing of a {self.eval.steps}-step run for the policy; lower it")
+        for corpus in self.gate.corpora:
+            # checked here, not when step 4 starts after the collection and the policy's training
+            if corpus != "builtin" and not corpus.startswith("hf:") and not Path(corpus).exists():
+                raise ConfigError(f"{source}: gate.corpora: {corpus!r} is not builtin, hf:... or an existing text "
+                                  "file or folder; fix the path (relative paths start at the working folder)")
         if "policy" not in self.eval.controllers or "fixed" not in self.eval.controllers:
             raise ConfigError(f"{source}: eval.controllers: {self.eval.controllers} must include 'policy' and "
                               "'fixed' (the learned policy is judged against the fixed schedule)")
@@ -287,7 +294,7 @@ def fit_outcome_gate(cfg: ControllerTrainConfig, run: Path, progress: bool) -> d
     gate, states, _ = fit_and_write(run / "policy.zip", scenarios, seeds, run / "gate.json", window=cfg.gate.window,
                                     loss_levels=cfg.gate.loss_levels,
                                     command="python -m agents.train_controller (step 4)", preset=cfg.preset,
-                                    corpus=cfg.corpus, episode_steps=cfg.eval.steps,
+                                    corpus=list(cfg.gate.corpora) or cfg.corpus, episode_steps=cfg.eval.steps,
                                     decision_interval=cfg.decision_interval, builtin_chars=cfg.builtin_chars,
                                     progress=progress)
     return {"path": str(run / "gate.json"), "scenarios": scenarios, "seeds": seeds, "window": cfg.gate.window,
@@ -364,7 +371,8 @@ def levers(cfg: ControllerTrainConfig) -> list[tuple[str, bool, str]]:
         ("MOPO-style penalty on the ensemble's disagreement", proxy and cfg.rl.uncertainty_penalty > 0,
          f"lambda {cfg.rl.uncertainty_penalty}"),
         ("outcome gate: real runs on training seeds decide in which runs the policy acts (agents.fit_gate)",
-         cfg.gate.enabled, f"{cfg.gate.seeds} seeds per collected scenario, decides after {cfg.gate.window} "
+         cfg.gate.enabled, f"{cfg.gate.seeds} seeds per collected scenario on "
+                           f"{', '.join(cfg.gate.corpora) or cfg.corpus}, decides after {cfg.gate.window} "
                            "window(s); the per-window shield is off behind it"),
         ("conformal shield: the neutral action unless the policy's choice is better beyond both conformal "
          "intervals", proxy and not cfg.gate.enabled,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -17,6 +18,7 @@ from stso_env.monitor.monitor import OBSERVATION_NAMES
 
 ENV = {"preset": "tiny", "scenario": "calm", "decision_interval": 5, "episode_steps": 40}
 NAMES = ["grad_norm", "loss", "lr"]
+WIKITEXT2 = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext-2"
 
 
 def test_fit_learns_which_runs_the_policy_wins_and_round_trips(tmp_path):
@@ -131,7 +133,7 @@ def test_fit_gate_on_real_tiny_runs(policy_zip, tmp_path):
     # the policy changes the run: its end differs from the fixed schedule's
     assert any(r["policy_probe_loss"] != r["fixed_probe_loss"] for r in gate.runs)
     report = out.with_suffix(".md").read_text()
-    assert "| `calm` | 200000 |" in report
+    assert "| `builtin` | `calm` | 200000 |" in report
     # deterministic: the same runs give the same losses; without the loss levels the gate reads the rest
     again = tmp_path / "again.json"
     assert main(argv[:-3] + ["--out", str(again), "--no-progress", "--no-loss-levels"]) == 0
@@ -140,3 +142,20 @@ def test_fit_gate_on_real_tiny_runs(policy_zip, tmp_path):
     assert OutcomeGate.load(again).features == [n for n in OBSERVATION_NAMES if n not in LOSS_LEVELS]
     assert main(argv[:-3] + ["--window", "8", "--out", str(tmp_path / "w.json")]) == 2
     assert main(["--policy", str(tmp_path / "nope.zip"), "--out", str(out)]) == 2
+    assert main(argv[:-3] + ["--corpus", " , ", "--out", str(tmp_path / "c.json")]) == 2
+
+
+def test_fit_gate_on_two_corpora(policy_zip, tmp_path):
+    """A comma list of corpora: one gate fitted on the runs of each, every run naming its corpus."""
+    from agents.fit_gate import main
+
+    wiki = str(WIKITEXT2 / "valid.txt")
+    out = tmp_path / "gate.json"
+    assert main(["--policy", str(policy_zip), "--scenarios", "calm", "--seeds", "1", "--episode-steps", "30",
+                 "--decision-interval", "5", "--builtin-chars", "200000", "--corpus", f"builtin,{wiki}",
+                 "--out", str(out), "--no-progress"]) == 0
+    runs = OutcomeGate.load(out).runs
+    assert [(r["corpus"], r["seed"]) for r in runs] == [("builtin", 200000), (wiki, 200000)]
+    # the same seed on another corpus is another run: its fixed schedule ends elsewhere
+    assert runs[0]["fixed_probe_loss"] != runs[1]["fixed_probe_loss"]
+    assert f"| `{wiki}` | `calm` | 200000 |" in out.with_suffix(".md").read_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -134,3 +135,24 @@ def test_gate_settings_are_checked(tmp_path):
         build_config(parse_args(["--config", str(path)]))
     cfg = build_config(parse_args([]))
     assert cfg.gate.enabled and cfg.gate.seeds == 3 and cfg.gate.seed_offset == 200_000
+    assert cfg.gate.corpora == []
+    wiki = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2")
+    path.write_text(yaml.safe_dump({"gate": {"corpora": ["builtin", wiki]}}))
+    assert build_config(parse_args(["--config", str(path)])).gate.corpora == ["builtin", wiki]
+    path.write_text(yaml.safe_dump({"gate": {"corpora": ["builtin", str(tmp_path / "nowhere")]}}))
+    with pytest.raises(ConfigError, match="gate.corpora: .*nowhere"):
+        build_config(parse_args(["--config", str(path)]))
+    path.write_text(yaml.safe_dump({"gate": {"corpora": "builtin"}}))
+    with pytest.raises(ConfigError, match="gate.corpora"):
+        build_config(parse_args(["--config", str(path)]))
+
+
+def test_controller_presets_load(monkeypatch):
+    """Every preset in configs/controller passes the strict loader (paths in them start at the repository)."""
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    presets = sorted((repo / "configs" / "controller").glob("*.yaml"))
+    assert presets
+    for preset in presets:
+        cfg = build_config(parse_args(["--config", str(preset)]))
+        assert cfg.run_name and cfg.run_name != "train-controller"  # never overwrites make train's run
