@@ -79,7 +79,8 @@ def gate_runs(policy: Path, scenarios: Sequence[str], seeds: Sequence[int], *, w
         for _ in range(window):
             obs, _, terminated, truncated, info = env.step(NEUTRAL)
             if terminated or truncated:
-                raise ConfigError(f"{scenario} seed {seed}: the run ended within the gate's {window} windows")
+                raise ConfigError(f"{corpus_name} {scenario} seed {seed}: the run ended within the gate's "
+                                  f"{window} windows")
         fork = env.fork()
         try:
             fixed = play_to_end(fork, lambda o, i: NEUTRAL, obs, info)

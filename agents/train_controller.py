@@ -50,7 +50,8 @@ import numpy as np
 import yaml
 
 from stso_env.config import _f, describe, from_dict, load_yaml, to_dict
-from stso_env.errors import ConfigError, STSOError
+from stso_env.errors import ConfigError, DataError, STSOError
+from stso_env.train.corpus import check_spec
 
 ALGOS = ("model_based", "maskable_ppo", "ppo")
 ENVS = ("STSO-GPT2-v0", "STSO-Proxy-v0", "STSO-RLHF-v0")  # the last one: agents.rlhf_train_controller
@@ -168,9 +169,11 @@ class ControllerTrainConfig:
                               f"leave nothing of a {self.eval.steps}-step run for the policy; lower it")
         for corpus in self.gate.corpora:
             # checked here, not when step 4 starts after the collection and the policy's training
-            if corpus != "builtin" and not corpus.startswith("hf:") and not Path(corpus).exists():
-                raise ConfigError(f"{source}: gate.corpora: {corpus!r} is not builtin, hf:... or an existing text "
-                                  "file or folder; fix the path (relative paths start at the working folder)")
+            try:
+                check_spec(corpus)
+            except DataError as err:
+                raise ConfigError(f"{source}: gate.corpora: {err} (relative paths start at the working folder)") \
+                    from None
         if "policy" not in self.eval.controllers or "fixed" not in self.eval.controllers:
             raise ConfigError(f"{source}: eval.controllers: {self.eval.controllers} must include 'policy' and "
                               "'fixed' (the learned policy is judged against the fixed schedule)")

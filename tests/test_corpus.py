@@ -105,6 +105,15 @@ def test_builtin_generation_length_and_determinism() -> None:
     assert generate_builtin_text(11, 1000) == generate_builtin_text(11, 1000)
 
 
+def test_check_spec_names_the_bad_spec_without_loading(tmp_path: Path) -> None:
+    for ok in ("builtin", " Builtin ", "hf:wikitext:wikitext-103-raw-v1", str(WIKI), str(WIKI / "valid.txt")):
+        corpus.check_spec(ok)
+    with pytest.raises(DataError, match="nowhere.txt' does not exist"):
+        corpus.check_spec(str(tmp_path / "nowhere.txt"))
+    with pytest.raises(DataError, match="spec is empty"):
+        corpus.check_spec("  ")
+
+
 def test_builtin_load_counts(byte: Tokenizer, tmp_path: Path) -> None:
     splits = load_corpus("builtin", byte, seed=5, builtin_chars=30_000, valid_fraction=0.1, cache_dir=tmp_path)
     train_text = generate_builtin_text(5, 30_000)

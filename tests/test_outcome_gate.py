@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -15,10 +14,10 @@ from agents.controllers.outcome_gate import LOSS_LEVELS, OutcomeGate, fit_gate, 
 from stso_env.envs.gpt2_env import NEUTRAL_ACTION
 from stso_env.errors import DataError
 from stso_env.monitor.monitor import OBSERVATION_NAMES
+from tests.conftest import WIKITEXT2
 
 ENV = {"preset": "tiny", "scenario": "calm", "decision_interval": 5, "episode_steps": 40}
 NAMES = ["grad_norm", "loss", "lr"]
-WIKITEXT2 = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext-2"
 
 
 def test_fit_learns_which_runs_the_policy_wins_and_round_trips(tmp_path):

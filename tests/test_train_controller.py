@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -14,7 +13,7 @@ from agents.train_controller import ControllerTrainConfig, build_config, parse_a
 from stso_env.config import from_dict
 from stso_env.errors import ConfigError
 
-from tests.conftest import REPO
+from tests.conftest import REPO, WIKITEXT2
 
 TINY = {
     "builtin_chars": 200_000,
@@ -136,7 +135,7 @@ def test_gate_settings_are_checked(tmp_path):
     cfg = build_config(parse_args([]))
     assert cfg.gate.enabled and cfg.gate.seeds == 3 and cfg.gate.seed_offset == 200_000
     assert cfg.gate.corpora == []
-    wiki = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2")
+    wiki = str(WIKITEXT2)
     path.write_text(yaml.safe_dump({"gate": {"corpora": ["builtin", wiki]}}))
     assert build_config(parse_args(["--config", str(path)])).gate.corpora == ["builtin", wiki]
     path.write_text(yaml.safe_dump({"gate": {"corpora": ["builtin", str(tmp_path / "nowhere")]}}))
@@ -149,9 +148,8 @@ def test_gate_settings_are_checked(tmp_path):
 
 def test_controller_presets_load(monkeypatch):
     """Every preset in configs/controller passes the strict loader (paths in them start at the repository)."""
-    repo = Path(__file__).resolve().parents[1]
-    monkeypatch.chdir(repo)
-    presets = sorted((repo / "configs" / "controller").glob("*.yaml"))
+    monkeypatch.chdir(REPO)
+    presets = sorted((REPO / "configs" / "controller").glob("*.yaml"))
     assert presets
     for preset in presets:
         cfg = build_config(parse_args(["--config", str(preset)]))

@@ -728,6 +728,19 @@ def _write_cached(path: Path, arr: np.ndarray) -> None:
 # --------------------------------------------------------------------------- API
 
 
+def check_spec(spec: str) -> None:
+    """Raise :class:`DataError` if ``spec`` cannot name a corpus, without reading or tokenizing it: an
+    empty spec, or a local path that does not exist (a hub dataset is checked when it is fetched)."""
+    text = spec.strip()
+    if not text:
+        raise DataError("corpus spec is empty; use 'builtin', a text file path or 'hf:<dataset id>'")
+    if text.lower() == "builtin" or text.startswith("hf:"):
+        return
+    if not Path(text).expanduser().exists():
+        raise DataError(f"corpus file {text!r} does not exist; give an existing text file, "
+                        f"a folder with train.txt and valid.txt, 'builtin' or 'hf:<dataset id>'")
+
+
 def load_corpus(
     spec: str,
     tokenizer: Tokenizer,
