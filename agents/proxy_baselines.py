@@ -13,6 +13,9 @@ fits baselines on the proxy's training and validation runs, and reports on the h
 * ``ridge``: a linear model of the change (scikit-learn ``RidgeCV``) on state and plan;
 * ``extra trees``: an ensemble of extremely randomised trees (scikit-learn ``ExtraTreesRegressor``) of
   the change on state and plan;
+* ``state trees + linear plan``: extra trees of the change on the state alone, plus least squares of
+  their out-of-bag residual on the plan's integer codes (:class:`StateTreesPlusLinearPlan`): the trees
+  forecast where the run is heading, and every effect of the plan is the linear term's;
 * the proxy itself.
 
 For each: loss@N R² and MAE on the test runs, R² of the change, the level's R² over every held-out run
@@ -20,7 +23,9 @@ For each: loss@N R² and MAE on the test runs, R² of the change, the level's R�
 grid against the neutral action on the test states (:func:`stso_env.proxy.effects.action_effects`):
 the mean over changes of the absolute mean effect, and the largest one. ``--effects`` adds the real
 effects of the same changes measured by ``agents.check_effects`` (forks of real runs), with the
-real effect of reordering the data, which changes nothing but chance, as the noise scale.
+real effect of reordering the data, which changes nothing but chance, as the noise scale, and how
+well each model ranks the changes (:func:`agreement`: Spearman correlation and sign agreement of its
+mean effects with the real ones).
 
 Writes ``OUT/baselines.json`` and ``OUT/report.md`` (default ``runs/proxy_baselines``).
 """
@@ -71,6 +76,37 @@ class ChangeModel:
     def predict(self, state: np.ndarray, action: np.ndarray) -> dict[str, np.ndarray]:
         # The baseline cancels in an effect (two actions, one state); it matters only for the level.
         return {"loss_at_n": self.baseline(state) + self.change(state, action)}
+
+
+class StateTreesPlusLinearPlan:
+    """A scikit-learn-style regressor on ``[state, plan]`` rows: extra trees on the first ``n_state``
+    columns (the state alone), then least squares of their out-of-bag residual on the plan columns.
+
+    Extra trees of the change forecast the run's own course well and spread none of it onto the plan (they
+    rank nothing); ridge gets the sign and size of the LR changes' effects right and the course badly.
+    Here the trees never see the plan, so the difference between two plans from one state is exactly the
+    linear plan term, fitted on residuals the trees did not see in training (out of bag), while the level
+    gains the trees' forecast. The plan enters as its integer codes, whose order follows the LR scale, so
+    one slope pools every LR change; with a coefficient per choice (one-hot codes) the few hundred rows of
+    ``make train``'s collection gave x0.8 the wrong sign, and ridge on the residual shrank every effect
+    about sixfold."""
+
+    def __init__(self, n_state: int, seed: int = 0) -> None:
+        from sklearn.ensemble import ExtraTreesRegressor
+        from sklearn.linear_model import LinearRegression
+
+        self.n_state = n_state
+        self.trees = ExtraTreesRegressor(TREES, min_samples_leaf=MIN_SAMPLES_LEAF, bootstrap=True,
+                                         oob_score=True, n_jobs=1, random_state=seed)
+        self.linear = LinearRegression()
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> StateTreesPlusLinearPlan:
+        self.trees.fit(x[:, :self.n_state], y)
+        self.linear.fit(x[:, self.n_state:], y - self.trees.oob_prediction_)
+        return self
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.trees.predict(x[:, :self.n_state]) + self.linear.predict(x[:, self.n_state:])
 
 
 def _skill(predict: Any, calib: Any, test: Any) -> dict[str, float]:
@@ -189,6 +225,8 @@ def compare(log_db: Path, proxy_dir: Path, *, test_seeds: Sequence[int] | None =
         "extra trees": ChangeModel(ExtraTreesRegressor(TREES, min_samples_leaf=MIN_SAMPLES_LEAF, n_jobs=1,
                                                        random_state=seed),
                                    model.loss_baseline, model.nvec).fit(x, change),
+        "state trees + linear plan": ChangeModel(StateTreesPlusLinearPlan(ds.state.shape[1], seed),
+                                           model.loss_baseline, model.nvec).fit(x, change),
         "proxy": model,
     }
     rows: dict[str, Any] = {
@@ -208,6 +246,24 @@ def compare(log_db: Path, proxy_dir: Path, *, test_seeds: Sequence[int] | None =
             "n_test_rows": int(_rows(test).sum()), "horizon": model.config.horizon,
             "trees_action_importance": float(trees.feature_importances_[n_state:].sum()),
             "divergence": divergence_skill(fit_parts, test, model, seed)}
+
+
+def agreement(result: dict[str, Any]) -> dict[str, Any]:
+    """Add to each model with predicted effects the Spearman correlation of its mean effects with the real
+    ones over the single changes (``effects_spearman``) and the share of changes whose sign it gets right
+    (``effects_sign_agreement``); ``data_reorder`` is left out, as its real effect is chance."""
+    from scipy.stats import spearmanr
+
+    real = result["real_effects"]["effects"]
+    changes = [c for c in real if c != "data_reorder"]
+    for r in result["models"].values():
+        if "effects" not in r or any(c not in r["effects"] for c in changes):
+            continue
+        pred = np.asarray([r["effects"][c] for c in changes])
+        truth = np.asarray([real[c] for c in changes])
+        r["effects_spearman"] = float(spearmanr(pred, truth).statistic) if np.ptp(pred) > 0 else float("nan")
+        r["effects_sign_agreement"] = float(np.mean(np.sign(pred) == np.sign(truth)))
+    return result
 
 
 def effects_figure(result: dict[str, Any], path: Path) -> Path | None:
@@ -284,6 +340,14 @@ def write_report(result: dict[str, Any], out: Path, meta: dict[str, Any]) -> Pat
                           [[f"`{c}`", fmt(v, 3), *(fmt(r["effects"].get(c), 3) for r in result["models"].values()
                                                    if "effects" in r)]
                            for c, v in real["effects"].items()])]
+        agree = [(n, r) for n, r in result["models"].items() if "effects_spearman" in r]
+        if agree:
+            lines += ["", "How well each model ranks the single changes (all but `data_reorder`, whose real effect "
+                      "is chance): the Spearman correlation of its mean effects with the real ones, and the share "
+                      "of changes whose sign it gets right.", "",
+                      *_table(["model", "Spearman ρ with the real effects", "right sign"],
+                              [[f"`{n}`", fmt(r["effects_spearman"], 2), f"{100 * r['effects_sign_agreement']:.0f} %"]
+                               for n, r in agree])]
     if effects_figure(result, out / "effects.png") is not None:
         lines += ["", "![real and predicted effects](effects.png)"]
     path = out / "report.md"
@@ -315,6 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = compare(Path(args.log_db), Path(args.proxy), test_seeds=args.test_seeds, seed=args.seed)
         if args.effects:
             result["real_effects"] = real_effects(Path(args.effects))
+            agreement(result)
         from agents.evaluate import provenance
         from stso_env.eval.report import write_json_atomic
 

@@ -367,7 +367,7 @@ def test_heldout_skill_known_answers():
 def test_proxy_baselines_reproduce_the_proxy_split_with_known_answers(tmp_path):
     """agents.proxy_baselines scores the proxy on the runs agents.train_proxy held out: its figures for the
     proxy and for persistence equal the proxy report's; persistence predicts no effect of any action."""
-    from agents.proxy_baselines import compare, main, real_effects
+    from agents.proxy_baselines import agreement, compare, main, real_effects
     from agents.train_proxy import fit_proxy
 
     db = LogDB(tmp_path / "log_db.parquet", observation_names=OBSERVATION_NAMES, flush_rows=500)
@@ -389,6 +389,7 @@ def test_proxy_baselines_reproduce_the_proxy_split_with_known_answers(tmp_path):
     assert models["persistence"]["max_abs_effect"] == 0.0
     # the synthetic loss falls with the LR scale: every fitted model sees the action columns matter
     assert models["ridge"]["max_abs_effect"] > 0 and models["extra trees"]["loss_r2"] > models["persistence"]["loss_r2"]
+    assert models["state trees + linear plan"]["loss_r2"] > models["persistence"]["loss_r2"]
     # divergence: the synthetic runs diverge when the LR scale passes 3; the proxy's AUROC is the report's
     div = out["divergence"]
     assert div["test_diverged"] > 0 and "reason" not in div
@@ -403,6 +404,16 @@ def test_proxy_baselines_reproduce_the_proxy_split_with_known_answers(tmp_path):
     real = real_effects(eff)
     assert real["effects"]["lr_change=x0.8"] == pytest.approx(-0.2)
     assert real["mean_abs_effect"] == pytest.approx(0.2) and real["chance_rms"] == pytest.approx(0.035355, abs=1e-6)
+    # agreement with the real effects: a model predicting them exactly ranks them perfectly, one predicting
+    # their negatives gets every sign wrong; data_reorder (chance) is left out
+    truth = {"lr_change=x0.8": -0.2, "lr_change=x1.1": 0.1, "momentum_reset": 0.05, "data_reorder": 0.3}
+    scored = agreement({"real_effects": {"effects": truth}, "models": {
+        "exact": {"effects": dict(truth)}, "negated": {"effects": {c: -v for c, v in truth.items()}},
+        "silent": {"effects": {c: 0.0 for c in truth}}, "persistence": {}}})["models"]
+    assert scored["exact"]["effects_spearman"] == pytest.approx(1.0) and scored["exact"]["effects_sign_agreement"] == 1
+    assert scored["negated"]["effects_spearman"] == pytest.approx(-1.0)
+    assert scored["negated"]["effects_sign_agreement"] == 0
+    assert np.isnan(scored["silent"]["effects_spearman"]) and "effects_spearman" not in scored["persistence"]
     # bad input: clear errors, exit code 2
     assert main(["--log-db", str(tmp_path / "log_db.parquet"), "--proxy", str(tmp_path / "nope"),
                  "--out", str(tmp_path / "o")]) == 2
@@ -413,5 +424,22 @@ def test_proxy_baselines_reproduce_the_proxy_split_with_known_answers(tmp_path):
                  "--test-seeds", *map(str, test_seeds), "--effects", str(eff), "--out", str(tmp_path / "o")]) == 0
     text = (tmp_path / "o" / "report.md").read_text()
     assert "| `persistence` |" in text and "root mean square 0.0354 nats" in text
-    assert "![real and predicted effects](effects.png)" in text
+    assert "![real and predicted effects](effects.png)" in text and "| `ridge` | " in text.split("| right sign |")[1]
     assert (tmp_path / "o" / "effects.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_state_trees_plus_linear_plan_effects_are_the_linear_terms():
+    """The plan enters StateTreesPlusLinearPlan only through its linear term: the difference between two plans
+    is the same from every state and equals the least-squares slope of a plan effect that is linear by design."""
+    from agents.proxy_baselines import StateTreesPlusLinearPlan
+
+    rng = np.random.default_rng(0)
+    state = rng.normal(size=(400, 3))
+    plan = rng.integers(0, 3, size=(400, 2))
+    y = np.sin(state[:, 0]) + state[:, 1] ** 2 - 0.5 * plan[:, 0] + 0.02 * rng.normal(size=400)
+    model = StateTreesPlusLinearPlan(n_state=3).fit(np.concatenate([state, plan], axis=1), y)
+    probe = rng.normal(size=(5, 3))
+    one = model.predict(np.concatenate([probe, np.tile([2, 1], (5, 1))], axis=1))
+    zero = model.predict(np.concatenate([probe, np.tile([0, 1], (5, 1))], axis=1))
+    assert np.ptp(one - zero) < 1e-12
+    assert (one - zero)[0] == pytest.approx(-1.0, abs=0.1)
