@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from stso_env.errors import ConfigError, DataError, STSOError
 from stso_env.proxy.calibration import conformal_bounds, evaluate
-from stso_env.proxy.dataset import ProxyDataset, build_targets
+from stso_env.proxy.dataset import ACTION_ENCODINGS, ProxyDataset, build_targets
 from stso_env.proxy.effects import action_effects
 from stso_env.proxy.logdb import read_log_db
 from stso_env.proxy.model import ProxyConfig, ProxyEnsemble
@@ -98,6 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, default=ProxyConfig.hidden, help="hidden width")
     p.add_argument("--layers", type=int, default=ProxyConfig.layers, help="hidden layers per member")
     p.add_argument("--lr", type=float, default=ProxyConfig.lr, help="AdamW learning rate")
+    p.add_argument("--action-encoding", default=ProxyConfig.action_encoding, choices=ACTION_ENCODINGS,
+                   help="how the proxy sees an action: a column per choice (one_hot, default) or one number per "
+                        "ordered dimension, the log of its factor (ordered)")
     args = p.parse_args(argv)
     try:
         for name in ("calib_frac", "valid_frac"):
@@ -105,7 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not 0.0 <= v < 1.0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must lie in [0, 1), got {v}")
         cfg = ProxyConfig(horizon=args.horizon, hidden=args.hidden, layers=args.layers, ensemble=args.ensemble,
-                          lr=args.lr, epochs=args.epochs, patience=args.patience, seed=args.seed)
+                          lr=args.lr, epochs=args.epochs, patience=args.patience, seed=args.seed,
+                          action_encoding=args.action_encoding)
         report = fit_proxy(Path(args.log_db), Path(args.out), cfg, test_seeds=args.test_seeds,
                            calib_frac=args.calib_frac, valid_frac=args.valid_frac, plans=args.plans)
     except STSOError as err:

@@ -64,6 +64,14 @@ ACTION_NVEC: tuple[int, ...] = (4, 3, 4, 2, 2, 2)
 PLAN_NVEC: tuple[int, ...] = ACTION_NVEC + ACTION_NVEC
 #: Action dimensions that act once, on the window's first step (momentum reset, reorder, skip).
 ONE_SHOT_DIMS: tuple[int, ...] = (3, 4, 5)
+#: How a proxy sees an action (``ProxyConfig.action_encoding``): ``one_hot``, a column per choice of every
+#: dimension; ``ordered``, the LR change and the weight-decay scale as one number each (the log of the
+#: factor), the clip policy one-hot, the 0/1 dimensions as they are (:func:`encode_actions`).
+ACTION_ENCODINGS: tuple[str, ...] = ("one_hot", "ordered")
+#: Factors behind the ordered dimensions' choices (the env's ``LR_CHANGES`` and ``WD_SCALES``), by dimension.
+_ORDERED_FACTORS: dict[int, tuple[float, ...]] = {0: (0.8, 0.9, 1.0, 1.1), 1: (0.5, 1.0, 2.0)}
+#: Action dimensions with no order among their choices (the clip policy), one-hot under ``ordered``.
+_CATEGORICAL_DIMS: tuple[int, ...] = (2,)
 #: Names of the scalar targets, in the order of :meth:`ProxyDataset.scalar_targets`.
 SCALAR_TARGETS: tuple[str, ...] = ("loss_at_n", "diverged_at_n", "instability_risk", "recovery_time")
 _REQUIRED = ("run_id", "episode", "env_step", "seed", "state", "action", "next_state", "terminated",
@@ -110,6 +118,61 @@ def _mode_rows(actions: np.ndarray) -> np.ndarray:
 def action_feature_names(nvec: tuple[int, ...] = ACTION_NVEC) -> list[str]:
     """Names of the one-hot action columns: ``action{d}={value}``."""
     return [f"action{d}={v}" for d, size in enumerate(nvec) for v in range(size)]
+
+
+def _check_encoding(encoding: str, nvec: tuple[int, ...]) -> None:
+    if encoding not in ACTION_ENCODINGS:
+        raise ConfigError(f"proxy config action_encoding: {encoding!r} is not one of {list(ACTION_ENCODINGS)}")
+    if encoding == "ordered" and tuple(nvec) not in (ACTION_NVEC, PLAN_NVEC):
+        raise ConfigError(f"proxy config action_encoding: 'ordered' needs the env's action space {list(ACTION_NVEC)} "
+                          f"or its plans {list(PLAN_NVEC)}, got {list(nvec)}; use 'one_hot'")
+
+
+def _ordered_columns(nvec: tuple[int, ...]) -> list[tuple[int, int | None]]:
+    # (dimension, choice) per column: choice None is the dimension's number, else its one-hot column
+    cols: list[tuple[int, int | None]] = []
+    for d, size in enumerate(nvec):
+        field = d % len(ACTION_NVEC)
+        cols += [(d, v) for v in range(size)] if field in _CATEGORICAL_DIMS else [(d, None)]
+    return cols
+
+
+def encoded_width(nvec: tuple[int, ...], encoding: str = "one_hot") -> int:
+    """Number of columns :func:`encode_actions` gives actions of sizes ``nvec``."""
+    _check_encoding(encoding, nvec)
+    return int(sum(nvec)) if encoding == "one_hot" else len(_ordered_columns(nvec))
+
+
+def encoded_feature_names(nvec: tuple[int, ...], encoding: str = "one_hot") -> list[str]:
+    """Names of :func:`encode_actions`' columns: ``action{d}={value}`` for one-hot ones, ``action{d}`` else."""
+    _check_encoding(encoding, nvec)
+    if encoding == "one_hot":
+        return action_feature_names(nvec)
+    return [f"action{d}" if v is None else f"action{d}={v}" for d, v in _ordered_columns(nvec)]
+
+
+def encode_actions(action: np.ndarray, nvec: tuple[int, ...] = ACTION_NVEC, encoding: str = "one_hot") -> np.ndarray:
+    """The proxy's action columns ``(n, encoded_width(nvec, encoding))`` float32 (see :data:`ACTION_ENCODINGS`).
+
+    ``ordered`` gives each ordered dimension one column, the log of its factor (LR x0.8 -> log 0.8, the
+    neutral choice 0), so a model fits one slope per dimension where one-hot codes need a coefficient per
+    choice: on a few hundred logged windows the per-choice estimates are noise-sized (see
+    ``agents.proxy_baselines``)."""
+    onehot = action_one_hot(action, nvec)  # validates shape and ranges
+    _check_encoding(encoding, nvec)
+    if encoding == "one_hot":
+        return onehot
+    a = np.asarray(action, dtype=np.int64)
+    out = np.zeros((a.shape[0], encoded_width(nvec, encoding)), dtype=np.float32)
+    for j, (d, v) in enumerate(_ordered_columns(nvec)):
+        field = d % len(ACTION_NVEC)
+        if v is not None:
+            out[:, j] = a[:, d] == v
+        elif field in _ORDERED_FACTORS:
+            out[:, j] = np.log(np.asarray(_ORDERED_FACTORS[field]))[a[:, d]]
+        else:
+            out[:, j] = a[:, d]
+    return out
 
 
 @dataclass

@@ -39,7 +39,8 @@ from torch import nn
 
 from stso_env.errors import ConfigError, DataError
 from stso_env.monitor.monitor import OBSERVATION_NAMES
-from stso_env.proxy.dataset import ACTION_NVEC, ProxyDataset, action_feature_names, action_one_hot
+from stso_env.proxy.dataset import (ACTION_ENCODINGS, ACTION_NVEC, ProxyDataset, encode_actions, encoded_feature_names,
+                                    encoded_width)
 
 FORMAT_VERSION = 2
 _N_SCALAR = 4  # loss, divergence logit, risk, recovery
@@ -67,6 +68,8 @@ class ProxyConfig:
     patience: int = 15
     batch: int = 256
     seed: int = 0
+    # how the proxy sees an action (stso_env.proxy.dataset.ACTION_ENCODINGS)
+    action_encoding: str = "one_hot"
 
     def __post_init__(self) -> None:
         for name in ("horizon", "hidden", "layers", "ensemble", "epochs", "batch"):
@@ -79,6 +82,9 @@ class ProxyConfig:
             raise ConfigError(f"proxy config lr: must be a positive finite number, got {self.lr!r}")
         if self.weight_decay < 0:
             raise ConfigError(f"proxy config weight_decay: must be >= 0, got {self.weight_decay!r}")
+        if self.action_encoding not in ACTION_ENCODINGS:
+            raise ConfigError(f"proxy config action_encoding: {self.action_encoding!r} is not one of "
+                              f"{list(ACTION_ENCODINGS)}")
 
 
 def _sanitize(x: np.ndarray) -> np.ndarray:
@@ -97,7 +103,7 @@ class ProxyEnsemble(nn.Module):
         self.state_dim = int(state_dim)
         self.nvec = tuple(int(v) for v in nvec)
         self.state_names = list(state_names) if state_names else [f"f{i}" for i in range(self.state_dim)]
-        self.in_dim = self.state_dim + int(sum(self.nvec))
+        self.in_dim = self.state_dim + encoded_width(self.nvec, config.action_encoding)
         self.out_dim = _N_SCALAR + self.state_dim
         self.curve: list[dict[str, float]] = []
         e, h = config.ensemble, config.hidden
@@ -136,7 +142,7 @@ class ProxyEnsemble(nn.Module):
 
     @property
     def feature_names(self) -> list[str]:
-        return self.state_names + action_feature_names(self.nvec)
+        return self.state_names + encoded_feature_names(self.nvec, self.config.action_encoding)
 
     # ---------------------------------------------------------------- forward
     def loss_baseline(self, state: np.ndarray) -> np.ndarray:
@@ -155,7 +161,7 @@ class ProxyEnsemble(nn.Module):
         a = np.asarray(action)
         if a.shape[0] != s.shape[0]:
             raise DataError(f"action: {a.shape[0]} rows for {s.shape[0]} states")
-        return torch.from_numpy(np.concatenate([s, action_one_hot(a, self.nvec)], axis=1))
+        return torch.from_numpy(np.concatenate([s, encode_actions(a, self.nvec, self.config.action_encoding)], axis=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Raw standardised outputs ``(E, B, out)`` for unstandardised inputs ``(B, in)`` or ``(E, B, in)``."""
