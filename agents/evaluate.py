@@ -203,13 +203,14 @@ def setting_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
 
 def check_resources(suite: Any, parser: argparse.ArgumentParser) -> None:
     need_proxy = [n for n in suite.controllers if suite.controller_of(n) in PROXY_CONTROLLERS]
-    if need_proxy and suite.proxy is None:
+    if any(suite.proxy_of(n) is None for n in need_proxy):
         parser.error(f"--proxy DIR is required for {', '.join(need_proxy)}: train one with "
                      "`python -m agents.collect ...` then `python -m agents.train_proxy --log-db RUN/log_db.parquet "
                      "--out runs/proxy`, or use the proxy folder `python -m agents.train_controller` writes")
-    if need_proxy and not Path(suite.proxy).is_dir():
-        parser.error(f"--proxy {suite.proxy}: not a folder (expected proxy.json + proxy.safetensors from "
-                     "agents.train_proxy or agents.train_controller)")
+    for proxy in dict.fromkeys(suite.proxy_of(n) for n in need_proxy):
+        if not Path(proxy).is_dir():
+            parser.error(f"--proxy {proxy}: not a folder (expected proxy.json + proxy.safetensors from "
+                         "agents.train_proxy or agents.train_controller)")
     need_policy = [n for n in suite.controllers if suite.controller_of(n) in POLICY_CONTROLLERS]
     if need_policy and suite.policy is None:
         parser.error("--policy PATH is required for the 'policy' controller: train one with "
@@ -373,6 +374,8 @@ def make_jobs(suite: Any, out: Path, *, val_windows: int = 64, device: str | Non
 
     # what the proxy and the policy *are*: a proxy retrained into the same folder must not pass as the old one
     digests = {"proxy_sha256": content_digest(suite.proxy), "policy_sha256": content_digest(suite.policy)}
+    own_proxy = {name: {"proxy": suite.proxy_of(name), "proxy_sha256": content_digest(suite.proxy_of(name))}
+                 for name in suite.controllers if suite.proxy_of(name) != suite.proxy}
     jobs = []
     for ci, cell in enumerate(suite.cells):
         res = cell.resolved()
@@ -390,7 +393,8 @@ def make_jobs(suite: Any, out: Path, *, val_windows: int = 64, device: str | Non
                     "decision_interval": suite.decision_interval, "builtin_chars": suite.builtin_chars,
                     "test_tokens": suite.test_tokens, "val_windows": val_windows, "device": device,
                     "settings": suite.settings_of(name), **variant,
-                    "proxy": suite.proxy, "policy": suite.policy, **digests, **gate_digest,
+                    "proxy": suite.proxy, "policy": suite.policy, **digests, **own_proxy.get(name, {}),
+                    **gate_digest,
                     "branch_dir": str(out / cell.name / "branches"), "tuning_dir": str(out / "tuning"),
                     "ray_address": ray_address,
                     "_order": (_COST_ORDER.index(cls) if cls in _COST_ORDER else len(_COST_ORDER), si, ci),

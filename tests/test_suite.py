@@ -293,3 +293,30 @@ def test_resume_refuses_runs_made_with_a_proxy_retrained_in_place(tmp_path: Path
     gate.write_text('{"fit": 2}')
     with pytest.raises(SystemExit, match=f"another gate than {gate}.*retrained in place"):
         execute(gated, out, args)
+
+
+def test_a_variant_scores_with_a_proxy_of_its_own(tmp_path: Path) -> None:
+    """A variant's ``proxy`` replaces the suite's for its runs only (path and content digest), so two proxies
+    meet side by side in one suite; a bad value is a clear error."""
+    from agents.evaluate import make_jobs
+    from stso_env.files import content_digest
+
+    proxies = {}
+    for name in ("proxy_a", "proxy_b"):
+        proxies[name] = tmp_path / name
+        proxies[name].mkdir()
+        (proxies[name] / "proxy.json").write_text(json.dumps({"fit": name}))
+    path = tmp_path / "two_proxies.yaml"
+    path.write_text(SUITE.replace("[fixed, zclip]", "[fixed, stso, stso_b]") + f"proxy: {proxies['proxy_a']}\n"
+                    + f"variants:\n  stso_b: {{controller: stso, proxy: {proxies['proxy_b']}}}\n")
+    suite = load_suite(str(path), tuple(CONTROLLERS))
+    assert suite.proxy_of("stso") == str(proxies["proxy_a"]) and suite.proxy_of("stso_b") == str(proxies["proxy_b"])
+    jobs = {j["controller"]: j for j in make_jobs(suite, tmp_path / "out") if j["seed"] == 100000}
+    assert jobs["stso"]["proxy"] == str(proxies["proxy_a"]) and jobs["stso_b"]["proxy"] == str(proxies["proxy_b"])
+    assert jobs["stso_b"]["variant_of"] == "stso"
+    assert jobs["stso"]["proxy_sha256"] == content_digest(proxies["proxy_a"]) != jobs["stso_b"]["proxy_sha256"]
+    assert jobs["stso_b"]["proxy_sha256"] == content_digest(proxies["proxy_b"])
+    path.write_text(SUITE.replace("[fixed, zclip]", "[fixed, stso_b]")
+                    + "variants:\n  stso_b: {controller: stso, proxy: 3}\n")
+    with pytest.raises(ConfigError, match="variants.stso_b.proxy: expected the path of a proxy folder"):
+        load_suite(str(path), tuple(CONTROLLERS))
