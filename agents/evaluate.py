@@ -701,8 +701,10 @@ def cell_outputs(suite: Any, cell: Any, grouped: dict[tuple[str, str], list[dict
 def prepare_artefacts(suite: Any, out: Path, progress: bool) -> None:
     """Train the proxy and policy a suite needs (``agents.train_controller`` with its defaults, whose
     collection and evaluation seeds never meet the suite's) unless the suite names them."""
-    need = [n for n in suite.controllers if suite.controller_of(n) in PROXY_CONTROLLERS + POLICY_CONTROLLERS]
-    if not need or (suite.proxy is not None and suite.policy is not None):
+    # a policy is trained only for a suite that runs one: a proxy-only suite that names its proxy needs nothing
+    need_proxy = any(suite.controller_of(n) in PROXY_CONTROLLERS for n in suite.controllers)
+    need_policy = any(suite.controller_of(n) in POLICY_CONTROLLERS for n in suite.controllers)
+    if not ((need_proxy or need_policy) and suite.proxy is None) and not (need_policy and suite.policy is None):
         return
     runs_dir = out / "prepare"
     run = runs_dir / "train-controller"

@@ -320,3 +320,21 @@ def test_a_variant_scores_with_a_proxy_of_its_own(tmp_path: Path) -> None:
                     + "variants:\n  stso_b: {controller: stso, proxy: 3}\n")
     with pytest.raises(ConfigError, match="variants.stso_b.proxy: expected the path of a proxy folder"):
         load_suite(str(path), tuple(CONTROLLERS))
+
+
+def test_a_suite_that_names_its_proxy_and_runs_no_policy_trains_nothing(tmp_path: Path, monkeypatch) -> None:
+    """prepare_artefacts trains make train's artefacts only for what a suite lacks: a suite of proxy controllers
+    that names its proxy needs no policy; one that runs the policy without naming it still gets one."""
+    import agents.train_controller
+    from agents.evaluate import prepare_artefacts
+
+    calls = []
+    monkeypatch.setattr(agents.train_controller, "main", lambda argv: calls.append(argv))
+    path = tmp_path / "mini.yaml"
+    path.write_text(SUITE.replace("[fixed, zclip]", "[fixed, stso]") + f"proxy: {tmp_path}\n")
+    suite = load_suite(str(path), tuple(CONTROLLERS))
+    prepare_artefacts(suite, tmp_path / "out", False)
+    assert calls == [] and suite.policy is None
+    suite.controllers = ["fixed", "policy"]
+    prepare_artefacts(suite, tmp_path / "out", False)
+    assert len(calls) == 1 and suite.policy == str(tmp_path / "out" / "prepare" / "train-controller" / "policy.zip")
