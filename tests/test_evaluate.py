@@ -169,6 +169,21 @@ def test_ablation_steps_with_known_answers():
     assert ablation_lines({"spiky": no_ablation}, {}) == []
 
 
+def test_variant_lines_compare_each_variant_with_its_controller():
+    from stso_env.eval.published import variant_lines
+
+    fixed = [10.0, 10.5, 11.0, 10.2, 10.8]
+    ppl = {"fixed": fixed, "stso": fixed, "stso_b": [p - 1.0 + 0.01 * i for i, p in enumerate(fixed)]}
+    cell = _cell("spiky", ppl, {n: [1.0] * 5 for n in ppl})
+    variants = {"stso_b": {"controller": "stso", "proxy": "runs/b/proxy", "settings": {"top_k": 1}},
+                "hd_fast": {"controller": "hd", "settings": {"beta": 0.001}}}  # hd never ran: left out
+    md = "\n".join(variant_lines({"spiky": cell}, variants))
+    assert "| cell | `stso_b` vs `stso` |" in md and "hd_fast" not in md
+    assert "| `spiky` | -9.3 % (p " in md  # -0.98 on a mean of 10.5
+    assert "- `stso_b`: `stso` with top_k: 1, proxy `runs/b/proxy`." in md
+    assert variant_lines({"spiky": cell}, {}) == []
+
+
 def test_figures_from_synthetic_curves(tmp_path: Path):
     results = _synthetic_results()
     steps = [10, 20, 30, 20, 30]  # a rollback from step 30 to step 10 and two windows re-run

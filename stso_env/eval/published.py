@@ -369,6 +369,28 @@ def ablation_lines(cells: Mapping[str, Mapping[str, Any]], mean_rank: Mapping[st
     return lines + [""]
 
 
+def variant_lines(cells: Mapping[str, Mapping[str, Any]], variants: Mapping[str, Any]) -> list[str]:
+    """Each variant against the controller it varies (markdown lines): the change in test perplexity per cell,
+    paired t by seed, unadjusted, and what the variant changes (its settings, its own proxy); empty when no
+    variant ran beside its controller."""
+    pairs = [(label, v["controller"]) for label, v in variants.items()
+             if any(label in c["controllers"] and v["controller"] in c["controllers"] for c in cells.values())]
+    if not pairs:
+        return []
+
+    def what(v: Mapping[str, Any]) -> str:
+        parts = [f"{k}: {json.dumps(x)}" for k, x in (v.get("settings") or {}).items()]
+        return ", ".join(parts + ([f"proxy `{v['proxy']}`"] if v.get("proxy") else [])) or "the same settings"
+
+    lines = ["Variants against the controller they vary (test perplexity of the variant against its controller, "
+             "paired t by seed, unadjusted):", ""]
+    lines += _table(["cell", *(f"`{label}` vs `{base}`" for label, base in pairs)],
+                    [[f"`{cname}`", *(_change(ablation_step(cell, label, base)) for label, base in pairs)]
+                     for cname, cell in cells.items()])
+    lines += ["", *(f"- `{label}`: `{base}` with {what(variants[label])}." for label, base in pairs)]
+    return lines + [""]
+
+
 def readme_tables(results: Mapping[str, Any]) -> str:
     """The README's result block for a published suite (markdown, no markers)."""
     cells, summary = results["cells"], results["summary"]
@@ -392,6 +414,9 @@ def readme_tables(results: Mapping[str, Any]) -> str:
     ablations = ablation_lines(cells, ranks["final_test_ppl"])
     if ablations:
         lines += [""] + ablations[:-1]
+    variants = variant_lines(cells, results.get("settings", {}).get("variants") or {})
+    if variants:
+        lines += [""] + variants[:-1]
     lines += ["", "Mean rank across cells (1 = best; by mean test perplexity, and by mean model events):", ""]
     lines += _table(["controller", "rank: test ppl", "rank: model events"],
                     [[f"`{n}`", f"{r:.2f}", f"{ranks['model_events_per_100k_steps'].get(n, math.nan):.2f}"]
