@@ -212,11 +212,12 @@ def check_resources(suite: Any, parser: argparse.ArgumentParser) -> None:
             parser.error(f"--proxy {proxy}: not a folder (expected proxy.json + proxy.safetensors from "
                          "agents.train_proxy or agents.train_controller)")
     need_policy = [n for n in suite.controllers if suite.controller_of(n) in POLICY_CONTROLLERS]
-    if need_policy and suite.policy is None:
+    if any(suite.policy_of(n) is None for n in need_policy):
         parser.error("--policy PATH is required for the 'policy' controller: train one with "
                      "`python -m agents.train_controller` (it writes policy.zip)")
-    if need_policy and not Path(suite.policy).is_file():
-        parser.error(f"--policy {suite.policy}: no such file")
+    for policy in dict.fromkeys(suite.policy_of(n) for n in need_policy):
+        if not Path(policy).is_file():
+            parser.error(f"--policy {policy}: no such file")
 
 
 def load_settings(path: str | None, parser: argparse.ArgumentParser) -> dict[str, dict[str, Any]]:
@@ -374,8 +375,12 @@ def make_jobs(suite: Any, out: Path, *, val_windows: int = 64, device: str | Non
 
     # what the proxy and the policy *are*: a proxy retrained into the same folder must not pass as the old one
     digests = {"proxy_sha256": content_digest(suite.proxy), "policy_sha256": content_digest(suite.policy)}
-    own_proxy = {name: {"proxy": suite.proxy_of(name), "proxy_sha256": content_digest(suite.proxy_of(name))}
-                 for name in suite.controllers if suite.proxy_of(name) != suite.proxy}
+    # a variant's own proxy or policy replaces the suite's in its jobs, path and digest
+    own = {name: {**({"proxy": suite.proxy_of(name), "proxy_sha256": content_digest(suite.proxy_of(name))}
+                     if suite.proxy_of(name) != suite.proxy else {}),
+                  **({"policy": suite.policy_of(name), "policy_sha256": content_digest(suite.policy_of(name))}
+                     if suite.policy_of(name) != suite.policy else {})}
+           for name in suite.controllers}
     jobs = []
     for ci, cell in enumerate(suite.cells):
         res = cell.resolved()
@@ -393,7 +398,7 @@ def make_jobs(suite: Any, out: Path, *, val_windows: int = 64, device: str | Non
                     "decision_interval": suite.decision_interval, "builtin_chars": suite.builtin_chars,
                     "test_tokens": suite.test_tokens, "val_windows": val_windows, "device": device,
                     "settings": suite.settings_of(name), **variant,
-                    "proxy": suite.proxy, "policy": suite.policy, **digests, **own_proxy.get(name, {}),
+                    "proxy": suite.proxy, "policy": suite.policy, **digests, **own[name],
                     **gate_digest,
                     "branch_dir": str(out / cell.name / "branches"), "tuning_dir": str(out / "tuning"),
                     "ray_address": ray_address,
@@ -702,9 +707,10 @@ def prepare_artefacts(suite: Any, out: Path, progress: bool) -> None:
     """Train the proxy and policy a suite needs (``agents.train_controller`` with its defaults, whose
     collection and evaluation seeds never meet the suite's) unless the suite names them."""
     # a policy is trained only for a suite that runs one: a proxy-only suite that names its proxy needs nothing
-    need_proxy = any(suite.controller_of(n) in PROXY_CONTROLLERS for n in suite.controllers)
-    need_policy = any(suite.controller_of(n) in POLICY_CONTROLLERS for n in suite.controllers)
-    if not ((need_proxy or need_policy) and suite.proxy is None) and not (need_policy and suite.policy is None):
+    need_proxy = [n for n in suite.controllers if suite.controller_of(n) in PROXY_CONTROLLERS + POLICY_CONTROLLERS]
+    need_policy = [n for n in suite.controllers if suite.controller_of(n) in POLICY_CONTROLLERS]
+    if all(suite.proxy_of(n) is not None for n in need_proxy) and all(suite.policy_of(n) is not None
+                                                                    for n in need_policy):
         return
     runs_dir = out / "prepare"
     run = runs_dir / "train-controller"

@@ -295,9 +295,9 @@ def test_resume_refuses_runs_made_with_a_proxy_retrained_in_place(tmp_path: Path
         execute(gated, out, args)
 
 
-def test_a_variant_scores_with_a_proxy_of_its_own(tmp_path: Path) -> None:
-    """A variant's ``proxy`` replaces the suite's for its runs only (path and content digest), so two proxies
-    meet side by side in one suite; a bad value is a clear error."""
+def test_a_variant_scores_with_a_proxy_or_policy_of_its_own(tmp_path: Path) -> None:
+    """A variant's ``proxy`` (or ``policy``) replaces the suite's for its runs only (path and content digest),
+    so two proxies or policies meet side by side in one suite; a bad value is a clear error."""
     from agents.evaluate import make_jobs
     from stso_env.files import content_digest
 
@@ -320,6 +320,18 @@ def test_a_variant_scores_with_a_proxy_of_its_own(tmp_path: Path) -> None:
                     + "variants:\n  stso_b: {controller: stso, proxy: 3}\n")
     with pytest.raises(ConfigError, match="variants.stso_b.proxy: expected the path of a proxy folder"):
         load_suite(str(path), tuple(CONTROLLERS))
+    # the same for a policy of its own
+    policies = {name: tmp_path / f"{name}.zip" for name in ("a", "b")}
+    for name, p in policies.items():
+        p.write_bytes(name.encode())
+    path.write_text(SUITE.replace("[fixed, zclip]", "[fixed, policy, policy_b]")
+                    + f"proxy: {proxies['proxy_a']}\npolicy: {policies['a']}\n"
+                    + f"variants:\n  policy_b: {{controller: policy, policy: {policies['b']}}}\n")
+    suite = load_suite(str(path), tuple(CONTROLLERS))
+    jobs = {j["controller"]: j for j in make_jobs(suite, tmp_path / "out") if j["seed"] == 100000}
+    assert jobs["policy"]["policy"] == str(policies["a"]) and jobs["policy_b"]["policy"] == str(policies["b"])
+    assert jobs["policy_b"]["policy_sha256"] == content_digest(policies["b"]) != jobs["policy"]["policy_sha256"]
+    assert jobs["policy_b"]["proxy"] == jobs["policy"]["proxy"] == str(proxies["proxy_a"])
 
 
 def test_a_suite_that_names_its_proxy_and_runs_no_policy_trains_nothing(tmp_path: Path, monkeypatch) -> None:

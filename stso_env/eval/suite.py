@@ -18,7 +18,7 @@ Example::
     controllers: [fixed, pbt, pbt_pair]
     variants:  # a controller again under other settings, reported under its own label
       pbt_pair: {controller: pbt, settings: {population: 2}}
-      # a variant of stso, proxy_only or single_trigger may also name a proxy of its own:
+      # a variant may also name a proxy (stso, proxy_only, single_trigger) or a policy of its own:
       # stso_other: {controller: stso, proxy: runs/other/proxy}
     cells:
       - {scenario: calm, corpus: builtin}
@@ -87,9 +87,9 @@ class SuiteConfig:
                            "agents.train_controller into the suite's run folder)")
     policy: str | None = _f(None, "policy.zip for 'policy' (None: prepared like the proxy)")
     settings: dict[str, Any] = _f({}, "controller name -> constructor settings")
-    variants: dict[str, Any] = _f({}, "label -> {controller: NAME, settings: {...}, proxy: DIR}: a controller run "
-                                  "again under other settings (and, optionally, another proxy), listed in controllers "
-                                  "and reported under its label")
+    variants: dict[str, Any] = _f({}, "label -> {controller: NAME, settings: {...}, proxy: DIR, policy: ZIP}: a "
+                                  "controller run again under other settings (and, optionally, another proxy or "
+                                  "policy), listed in controllers and reported under its label")
     cells: list[CellConfig] = field(default_factory=list, metadata={"help": "scenario x corpus cells"})
     readme: bool = _f(False, "the README's result tables are generated from this suite")
     report_copy: str | None = _f(None, "also write the report to this path (from the repository root)")
@@ -110,6 +110,10 @@ class SuiteConfig:
     def proxy_of(self, name: str) -> str | None:
         """The proxy folder ``name`` scores with: its variant's own ``proxy``, else the suite's."""
         return self.variants.get(name, {}).get("proxy") or self.proxy
+
+    def policy_of(self, name: str) -> str | None:
+        """The policy ``name`` plays: its variant's own ``policy``, else the suite's."""
+        return self.variants.get(name, {}).get("policy") or self.policy
 
     def settings_of(self, name: str) -> dict[str, Any]:
         """The constructor settings ``name`` runs under."""
@@ -152,13 +156,14 @@ def load_suite(spec: str, known_controllers: tuple[str, ...] | None = None) -> S
         raise ConfigError(f"{path}: controllers: a controller is listed twice")
     for label, v in suite.variants.items():
         where = f"{path}: variants.{label}"
-        if not isinstance(v, dict) or "controller" not in v or set(v) - {"controller", "settings", "proxy"}:
-            raise ConfigError(f"{where}: expected {{controller: NAME, settings: {{...}}, proxy: DIR}} (settings and "
-                              f"proxy optional), got {v!r}")
+        if not isinstance(v, dict) or "controller" not in v or set(v) - {"controller", "settings", "proxy", "policy"}:
+            raise ConfigError(f"{where}: expected {{controller: NAME, settings: {{...}}, proxy: DIR, policy: ZIP}} "
+                              f"(all but controller optional), got {v!r}")
         if not isinstance(v.get("settings") or {}, dict):
             raise ConfigError(f"{where}.settings: expected a mapping of constructor settings")
-        if "proxy" in v and not (isinstance(v["proxy"], str) and v["proxy"]):
-            raise ConfigError(f"{where}.proxy: expected the path of a proxy folder, got {v['proxy']!r}")
+        for key, what in (("proxy", "a proxy folder"), ("policy", "a policy.zip")):
+            if key in v and not (isinstance(v[key], str) and v[key]):
+                raise ConfigError(f"{where}.{key}: expected the path of {what}, got {v[key]!r}")
         if known_controllers is not None and label in known_controllers:
             raise ConfigError(f"{where}: the label is a controller's name; give the variant a label of its own")
         if v["controller"] in suite.variants:
