@@ -175,12 +175,13 @@ def test_variant_lines_compare_each_variant_with_its_controller():
     fixed = [10.0, 10.5, 11.0, 10.2, 10.8]
     ppl = {"fixed": fixed, "stso": fixed, "stso_b": [p - 1.0 + 0.01 * i for i, p in enumerate(fixed)]}
     cell = _cell("spiky", ppl, {n: [1.0] * 5 for n in ppl})
-    variants = {"stso_b": {"controller": "stso", "proxy": "runs/b/proxy", "settings": {"top_k": 1}},
+    variants = {"stso_b": {"controller": "stso", "proxy": "runs/b/proxy", "settings": {"top_k": 1},
+                           "policy": "runs/b/policy.zip"},
                 "hd_fast": {"controller": "hd", "settings": {"beta": 0.001}}}  # hd never ran: left out
     md = "\n".join(variant_lines({"spiky": cell}, variants))
     assert "| cell | `stso_b` vs `stso` |" in md and "hd_fast" not in md
     assert "| `spiky` | -9.3 % (p " in md  # -0.98 on a mean of 10.5
-    assert "- `stso_b`: `stso` with top_k: 1, proxy `runs/b/proxy`." in md
+    assert "- `stso_b`: `stso` with top_k: 1, policy `runs/b/policy.zip`, proxy `runs/b/proxy`." in md
     assert variant_lines({"spiky": cell}, {}) == []
 
 

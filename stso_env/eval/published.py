@@ -380,7 +380,8 @@ def variant_lines(cells: Mapping[str, Mapping[str, Any]], variants: Mapping[str,
 
     def what(v: Mapping[str, Any]) -> str:
         parts = [f"{k}: {json.dumps(x)}" for k, x in (v.get("settings") or {}).items()]
-        return ", ".join(parts + ([f"proxy `{v['proxy']}`"] if v.get("proxy") else [])) or "the same settings"
+        parts += [f"{key} `{v[key]}`" for key in ("policy", "proxy") if v.get(key)]
+        return ", ".join(parts) or "the same settings"
 
     lines = ["Variants against the controller they vary (test perplexity of the variant against its controller, "
              "paired t by seed, unadjusted):", ""]
