@@ -68,8 +68,6 @@ ONE_SHOT_DIMS: tuple[int, ...] = (3, 4, 5)
 #: dimension; ``ordered``, the LR change and the weight-decay scale as one number each (the log of the
 #: factor), the clip policy one-hot, the 0/1 dimensions as they are (:func:`encode_actions`).
 ACTION_ENCODINGS: tuple[str, ...] = ("one_hot", "ordered")
-#: Factors behind the ordered dimensions' choices (the env's ``LR_CHANGES`` and ``WD_SCALES``), by dimension.
-_ORDERED_FACTORS: dict[int, tuple[float, ...]] = {0: (0.8, 0.9, 1.0, 1.1), 1: (0.5, 1.0, 2.0)}
 #: Action dimensions with no order among their choices (the clip policy), one-hot under ``ordered``.
 _CATEGORICAL_DIMS: tuple[int, ...] = (2,)
 #: Names of the scalar targets, in the order of :meth:`ProxyDataset.scalar_targets`.
@@ -162,14 +160,18 @@ def encode_actions(action: np.ndarray, nvec: tuple[int, ...] = ACTION_NVEC, enco
     _check_encoding(encoding, nvec)
     if encoding == "one_hot":
         return onehot
+    # the env's own factors (imported here: the env module is heavy, and loaded anyway wherever actions are made)
+    from stso_env.envs.gpt2_env import LR_CHANGES, WD_SCALES
+
+    factors = {0: LR_CHANGES, 1: WD_SCALES}
     a = np.asarray(action, dtype=np.int64)
     out = np.zeros((a.shape[0], encoded_width(nvec, encoding)), dtype=np.float32)
     for j, (d, v) in enumerate(_ordered_columns(nvec)):
         field = d % len(ACTION_NVEC)
         if v is not None:
             out[:, j] = a[:, d] == v
-        elif field in _ORDERED_FACTORS:
-            out[:, j] = np.log(np.asarray(_ORDERED_FACTORS[field]))[a[:, d]]
+        elif field in factors:
+            out[:, j] = np.log(np.asarray(factors[field]))[a[:, d]]
         else:
             out[:, j] = a[:, d]
     return out
