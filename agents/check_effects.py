@@ -361,12 +361,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         meta = {"proxy": args.proxy, "proxy_sha256": content_digest(args.proxy), "scenarios": scenarios,
                 "seeds": seeds, "windows": windows, "cooldown": args.cooldown, "to_end": args.to_end,
                 "ema": args.ema, "seconds": time.perf_counter() - t0, **provenance("agents.check_effects", argv)}
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        from stso_env.eval.report import write_json_atomic
+        from stso_env.eval.report import save_result
 
-        write_json_atomic(out / "effects.json", {"meta": meta, **result})
-        report = write_report(result, out, meta)
+        report = save_result(Path(args.out), "effects.json", meta, result, write_report)
     except STSOError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

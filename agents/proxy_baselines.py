@@ -109,7 +109,16 @@ class StateTreesPlusLinearPlan:
         return self.trees.predict(x[:, :self.n_state]) + self.linear.predict(x[:, self.n_state:])
 
 
+#: Rows before this share of the run are left out of the ``*_late`` skill figures: the first fifth of a run
+#: (120 of 600 steps) holds the fast early drop of the loss, which any model forecasts from the progress
+#: alone and which makes up most of the change's variance, and the probe spikes of its first windows.
+LATE_PROGRESS = 0.2
+
+
 def _skill(predict: Any, calib: Any, test: Any) -> dict[str, float]:
+    """Loss@N skill of ``predict(state, action, loss_before)`` on the test rows (module docstring); the
+    ``*_late`` figures only on rows from :data:`LATE_PROGRESS` of the run on, where the controller acts on
+    an already trained model."""
     from sklearn.metrics import mean_absolute_error, r2_score
 
     def level(part: Any, k: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -117,12 +126,19 @@ def _skill(predict: Any, calib: Any, test: Any) -> dict[str, float]:
         return (part.loss_at_n[k].astype(np.float64), before,
                 np.asarray(predict(part.state[k], part.action[k], before), np.float64))
 
-    y, before, p = level(test, _rows(test))
+    k = _rows(test)
+    y, before, p = level(test, k)
     pooled = [level(part, _rows(part, alive=True)) for part in (calib, test)]
-    return {"loss_r2": float(r2_score(y, p)), "loss_mae": float(mean_absolute_error(y, p)),
-            "loss_change_r2": float(r2_score(y - before, p - before)),
-            "loss_r2_heldout": float(r2_score(np.concatenate([q[0] for q in pooled]),
-                                              np.concatenate([q[2] for q in pooled])))}
+    out = {"loss_r2": float(r2_score(y, p)), "loss_mae": float(mean_absolute_error(y, p)),
+           "loss_change_r2": float(r2_score(y - before, p - before)),
+           "loss_r2_heldout": float(r2_score(np.concatenate([q[0] for q in pooled]),
+                                             np.concatenate([q[2] for q in pooled])))}
+    if "progress" in test.state_names:
+        late = test.state[k][:, list(test.state_names).index("progress")] >= LATE_PROGRESS
+        if late.sum() > 1:
+            out["loss_r2_late"] = float(r2_score(y[late], p[late]))
+            out["loss_change_r2_late"] = float(r2_score(y[late] - before[late], p[late] - before[late]))
+    return out
 
 
 def _effect_size(model: Any, states: np.ndarray) -> dict[str, Any]:
@@ -194,11 +210,6 @@ def divergence_skill(fit_parts: Sequence[Any], test: Any, model: Any, seed: int 
 def compare(log_db: Path, proxy_dir: Path, *, test_seeds: Sequence[int] | None = None, seed: int = 0,
             calib_frac: float = 0.25, valid_frac: float = 0.15) -> dict[str, Any]:
     """Fit the baselines on the proxy's split of ``log_db`` and score them and the proxy (module docstring)."""
-    from sklearn.ensemble import ExtraTreesRegressor
-    from sklearn.linear_model import RidgeCV
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     from agents.train_proxy import split_runs
     from stso_env.proxy.dataset import PLAN_NVEC, build_targets
     from stso_env.proxy.logdb import read_log_db
@@ -209,6 +220,17 @@ def compare(log_db: Path, proxy_dir: Path, *, test_seeds: Sequence[int] | None =
     model = ProxyEnsemble.load(proxy_dir)
     ds = build_targets(read_log_db(log_db), model.config.horizon, plans=tuple(model.nvec) == tuple(PLAN_NVEC))
     parts = split_runs(ds, test_seeds, calib_frac=calib_frac, valid_frac=valid_frac, seed=seed)
+    return score_models(parts, model, seed=seed)
+
+
+def score_models(parts: dict[str, Any], model: Any, *, seed: int = 0) -> dict[str, Any]:
+    """Fit the baselines on the training and validation runs of ``parts`` (a :func:`agents.train_proxy.split_runs`
+    split) and score them and ``model``, the proxy fitted on the same runs (module docstring)."""
+    from sklearn.ensemble import ExtraTreesRegressor
+    from sklearn.linear_model import RidgeCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     fit_parts = [parts["train"]] if parts["valid_is_calib"] else [parts["train"], parts["valid"]]
     x = np.concatenate([p.features()[_rows(p, alive=True)] for p in fit_parts])
     change = np.concatenate([(p.loss_at_n - p.loss_before)[_rows(p, alive=True)]
@@ -225,7 +247,7 @@ def compare(log_db: Path, proxy_dir: Path, *, test_seeds: Sequence[int] | None =
         "extra trees": ChangeModel(ExtraTreesRegressor(TREES, min_samples_leaf=MIN_SAMPLES_LEAF, n_jobs=1,
                                                        random_state=seed),
                                    model.loss_baseline, model.nvec).fit(x, change),
-        "state trees + linear plan": ChangeModel(StateTreesPlusLinearPlan(ds.state.shape[1], seed),
+        "state trees + linear plan": ChangeModel(StateTreesPlusLinearPlan(test.state.shape[1], seed),
                                            model.loss_baseline, model.nvec).fit(x, change),
         "proxy": model,
     }
@@ -240,10 +262,10 @@ def compare(log_db: Path, proxy_dir: Path, *, test_seeds: Sequence[int] | None =
             (lambda s, a, b, m=m: m.predict(s, a)["loss_at_n"])
         rows[name] = {**_skill(level, calib, test), **_effect_size(m, states)}
     trees = fitted["extra trees"].estimator
-    n_state = ds.state.shape[1]
+    n_state = test.state.shape[1]
     return {"models": rows, "test_seeds": parts["test_seeds"],
             "calib_seeds": sorted(map(int, np.unique(calib.seed))), "n_fit_rows": int(len(change)),
-            "n_test_rows": int(_rows(test).sum()), "horizon": model.config.horizon,
+            "n_test_rows": int(_rows(test).sum()), "horizon": parts["test"].horizon,
             "trees_action_importance": float(trees.feature_importances_[n_state:].sum()),
             "divergence": divergence_skill(fit_parts, test, model, seed)}
 
@@ -301,17 +323,14 @@ def effects_figure(result: dict[str, Any], path: Path) -> Path | None:
 
 
 def write_report(result: dict[str, Any], out: Path, meta: dict[str, Any]) -> Path:
-    from stso_env.eval.report import _table, fmt
+    from stso_env.eval.report import _table, fmt, provenance_lines
     from stso_env.files import write_text_atomic
 
     rows = [[f"`{n}`", fmt(r["loss_r2"], 3), fmt(r["loss_mae"], 3), fmt(r["loss_change_r2"], 3),
              fmt(r["loss_r2_heldout"], 3), fmt(r["mean_abs_effect"], 3), fmt(r["max_abs_effect"], 3)]
             for n, r in result["models"].items()]
     lines = ["# The proxy's loss@N against simple baselines", "",
-             f"Command: `{meta['command']}`  ", f"Commit: `{meta.get('commit')}`"
-             + (" (with uncommitted changes)" if meta.get("dirty") else "") + "  ",
-             "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + "  ",
-             f"Machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores", "",
+             *provenance_lines(meta), "",
              f"Proxy `{meta['proxy']}` (horizon {result['horizon']} windows); log `{meta['log_db']}`. The baselines "
              f"are fitted on the proxy's training and validation runs ({result['n_fit_rows']} rows) and scored on its "
              f"test runs (seeds {', '.join(map(str, result['test_seeds']))}, {result['n_test_rows']} rows); "
@@ -381,13 +400,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             result["real_effects"] = real_effects(Path(args.effects))
             agreement(result)
         from agents.evaluate import provenance
-        from stso_env.eval.report import write_json_atomic
+        from stso_env.eval.report import save_result
 
         meta = {"proxy": args.proxy, "log_db": args.log_db, "seconds": time.perf_counter() - t0,
                 **provenance("agents.proxy_baselines", argv)}
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        write_json_atomic(Path(args.out) / "baselines.json", {"meta": meta, **result})
-        report = write_report(result, Path(args.out), meta)
+        report = save_result(Path(args.out), "baselines.json", meta, result, write_report)
     except STSOError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

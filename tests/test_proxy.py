@@ -428,6 +428,54 @@ def test_proxy_baselines_reproduce_the_proxy_split_with_known_answers(tmp_path):
     assert (tmp_path / "o" / "effects.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_proxy_data_curve_fixed_test_runs_and_the_proxy_of_each_pool(tmp_path):
+    """agents.proxy_data_curve scores every size on the same test runs; each size's pool is the smallest seeds
+    outside the fold, and its proxy figures equal those of agents.train_proxy on a log of that pool and the
+    fold's test runs."""
+    from agents.proxy_data_curve import curve, folds_of, main, pools, summary
+    from agents.train_proxy import fit_proxy
+
+    assert pools(range(10), [8, 9], [3, 5]) == {3: [0, 1, 2], 5: [0, 1, 2, 3, 4]}
+    assert folds_of([5, 3, 4, 6, 7], 2) == [[3, 4, 5], [6, 7]]
+    with pytest.raises(ConfigError, match="--sizes: 9 runs.*3 to 8"):
+        pools(range(10), [8, 9], [9])
+    with pytest.raises(ConfigError, match=r"--test-seeds: seeds \[11\]"):
+        pools(range(10), [11], [3])
+    with pytest.raises(ConfigError, match="--folds: must lie in 1..2"):
+        folds_of([1, 2], 3)
+
+    def log(path, seeds):
+        db = LogDB(path, observation_names=OBSERVATION_NAMES, flush_rows=500)
+        for s in seeds:
+            for row in synth_rows(s, steps=20):
+                db.append(row)
+        db.close()
+
+    log(tmp_path / "all.parquet", range(30))
+    cfg = ProxyConfig(horizon=3, hidden=16, ensemble=2, epochs=4)
+    out = curve(tmp_path / "all.parquet", range(18, 30), [8, 16], cfg, folds=2, progress=False)
+    assert out["folds"] == [list(range(18, 24)), list(range(24, 30))]
+    small, large = out["sizes"]["8"], out["sizes"]["16"]
+    assert [f["fold"] for f in large] == [0, 1] and small[0]["test_rows"] == large[0]["test_rows"] > 0
+    assert large[0]["fit_rows"] > small[0]["fit_rows"] and set(small[1]["calib_seeds"]) < set(range(8))
+    # fold 1's pool of 16: seeds 0-15; the same split and proxy as agents.train_proxy on a log of those runs
+    log(tmp_path / "pool.parquet", [*range(16), *range(24, 30)])
+    report = fit_proxy(tmp_path / "pool.parquet", tmp_path / "proxy", cfg, test_seeds=list(range(24, 30)),
+                       progress=False)
+    assert large[1]["models"]["proxy"]["loss_r2"] == pytest.approx(report["loss_r2"], abs=1e-5)
+    assert large[1]["models"]["persistence"]["loss_r2"] == pytest.approx(report["persistence_r2"], abs=1e-6)
+    assert large[1]["proxy_coverage"] == pytest.approx(report["coverage"], abs=1e-6)
+    mean, lo, hi = summary(out, "loss_r2")[16]["proxy"]
+    assert lo <= mean <= hi and mean == pytest.approx(np.mean([f["models"]["proxy"]["loss_r2"] for f in large]))
+    # the command writes its report and figure; a size beyond the log is a clear error
+    assert main(["--log-db", str(tmp_path / "all.parquet"), "--test-seeds", *map(str, range(24, 30)),
+                 "--sizes", "8", "--out", str(tmp_path / "curve"), "--no-progress"]) == 0
+    assert (tmp_path / "curve" / "curve.png").stat().st_size > 0
+    assert "| 8 |" in (tmp_path / "curve" / "report.md").read_text(encoding="utf-8")
+    assert main(["--log-db", str(tmp_path / "all.parquet"), "--test-seeds", "29", "--sizes", "40",
+                 "--out", str(tmp_path / "bad")]) == 2
+
+
 def test_state_trees_plus_linear_plan_effects_are_the_linear_terms():
     """The plan enters StateTreesPlusLinearPlan only through its linear term: the difference between two plans
     is the same from every state and equals the least-squares slope of a plan effect that is linear by design."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,24 @@ def json_ready(obj: Any) -> Any:
 def write_json_atomic(path: Path, obj: Any) -> Path:
     """Strict JSON (no NaN) of :func:`json_ready` ``(obj)``, written atomically."""
     return write_text_atomic(path, json.dumps(json_ready(obj), indent=2, allow_nan=False) + "\n")
+
+
+def save_result(out: Path, name: str, meta: Mapping[str, Any], result: Mapping[str, Any],
+                write_report: Callable[[Any, Path, Any], Path]) -> Path:
+    """A report command's outputs: ``out/name`` (``{"meta": meta, **result}`` as JSON) and the report that
+    ``write_report(result, out, meta)`` writes; returns the report's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / name, {"meta": meta, **result})
+    return write_report(result, out, meta)
+
+
+def provenance_lines(meta: Mapping[str, Any]) -> list[str]:
+    """A report's header lines from :func:`agents.evaluate.provenance`'s fields: command, commit (and whether
+    the tree had uncommitted changes), versions and machine."""
+    return [f"Command: `{meta['command']}`  ", f"Commit: `{meta.get('commit')}`"
+            + (" (with uncommitted changes)" if meta.get("dirty") else "") + "  ",
+            "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + "  ",
+            f"Machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores"]
 
 
 # ---------------------------------------------------------------------- formatting

@@ -1,0 +1,238 @@
+"""How loss@N accuracy grows with the collection: the proxy and the baselines of ``agents.proxy_baselines``
+fitted on the first ``n`` collected runs, every size scored on the same held-out runs.
+
+    cp -r runs/train-controller/log_db.parquet RUN/            # make train's 16 runs, seeds 0-15
+    python -m agents.collect --episodes 48 --seed 16 --scenario spiky,adam_v_lag --run-dir RUN  # seeds 32-79
+    python -m agents.proxy_data_curve --log-db RUN/log_db.parquet --test-seeds $(seq 32 79) --folds 3 \\
+        --sizes 8 16 32 48 --out assets/results/proxy_data_curve
+
+The proxy's R² aim (loss@N R² >= 0.9 on held-out runs) is measured on ``make train``'s collection of 16
+runs, where one split's test set holds three of them. This command answers how many collected runs the aim
+needs, for which model, and on which rows: ``--test-seeds`` are cut into ``--folds`` contiguous groups,
+each a test set once; for each fold and size ``n`` the ``n`` smallest seeds outside the fold form the pool,
+split into training, validation and calibration runs exactly as ``agents.train_proxy`` splits a log
+(:func:`agents.train_proxy.split_runs`); a proxy with the default :class:`stso_env.proxy.model.ProxyConfig`
+(or ``--action-encoding``) is fitted on it, and the baselines on the same training and validation runs
+(:func:`agents.proxy_baselines.score_models`). Besides the figures on whole runs, the report gives them from
+:data:`agents.proxy_baselines.LATE_PROGRESS` of each run on, where a controller acts: the early drop of
+the loss, which any model forecasts from the progress alone, makes up most of the change's variance.
+
+Writes ``OUT/curve.json``, ``OUT/report.md`` and ``OUT/curve.png`` (default ``runs/proxy_data_curve``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from stso_env.errors import ConfigError, DataError, STSOError
+
+#: The aim of the proxy's loss@N R² on held-out runs.
+R2_AIM = 0.9
+#: Skill figures kept per model, size and fold, in the report's order, with their titles.
+KEYS = {"loss_r2": "Loss@N R² on the test runs",
+        "loss_change_r2": "R² of the change of the probe loss over the horizon on the test runs",
+        "loss_r2_late": "Loss@N R² on the test rows from {late} of the run on",
+        "loss_change_r2_late": "R² of the change on the test rows from {late} of the run on",
+        "loss_mae": "MAE of loss@N on the test runs (nats)"}
+
+
+def folds_of(test_seeds: Sequence[int], folds: int) -> list[list[int]]:
+    """``test_seeds`` sorted and cut into ``folds`` contiguous groups of near-equal size (scenarios cycle
+    with the episode number, so a contiguous group holds each collected scenario about equally)."""
+    seeds = sorted(set(map(int, test_seeds)))
+    if not 1 <= folds <= len(seeds):
+        raise ConfigError(f"--folds: must lie in 1..{len(seeds)} (one test run per fold at least), got {folds}")
+    return [list(map(int, g)) for g in np.array_split(np.asarray(seeds), folds)]
+
+
+def pools(seeds: Sequence[int], test_seeds: Sequence[int], sizes: Sequence[int]) -> dict[int, list[int]]:
+    """The training pool of each size: the ``n`` smallest seeds that are not test seeds."""
+    test = set(map(int, test_seeds))
+    unknown = sorted(test - set(map(int, seeds)))
+    if unknown:
+        raise ConfigError(f"--test-seeds: seeds {unknown} do not occur in the log db")
+    rest = sorted(set(map(int, seeds)) - test)
+    out = {}
+    for n in sizes:
+        if not 3 <= n <= len(rest):
+            raise ConfigError(f"--sizes: {n} runs cannot be drawn; each size needs 3 to {len(rest)} runs (the log "
+                              f"has {len(rest)} runs outside the test seeds; collect more or pass smaller sizes)")
+        out[int(n)] = rest[:n]
+    return out
+
+
+def curve(log_db: Path, test_seeds: Sequence[int], sizes: Sequence[int], config: Any = None, *, folds: int = 1,
+          progress: bool = True) -> dict[str, Any]:
+    """Fit and score every model at every size and fold (module docstring) with the proxy settings ``config``
+    (a :class:`stso_env.proxy.model.ProxyConfig`, default the defaults); returns the figures by size, each
+    a list over folds."""
+    from agents.proxy_baselines import LATE_PROGRESS, score_models
+    from agents.train_proxy import split_runs
+    from stso_env.proxy.calibration import evaluate
+    from stso_env.proxy.dataset import build_targets
+    from stso_env.proxy.logdb import read_log_db
+    from stso_env.proxy.model import ProxyConfig, ProxyEnsemble
+
+    if not log_db.exists():
+        raise DataError(f"--log-db {log_db}: does not exist; pass the log_db.parquet folder of a run")
+    cfg = config or ProxyConfig()
+    ds = build_targets(read_log_db(log_db), cfg.horizon, plans=True)
+    groups = folds_of(test_seeds, folds)
+    plan = [(f, n, pool) for f, test in enumerate(groups)
+            for n, pool in pools(np.unique(ds.seed).tolist(), test, sorted(set(sizes))).items()]
+    out: dict[str, Any] = {"folds": groups, "horizon": cfg.horizon, "action_encoding": cfg.action_encoding,
+                           "late_progress": LATE_PROGRESS, "sizes": {}}
+    for f, n, pool in tqdm(plan, desc="fits", unit="fit", file=sys.stderr, disable=not progress):
+        sub = ds.subset(np.isin(ds.seed, np.asarray(pool + groups[f])))
+        parts = split_runs(sub, groups[f], calib_frac=0.25, valid_frac=0.15, seed=cfg.seed)
+        model = ProxyEnsemble(cfg, state_dim=sub.state.shape[1], nvec=sub.action_nvec, state_names=sub.state_names)
+        model.fit(parts["train"], parts["valid"])
+        scored = score_models(parts, model, seed=cfg.seed)
+        cover = evaluate(model, parts["calib"], parts["test"])
+        out["sizes"].setdefault(str(n), []).append({
+            "runs": n, "fold": f, "test_seeds": groups[f], "fit_rows": scored["n_fit_rows"],
+            "test_rows": scored["n_test_rows"], "calib_seeds": scored["calib_seeds"],
+            "proxy_coverage": dict(cover["coverage"]),
+            "models": {name: {k: r.get(k) for k in KEYS} for name, r in scored["models"].items()}})
+    return out
+
+
+def summary(result: dict[str, Any], key: str) -> dict[int, dict[str, tuple[float, float, float]]]:
+    """Per size and model: the mean, smallest and largest of ``key`` over the folds."""
+    out: dict[int, dict[str, tuple[float, float, float]]] = {}
+    for fits in result["sizes"].values():
+        vals: dict[str, list[float]] = {}
+        for fit in fits:
+            for name, r in fit["models"].items():
+                if r.get(key) is not None:
+                    vals.setdefault(name, []).append(r[key])
+        out[fits[0]["runs"]] = {n: (float(np.mean(v)), float(np.min(v)), float(np.max(v))) for n, v in vals.items()}
+    return out
+
+
+def curve_figure(result: dict[str, Any], path: Path) -> Path:
+    """Test-run loss@N R² (whole runs, and from the late share of the run on) against collected runs, one line
+    per model (mean over folds, with the range), with the aim."""
+    from matplotlib.figure import Figure
+
+    from stso_env.eval.figures import save_figure
+
+    fig = Figure(figsize=(11, 4))
+    for ax, key in zip(fig.subplots(1, 2, sharey=True), ("loss_r2", "loss_r2_late")):
+        table = summary(result, key)
+        sizes = sorted(table)
+        for name in table[sizes[0]]:
+            m, lo, hi = (np.asarray([table[n][name][i] for n in sizes]) for i in range(3))
+            line, = ax.plot(sizes, m, marker="o", label=name)
+            ax.fill_between(sizes, lo, hi, color=line.get_color(), alpha=0.12)
+        ax.axhline(R2_AIM, color="black", ls="--", lw=0.8, label=f"aim {R2_AIM}")
+        ax.set_xlabel("collected runs the models may use")
+        ax.set_title("whole runs" if key == "loss_r2" else f"from {result['late_progress']:.0%} of the run on")
+        ax.set_ylim(-0.5, 1.0)
+        ax.grid(alpha=0.3)
+    fig.axes[0].set_ylabel("loss@N R² on the test runs (mean over folds)")
+    fig.axes[1].legend(fontsize=7)
+    fig.suptitle("Proxy accuracy against the size of the collection")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def write_report(result: dict[str, Any], out: Path, meta: dict[str, Any]) -> Path:
+    from stso_env.eval.report import _table, fmt, provenance_lines
+    from stso_env.files import write_text_atomic
+
+    first = next(iter(result["sizes"].values()))
+    names = list(first[0]["models"])
+    sizes = sorted(int(n) for n in result["sizes"])
+    late = f"{result['late_progress']:.0%}"
+    folds = result["folds"]
+    lines = ["# Proxy accuracy against the size of the collection", "",
+             *provenance_lines(meta)[:-1], f"{provenance_lines(meta)[-1]}; {meta['seconds']:.0f} s", "",
+             f"Log `{meta['log_db']}`; horizon {result['horizon']} windows; proxy action encoding "
+             f"`{result['action_encoding']}`. {len(folds)} fold(s) of test runs (seeds "
+             + "; ".join(", ".join(map(str, g)) for g in folds) + f"; {first[0]['test_rows']} rows in the first); "
+             "at each size and fold the models may use that many other runs (the smallest seeds), split into "
+             "training, validation and calibration runs as `agents.train_proxy` splits a log, and are scored on "
+             "the fold's test runs. Each cell: the mean over folds"
+             + (" (smallest to largest)" if len(folds) > 1 else "") + f". 'From {late} of the run on' leaves out "
+             "the test rows of the first part of each run, whose fast early drop of the loss any model forecasts "
+             "from the progress alone and which makes up most of the variance of the change.", ""]
+
+    def cell(v: tuple[float, float, float] | None, digits: int) -> str:
+        if v is None:
+            return "n/a"
+        return fmt(v[0], digits) + (f" ({fmt(v[1], digits)} to {fmt(v[2], digits)})" if len(folds) > 1 else "")
+
+    for key, title in KEYS.items():
+        table = summary(result, key)
+        lines += [title.format(late=late) + ":", "",
+                  *_table(["runs", *(f"`{n}`" for n in names)],
+                          [[str(n), *(cell(table[n].get(m), 3) for m in names)] for n in sizes]), ""]
+    cover = {n: {lv: float(np.mean([f["proxy_coverage"][lv] for f in result["sizes"][str(n)]]))
+                 for lv in first[0]["proxy_coverage"]} for n in sizes}
+    lines += ["The proxy's conformal coverage (mean over run-level re-partitions of the calibration and test "
+              "runs, as `agents.train_proxy` reports it; mean over folds):", "",
+              *_table(["runs", *(f"at {lv}" for lv in first[0]["proxy_coverage"])],
+                      [[str(n), *(fmt(v, 3) for v in cover[n].values())] for n in sizes]), ""]
+    for key in ("loss_r2", "loss_r2_late"):
+        table = summary(result, key)
+        reached = {m: [n for n in sizes if table[n].get(m, (-np.inf,))[0] >= R2_AIM] for m in names}
+        lines.append(f"Aim R² >= {R2_AIM} ({'whole runs' if key == 'loss_r2' else 'from ' + late + ' on'}), "
+                     "mean over folds: " + "; ".join(f"`{m}` " + (f"from {min(r)} runs" if r else "at no size")
+                                                     for m, r in reached.items()) + ".")
+    curve_figure(result, out / "curve.png")
+    lines += ["", "![R² against collected runs](curve.png)"]
+    path = out / "report.md"
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    return path
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    from stso_env.proxy.dataset import ACTION_ENCODINGS
+
+    p = argparse.ArgumentParser(prog="python -m agents.proxy_data_curve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--log-db", required=True, help="a log database with more runs than the largest size")
+    p.add_argument("--test-seeds", type=int, nargs="+", required=True,
+                   help="episode seeds of the test runs (never in the pool of their fold)")
+    p.add_argument("--sizes", type=int, nargs="+", required=True, help="pool sizes in runs, e.g. 16 32 56")
+    p.add_argument("--action-encoding", default="one_hot", choices=ACTION_ENCODINGS,
+                   help="the proxy's action encoding (default one_hot, as make train's)")
+    p.add_argument("--folds", type=int, default=1,
+                   help="cut --test-seeds into this many contiguous groups, each a test set once (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the splits, the proxy and the trees")
+    p.add_argument("--out", default="runs/proxy_data_curve", help="output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        t0 = time.perf_counter()
+        from stso_env.proxy.model import ProxyConfig
+
+        result = curve(Path(args.log_db), args.test_seeds, sorted(set(args.sizes)),
+                       ProxyConfig(seed=args.seed, action_encoding=args.action_encoding), folds=args.folds,
+                       progress=not args.no_progress)
+        from agents.evaluate import provenance
+        from stso_env.eval.report import save_result
+
+        meta = {"log_db": args.log_db, "seconds": time.perf_counter() - t0,
+                **provenance("agents.proxy_data_curve", argv)}
+        report = save_result(Path(args.out), "curve.json", meta, result, write_report)
+    except STSOError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(report.read_text(encoding="utf-8"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
