@@ -88,7 +88,7 @@ def curve(log_db: Path, test_seeds: Sequence[int], sizes: Sequence[int], config:
     plan = [(f, n, pool) for f, test in enumerate(groups)
             for n, pool in pools(np.unique(ds.seed).tolist(), test, sorted(set(sizes))).items()]
     out: dict[str, Any] = {"folds": groups, "horizon": cfg.horizon, "action_encoding": cfg.action_encoding,
-                           "late_progress": LATE_PROGRESS, "sizes": {}}
+                           "loss_model": cfg.loss_model, "late_progress": LATE_PROGRESS, "sizes": {}}
     for f, n, pool in tqdm(plan, desc="fits", unit="fit", file=sys.stderr, disable=not progress):
         sub = ds.subset(np.isin(ds.seed, np.asarray(pool + groups[f])))
         parts = split_runs(sub, groups[f], calib_frac=0.25, valid_frac=0.15, seed=cfg.seed)
@@ -156,7 +156,8 @@ def write_report(result: dict[str, Any], out: Path, meta: dict[str, Any]) -> Pat
     lines = ["# Proxy accuracy against the size of the collection", "",
              *provenance_lines(meta)[:-1], f"{provenance_lines(meta)[-1]}; {meta['seconds']:.0f} s", "",
              f"Log `{meta['log_db']}`; horizon {result['horizon']} windows; proxy action encoding "
-             f"`{result['action_encoding']}`. {len(folds)} fold(s) of test runs (seeds "
+             f"`{result['action_encoding']}`, loss head `{result.get('loss_model', 'mlp')}`. "
+             f"{len(folds)} fold(s) of test runs (seeds "
              + "; ".join(", ".join(map(str, g)) for g in folds) + f"; {first[0]['test_rows']} rows in the first); "
              "at each size and fold the models may use that many other runs (the smallest seeds), split into "
              "training, validation and calibration runs as `agents.train_proxy` splits a log, and are scored on "
@@ -195,7 +196,7 @@ def write_report(result: dict[str, Any], out: Path, meta: dict[str, Any]) -> Pat
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    from stso_env.proxy.dataset import ACTION_ENCODINGS
+    from stso_env.proxy.dataset import ACTION_ENCODINGS, LOSS_MODELS
 
     p = argparse.ArgumentParser(prog="python -m agents.proxy_data_curve", description=__doc__.split("\n\n")[0])
     p.add_argument("--log-db", required=True, help="a log database with more runs than the largest size")
@@ -204,6 +205,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--sizes", type=int, nargs="+", required=True, help="pool sizes in runs, e.g. 16 32 56")
     p.add_argument("--action-encoding", default="one_hot", choices=ACTION_ENCODINGS,
                    help="the proxy's action encoding (default one_hot, as make train's)")
+    p.add_argument("--loss-model", default="mlp", choices=LOSS_MODELS,
+                   help="the proxy's loss@N head (default mlp, as make train's)")
     p.add_argument("--folds", type=int, default=1,
                    help="cut --test-seeds into this many contiguous groups, each a test set once (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the splits, the proxy and the trees")
@@ -219,7 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from stso_env.proxy.model import ProxyConfig
 
         result = curve(Path(args.log_db), args.test_seeds, sorted(set(args.sizes)),
-                       ProxyConfig(seed=args.seed, action_encoding=args.action_encoding), folds=args.folds,
+                       ProxyConfig(seed=args.seed, action_encoding=args.action_encoding,
+                                   loss_model=args.loss_model), folds=args.folds,
                        progress=not args.no_progress)
         from agents.evaluate import provenance
         from stso_env.eval.report import save_result

@@ -51,7 +51,7 @@ import yaml
 
 from stso_env.config import _f, describe, from_dict, load_yaml, to_dict
 from stso_env.errors import ConfigError, DataError, STSOError
-from stso_env.proxy.dataset import ACTION_ENCODINGS
+from stso_env.proxy.dataset import ACTION_ENCODINGS, LOSS_MODELS
 from stso_env.train.corpus import check_spec
 
 ALGOS = ("model_based", "maskable_ppo", "ppo")
@@ -84,6 +84,8 @@ class ProxySettings:
     plans: bool = _f(True, "condition on plans (the first window's action, then the continuation of the horizon)")
     action_encoding: str = _f("one_hot", "how the proxy sees an action: one_hot (a column per choice) or ordered "
                               "(one number per ordered dimension, the log of its factor)", choices=ACTION_ENCODINGS)
+    loss_model: str = _f("mlp", "the loss@N head: the MLP ensemble's (mlp) or trees on the state plus a linear "
+                         "plan term (trees)", choices=LOSS_MODELS)
 
 
 @dataclass
@@ -229,7 +231,8 @@ def fit_world_model(cfg: ControllerTrainConfig, run: Path, progress: bool) -> di
     from stso_env.proxy.model import ProxyConfig
 
     pcfg = ProxyConfig(horizon=cfg.proxy.horizon, ensemble=cfg.proxy.ensemble, hidden=cfg.proxy.hidden,
-                       epochs=cfg.proxy.epochs, seed=cfg.seed, action_encoding=cfg.proxy.action_encoding)
+                       epochs=cfg.proxy.epochs, seed=cfg.seed, action_encoding=cfg.proxy.action_encoding,
+                       loss_model=cfg.proxy.loss_model)
     return fit_proxy(run / "log_db.parquet", run / "proxy", pcfg, progress=progress, plans=cfg.proxy.plans)
 
 

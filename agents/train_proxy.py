@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from stso_env.errors import ConfigError, DataError, STSOError
 from stso_env.proxy.calibration import conformal_bounds, evaluate
-from stso_env.proxy.dataset import ACTION_ENCODINGS, ProxyDataset, build_targets
+from stso_env.proxy.dataset import ACTION_ENCODINGS, LOSS_MODELS, ProxyDataset, build_targets
 from stso_env.proxy.effects import action_effects
 from stso_env.proxy.logdb import read_log_db
 from stso_env.proxy.model import ProxyConfig, ProxyEnsemble
@@ -101,6 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--action-encoding", default=ProxyConfig.action_encoding, choices=ACTION_ENCODINGS,
                    help="how the proxy sees an action: a column per choice (one_hot, default) or one number per "
                         "ordered dimension, the log of its factor (ordered)")
+    p.add_argument("--loss-model", default=ProxyConfig.loss_model, choices=LOSS_MODELS,
+                   help="the loss@N head: the MLP ensemble's (mlp, default) or extremely randomised trees on the "
+                        "state plus a linear term in the plan (trees)")
     args = p.parse_args(argv)
     try:
         for name in ("calib_frac", "valid_frac"):
@@ -109,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError(f"--{name.replace('_', '-')}: must lie in [0, 1), got {v}")
         cfg = ProxyConfig(horizon=args.horizon, hidden=args.hidden, layers=args.layers, ensemble=args.ensemble,
                           lr=args.lr, epochs=args.epochs, patience=args.patience, seed=args.seed,
-                          action_encoding=args.action_encoding)
+                          action_encoding=args.action_encoding, loss_model=args.loss_model)
         report = fit_proxy(Path(args.log_db), Path(args.out), cfg, test_seeds=args.test_seeds,
                            calib_frac=args.calib_frac, valid_frac=args.valid_frac, plans=args.plans)
     except STSOError as err:

@@ -531,3 +531,81 @@ def test_ordered_proxy_trains_saves_and_loads(tmp_path):
     ok = va.diverged_at_n == 0
     err = p1["loss_at_n"][ok] - va.loss_at_n[ok]
     assert 1 - np.mean(err ** 2) / np.var(va.loss_at_n[ok]) > 0.5
+
+
+def test_tree_loss_head_equals_scikit_learn_and_widens_for_rare_plans():
+    """The stored trees, evaluated in numpy, give scikit-learn's own predictions; the plan enters through the
+    linear term only (known slope); a plan the fit rarely saw gets a larger spread; stored arrays round-trip."""
+    from sklearn.ensemble import ExtraTreesRegressor
+
+    from stso_env.proxy.trees import MIN_SAMPLES_LEAF, TREES, TreeLossHead
+
+    rng = np.random.default_rng(0)
+    state = rng.normal(size=(300, 4)).astype(np.float32)
+    plan = np.zeros((300, 2))
+    plan[:, 0] = rng.normal(size=300)
+    plan[:5, 1] = 1.0  # the second plan column is set in 5 rows only
+    change = np.sin(state[:, 0]) + 0.5 * state[:, 1] - 0.3 * plan[:, 0] + 0.05 * rng.normal(size=300)
+    head = TreeLossHead().fit(state, plan, change, seed=3)
+    forest = ExtraTreesRegressor(TREES, min_samples_leaf=MIN_SAMPLES_LEAF, bootstrap=True, oob_score=True,
+                                 n_jobs=1, random_state=3).fit(state.astype(np.float64), change)
+    probe = rng.normal(size=(50, 4)).astype(np.float32)
+    zero = np.zeros((50, 2))
+    mean, std = head.predict(probe, zero)
+    np.testing.assert_allclose(mean - head.arrays["coef"][0], forest.predict(probe), rtol=0, atol=1e-12)
+    one = zero.copy()
+    one[:, 0] = 1.0
+    assert np.ptp(head.predict(probe, one)[0] - mean) < 1e-12
+    assert head.predict(probe, one)[0][0] - mean[0] == pytest.approx(-0.3, abs=0.05)
+    rare = zero.copy()
+    rare[:, 1] = 1.0
+    assert np.all(head.predict(probe, rare)[1] > std)
+    again = TreeLossHead.from_tensors(head.tensors(), "mem")
+    np.testing.assert_array_equal(again.predict(probe, one)[0], head.predict(probe, one)[0])
+    broken = head.tensors()
+    del broken["loss_trees.cov"]
+    with pytest.raises(DataError, match=r"mem: .*loss_trees.cov.*retrain the proxy"):
+        TreeLossHead.from_tensors(broken, "mem")
+    broken = head.tensors()
+    broken["loss_trees.left"] = broken["loss_trees.left"] + 10 ** 7
+    with pytest.raises(DataError, match="point outside"):
+        TreeLossHead.from_tensors(broken, "mem")
+
+
+def test_proxy_with_tree_loss_head_trains_saves_loads_and_drives_the_proxy_env(tmp_path):
+    """loss_model 'trees': the proxy's loss@N and its spread come from the tree head (the other heads stay the
+    MLP's), survive a save and load without pickle, reach the proxy env's heads, and beat the MLP's loss head
+    on the synthetic runs' validation rows."""
+    from stso_env.envs.proxy_env import ProxyVecModel
+    from stso_env.proxy.dataset import ACTION_NVEC, as_plan
+
+    ds = build_targets(synth_table(range(40)), horizon=HORIZON)
+    tr, va = ds.subset(ds.seed < 32), ds.subset(ds.seed >= 32)
+    cfg = dict(horizon=HORIZON, hidden=16, ensemble=2, epochs=20, lr=3e-3, action_encoding="ordered")
+    model = ProxyEnsemble(ProxyConfig(**cfg, loss_model="trees"))
+    model.fit(tr, va)
+    mlp = ProxyEnsemble(ProxyConfig(**cfg))
+    mlp.fit(tr, va)
+    p = model.predict(va.state, va.action)
+    mean, std = model.tree_loss(va.state, va.action)
+    np.testing.assert_array_equal(p["loss_at_n"], mean)
+    np.testing.assert_array_equal(p["loss_at_n_std"], std)
+    np.testing.assert_array_equal(p["diverged_prob"], mlp.predict(va.state, va.action)["diverged_prob"])
+    model.save(tmp_path)
+    assert "trees" in json.loads((tmp_path / "proxy.json").read_text())["loss_head"]
+    again = ProxyEnsemble.load(tmp_path)
+    np.testing.assert_array_equal(again.predict(va.state, va.action)["loss_at_n"], p["loss_at_n"])
+    ok = va.diverged_at_n == 0
+
+    def r2(pred):
+        return 1 - np.mean((pred[ok] - va.loss_at_n[ok]) ** 2) / np.var(va.loss_at_n[ok])
+
+    assert r2(p["loss_at_n"]) > r2(mlp.predict(va.state, va.action)["loss_at_n"])
+    dyn = ProxyVecModel(again)
+    a = va.action[:8, :len(ACTION_NVEC)]
+    heads = dyn.heads(va.state[:8], a)
+    ran = heads["action"]  # a masked skip-batch runs as 0
+    expected = again.tree_loss(va.state[:8], as_plan(ran) if dyn.plans else ran)[0]
+    np.testing.assert_array_equal(heads["loss_at_n"], expected)
+    with pytest.raises(ConfigError, match="loss_model: 'forest' is not one of"):
+        ProxyConfig(loss_model="forest")

@@ -111,9 +111,12 @@ class ProxyVecModel:
         prob = torch.sigmoid(out[..., 1]).mean(0) if members is None else torch.sigmoid(sel[:, 1])
         # members' disagreement on the one-step probe-loss change (the reward's progress term), in nats
         spread = out[..., _N_SCALAR + PROBE_INDEX].std(0, unbiased=False) * self.nats_per_loss_unit
+        # a tree loss head has no members: every member reads its mean
+        trees = m.tree_loss(s, as_plan(a) if self.plans else a)
+        loss = sel[:, 0].numpy() + m.loss_baseline(s) if trees is None else trees[0]
         return {"next_state": (sel[:, _N_SCALAR:] + xt[:, : m.state_dim]).numpy(),
                 "progress_spread": spread.numpy(),
-                "loss_at_n": sel[:, 0].numpy() + m.loss_baseline(s), "diverged_prob": prob.numpy(),
+                "loss_at_n": loss, "diverged_prob": prob.numpy(),
                 "instability_risk": sel[:, 2].numpy(), "recovery_time": sel[:, 3].numpy(),
                 "action": a, "action_overridden": overridden, "state": s}
 

@@ -68,6 +68,9 @@ ONE_SHOT_DIMS: tuple[int, ...] = (3, 4, 5)
 #: dimension; ``ordered``, the LR change and the weight-decay scale as one number each (the log of the
 #: factor), the clip policy one-hot, the 0/1 dimensions as they are (:func:`encode_actions`).
 ACTION_ENCODINGS: tuple[str, ...] = ("one_hot", "ordered")
+#: The proxy's loss@N heads (``ProxyConfig.loss_model``): the MLP ensemble's, or trees on the state plus a
+#: linear plan term (:class:`stso_env.proxy.trees.TreeLossHead`).
+LOSS_MODELS: tuple[str, ...] = ("mlp", "trees")
 #: Action dimensions with no order among their choices (the clip policy), one-hot under ``ordered``.
 _CATEGORICAL_DIMS: tuple[int, ...] = (2,)
 #: Names of the scalar targets, in the order of :meth:`ProxyDataset.scalar_targets`.

@@ -21,6 +21,10 @@ with statistics stored in the module, so a saved model is self-contained.
 most of the variance of the level is where the run already is, which the state tells exactly,
 and a network that must reproduce it wastes capacity and ranks candidates on noise. The nats per
 feature unit (ln vocab) are measured at fit time from the logged ``probe_loss_before``.
+
+``ProxyConfig.loss_model: trees`` replaces the loss head, mean and spread, with
+:class:`stso_env.proxy.trees.TreeLossHead` (trees on the state plus a linear plan term, stored as
+arrays beside the weights); the divergence, risk, recovery and next-state heads stay the MLP's.
 """
 
 from __future__ import annotations
@@ -39,8 +43,10 @@ from torch import nn
 
 from stso_env.errors import ConfigError, DataError
 from stso_env.monitor.monitor import OBSERVATION_NAMES
-from stso_env.proxy.dataset import (ACTION_ENCODINGS, ACTION_NVEC, ProxyDataset, encode_actions, encoded_feature_names,
-                                    encoded_width)
+from stso_env.proxy.dataset import (ACTION_ENCODINGS, ACTION_NVEC, LOSS_MODELS, ProxyDataset, encode_actions,
+                                    encoded_feature_names, encoded_width)
+from stso_env.proxy.trees import PREFIX as TREES_PREFIX
+from stso_env.proxy.trees import TreeLossHead
 
 FORMAT_VERSION = 2
 _N_SCALAR = 4  # loss, divergence logit, risk, recovery
@@ -70,6 +76,9 @@ class ProxyConfig:
     seed: int = 0
     # how the proxy sees an action (stso_env.proxy.dataset.ACTION_ENCODINGS)
     action_encoding: str = "one_hot"
+    # the loss@N head: the MLP ensemble's ("mlp") or trees on the state plus a linear plan term ("trees",
+    # stso_env.proxy.trees); the other heads are the MLP's either way
+    loss_model: str = "mlp"
 
     def __post_init__(self) -> None:
         for name in ("horizon", "hidden", "layers", "ensemble", "epochs", "batch"):
@@ -85,6 +94,8 @@ class ProxyConfig:
         if self.action_encoding not in ACTION_ENCODINGS:
             raise ConfigError(f"proxy config action_encoding: {self.action_encoding!r} is not one of "
                               f"{list(ACTION_ENCODINGS)}")
+        if self.loss_model not in LOSS_MODELS:
+            raise ConfigError(f"proxy config loss_model: {self.loss_model!r} is not one of {list(LOSS_MODELS)}")
 
 
 def _sanitize(x: np.ndarray) -> np.ndarray:
@@ -133,6 +144,7 @@ class ProxyEnsemble(nn.Module):
         # nats per unit of the probe_loss feature; 0: the loss head predicts the level itself
         self.register_buffer("probe_scale", torch.zeros(()))
         self.probe_index = self.state_names.index("probe_loss") if "probe_loss" in self.state_names else -1
+        self.loss_trees: TreeLossHead | None = None  # fitted by fit() when config.loss_model == "trees"
 
     @staticmethod
     def _init(e: int, d_in: int, d_out: int, gen: torch.Generator) -> torch.Tensor:
@@ -153,6 +165,15 @@ class ProxyEnsemble(nn.Module):
         if self.probe_index < 0 or scale == 0.0:
             return np.zeros(s.shape[0], dtype=np.float32)
         return (s[:, self.probe_index].astype(np.float64) * scale).astype(np.float32)
+
+    def tree_loss(self, state: np.ndarray, action: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Loss@N mean and spread (nats) from the tree head for states and actions as :meth:`predict` takes
+        them; None when the loss head is the MLP's."""
+        if self.loss_trees is None:
+            return None
+        change, std = self.loss_trees.predict(_sanitize(state), encode_actions(np.asarray(action), self.nvec,
+                                                                               self.config.action_encoding))
+        return (change + self.loss_baseline(state)).astype(np.float32), std.astype(np.float32)
 
     def _encode(self, state: np.ndarray, action: np.ndarray) -> torch.Tensor:
         s = _sanitize(state)
@@ -194,6 +215,9 @@ class ProxyEnsemble(nn.Module):
         for k, v in res.items():
             result[k] = v.mean(0).numpy()
             result[k + "_std"] = v.std(0, unbiased=False).numpy()
+        trees = self.tree_loss(x, a)
+        if trees is not None:
+            result["loss_at_n"], result["loss_at_n_std"] = trees
         return result
 
     # ---------------------------------------------------------------- training
@@ -304,7 +328,23 @@ class ProxyEnsemble(nn.Module):
         if best_state is not None:
             self.load_state_dict(best_state)
         self.eval()
+        if cfg.loss_model == "trees":
+            self._fit_trees(train, valid)
         return self.curve
+
+    def _fit_trees(self, train: ProxyDataset, valid: ProxyDataset) -> None:
+        """The tree loss head on the training and validation rows with a finite change target (the MLP uses
+        the validation rows only to stop early; the trees need no stopping and take every row)."""
+        state = np.concatenate([_sanitize(train.state), _sanitize(valid.state)])
+        action = np.concatenate([train.action, valid.action])
+        with np.errstate(invalid="ignore", over="ignore"):
+            change = np.concatenate([self._targets(train)[:, 0], self._targets(valid)[:, 0]]).astype(np.float64)
+        ok = np.isfinite(change)
+        if ok.sum() < 3:
+            raise DataError(f"proxy fit: {int(ok.sum())} rows with a finite loss@N; the tree loss head needs 3")
+        self.loss_trees = TreeLossHead().fit(state[ok], encode_actions(action[ok], self.nvec,
+                                                                       self.config.action_encoding),
+                                             change[ok], seed=self.config.seed)
 
     @torch.no_grad()
     def _fit_linear(self, x: torch.Tensor, y: torch.Tensor, boot: torch.Tensor, xv: torch.Tensor,
@@ -403,7 +443,8 @@ class ProxyEnsemble(nn.Module):
             "target_names": ["loss_at_n", "diverged_at_n", "instability_risk", "recovery_time", "next_state"],
             "action_nvec": list(self.nvec),
             "loss_head": ("change from the probe_loss feature x probe_scale (nats)" if float(self.probe_scale)
-                          else "level (nats)"),
+                          else "level (nats)") + (", trees on the state + a linear plan term"
+                                                  if self.config.loss_model == "trees" else ""),
             "normalisation": {k: getattr(self, k).tolist() for k in ("x_mean", "x_std", "y_mean", "y_std")},
             "config": asdict(self.config),
             "training_curve": self.curve,
@@ -413,7 +454,10 @@ class ProxyEnsemble(nn.Module):
         """Write ``proxy.safetensors`` (weights, no pickle) and ``proxy.json`` into ``directory``."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(d / "proxy.safetensors"))
+        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        if self.loss_trees is not None:
+            tensors.update(self.loss_trees.tensors())
+        save_file(tensors, str(d / "proxy.safetensors"))
         (d / "proxy.json").write_text(json.dumps(self.metadata(), indent=1), encoding="utf-8")
         return d
 
@@ -433,8 +477,11 @@ class ProxyEnsemble(nn.Module):
         cfg = ProxyConfig(**{k: v for k, v in meta["config"].items() if k in known})
         model = cls(cfg, state_dim=len(meta["state_names"]), nvec=tuple(meta["action_nvec"]),
                     state_names=meta["state_names"])
+        tensors = load_file(str(w_path))
+        if cfg.loss_model == "trees":
+            model.loss_trees = TreeLossHead.from_tensors(tensors, str(w_path))
         try:
-            model.load_state_dict(load_file(str(w_path)))
+            model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(TREES_PREFIX)})
         except RuntimeError as err:
             raise DataError(f"{w_path}: weights do not match {meta_path} ({err}); re-save the model") from err
         model.curve = list(meta.get("training_curve", []))
