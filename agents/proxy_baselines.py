@@ -109,16 +109,11 @@ class StateTreesPlusLinearPlan:
         return self.trees.predict(x[:, :self.n_state]) + self.linear.predict(x[:, self.n_state:])
 
 
-#: Rows before this share of the run are left out of the ``*_late`` skill figures: the first fifth of a run
-#: (120 of 600 steps) holds the fast early drop of the loss, which any model forecasts from the progress
-#: alone and which makes up most of the change's variance, and the probe spikes of its first windows.
-LATE_PROGRESS = 0.2
-
-
 def _skill(predict: Any, calib: Any, test: Any) -> dict[str, float]:
     """Loss@N skill of ``predict(state, action, loss_before)`` on the test rows (module docstring); the
-    ``*_late`` figures only on rows from :data:`LATE_PROGRESS` of the run on, where the controller acts on
-    an already trained model."""
+    ``*_late`` figures only on rows from :data:`agents.train_proxy.LATE_PROGRESS` of the run on, where a
+    controller acts."""
+    from agents.train_proxy import late_rows
     from sklearn.metrics import mean_absolute_error, r2_score
 
     def level(part: Any, k: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -133,8 +128,9 @@ def _skill(predict: Any, calib: Any, test: Any) -> dict[str, float]:
            "loss_change_r2": float(r2_score(y - before, p - before)),
            "loss_r2_heldout": float(r2_score(np.concatenate([q[0] for q in pooled]),
                                              np.concatenate([q[2] for q in pooled])))}
-    if "progress" in test.state_names:
-        late = test.state[k][:, list(test.state_names).index("progress")] >= LATE_PROGRESS
+    late = late_rows(test)
+    if late is not None:
+        late = late[k]
         if late.sum() > 1:
             out["loss_r2_late"] = float(r2_score(y[late], p[late]))
             out["loss_change_r2_late"] = float(r2_score(y[late] - before[late], p[late] - before[late]))

@@ -14,7 +14,7 @@ split into training, validation and calibration runs exactly as ``agents.train_p
 (:func:`agents.train_proxy.split_runs`); a proxy with the default :class:`stso_env.proxy.model.ProxyConfig`
 (or ``--action-encoding``) is fitted on it, and the baselines on the same training and validation runs
 (:func:`agents.proxy_baselines.score_models`). Besides the figures on whole runs, the report gives them from
-:data:`agents.proxy_baselines.LATE_PROGRESS` of each run on, where a controller acts: the early drop of
+:data:`agents.train_proxy.LATE_PROGRESS` of each run on, where a controller acts: the early drop of
 the loss, which any model forecasts from the progress alone, makes up most of the change's variance.
 
 Writes ``OUT/curve.json``, ``OUT/report.md`` and ``OUT/curve.png`` (default ``runs/proxy_data_curve``).
@@ -73,8 +73,8 @@ def curve(log_db: Path, test_seeds: Sequence[int], sizes: Sequence[int], config:
     """Fit and score every model at every size and fold (module docstring) with the proxy settings ``config``
     (a :class:`stso_env.proxy.model.ProxyConfig`, default the defaults); returns the figures by size, each
     a list over folds."""
-    from agents.proxy_baselines import LATE_PROGRESS, score_models
-    from agents.train_proxy import split_runs
+    from agents.proxy_baselines import score_models
+    from agents.train_proxy import LATE_PROGRESS, split_runs
     from stso_env.proxy.calibration import evaluate
     from stso_env.proxy.dataset import build_targets
     from stso_env.proxy.logdb import read_log_db

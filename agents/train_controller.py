@@ -431,6 +431,11 @@ def _skill_lines(p: dict[str, Any]) -> list[str]:
         lines.append(f"- loss@N R² over all {p['heldout_runs']} held-out runs (calibration and test; none trained on): "
                      f"{_fmt(p['loss_r2_heldout'])}; each run alone: " + ", ".join(
                          f"seed {k} {_fmt(v)}" for k, v in runs.items()))
+    if p.get("loss_r2_late") is not None:
+        from agents.train_proxy import LATE_PROGRESS
+
+        lines.append(f"- loss@N R² on the test rows from {LATE_PROGRESS:.0%} of each run on, where a controller acts: "
+                     f"{_fmt(p['loss_r2_late'])} (persistence {_fmt(p.get('persistence_r2_late'))})")
     if p.get("persistence_r2") is not None:
         lines.append(f"- the forecast \"the probe loss stays where it is\" on the test runs: R² "
                      f"{_fmt(p['persistence_r2'])}, MAE {_fmt(p['persistence_mae'], 4)}: the yardstick the proxy "

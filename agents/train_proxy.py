@@ -34,6 +34,20 @@ from stso_env.proxy.logdb import read_log_db
 from stso_env.proxy.model import ProxyConfig, ProxyEnsemble
 
 
+#: Rows before this share of a run are left out of the ``*_late`` skill figures: the first fifth of a run
+#: (120 of 600 steps) holds the fast early drop of the loss, which any model forecasts from the progress
+#: alone and which makes up most of the change's variance, and the probe spikes of its first windows
+#: (``agents.proxy_data_curve`` measures both readings).
+LATE_PROGRESS = 0.2
+
+
+def late_rows(ds: ProxyDataset) -> np.ndarray | None:
+    """Rows from :data:`LATE_PROGRESS` of their run on (the state's ``progress`` feature); None without it."""
+    if "progress" not in ds.state_names:
+        return None
+    return ds.state[:, list(ds.state_names).index("progress")] >= LATE_PROGRESS
+
+
 def split_runs(ds: ProxyDataset, test_seeds: Sequence[int] | None, *, calib_frac: float, valid_frac: float,
                seed: int) -> dict[str, Any]:
     """Split ``ds`` into train / valid / calib / test by whole runs (see the module docstring).
@@ -188,6 +202,8 @@ def heldout_skill(model: ProxyEnsemble, calib: ProxyDataset, test: ProxyDataset)
       network trained on neither; ``heldout_runs`` of them), and ``loss_r2_by_run``: on each run
       alone, by seed. With a handful of runs one split's figure moves with which runs were held
       out; these show by how much.
+    * ``loss_r2_late``, ``persistence_r2_late``: the proxy's and persistence's R² on the test rows from
+      :data:`LATE_PROGRESS` of each run on, where a controller acts (``None`` without a progress feature).
     * ``persistence_r2``, ``persistence_mae``: the forecast "the probe loss stays where it is"
       (``loss_at_n = loss_before``) on the test rows ``loss_r2`` is measured on, the yardstick a
       world model has to beat before its predicted changes mean anything (``None`` without
@@ -213,7 +229,16 @@ def heldout_skill(model: ProxyEnsemble, calib: ProxyDataset, test: ProxyDataset)
     if ys and sum(map(len, ys)) > 1:
         pooled = float(r2_score(np.concatenate(ys), np.concatenate(preds)))
     out: dict[str, Any] = {"loss_r2_heldout": pooled, "heldout_runs": len(by_run), "loss_r2_by_run": by_run,
-                           "persistence_r2": None, "persistence_mae": None}
+                           "persistence_r2": None, "persistence_mae": None, "loss_r2_late": None,
+                           "persistence_r2_late": None}
+    late = late_rows(test)
+    if late is not None:
+        ok = late & np.isfinite(test.loss_at_n) & (test.diverged_at_n == 0)
+        if ok.sum() > 1:
+            y = test.loss_at_n[ok].astype(np.float64)
+            out["loss_r2_late"] = float(r2_score(y, model.predict(test.state[ok], test.action[ok])["loss_at_n"]))
+            if test.loss_before is not None and np.isfinite(test.loss_before[ok]).all():
+                out["persistence_r2_late"] = float(r2_score(y, test.loss_before[ok].astype(np.float64)))
     if test.loss_before is not None:
         ok = np.isfinite(test.loss_at_n) & np.isfinite(test.loss_before)
         if ok.sum() > 1:
@@ -236,6 +261,10 @@ def print_report(report: dict[str, Any], out: Path) -> None:
     if report.get("loss_r2_heldout") is not None:
         print(f"  loss_at_{report['horizon']} R2 over all {report['heldout_runs']} held-out runs (calib + test): "
               f"{report['loss_r2_heldout']:.3f}")
+    if report.get("loss_r2_late") is not None:
+        late = report.get("persistence_r2_late")
+        print(f"  loss_at_{report['horizon']} R2 on the test rows from {LATE_PROGRESS:.0%} of each run on: "
+              f"{report['loss_r2_late']:.3f} (persistence {'n/a' if late is None else f'{late:.3f}'})")
     if report.get("persistence_r2") is not None:
         print(f"  persistence forecast (the probe loss stays where it is), test rows: R2 "
               f"{report['persistence_r2']:.3f}  MAE {report['persistence_mae']:.4f}")

@@ -357,6 +357,21 @@ def test_heldout_skill_known_answers():
     assert out["persistence_mae"] == pytest.approx(mean_absolute_error(y, before))
     # the synthetic loss falls by ~5 % a step: staying put is a poor forecast over the horizon
     assert out["persistence_mae"] > 0.01 and out["persistence_r2"] < 1.0
+    # the late figures: the test rows from 20 % of each run on, by the feature named progress (none here; the
+    # synthetic runs keep their progress in column 3)
+    import dataclasses
+
+    from agents.train_proxy import LATE_PROGRESS, late_rows
+
+    assert late_rows(test) is None and out["loss_r2_late"] is None
+    names = list(test.state_names)
+    names[3] = "progress"
+    named = dataclasses.replace(test, state_names=names)
+    late = late_rows(named)
+    assert LATE_PROGRESS == 0.2 and 0 < late.sum() < len(late) and np.array_equal(late, test.state[:, 3] >= 0.2)
+    out = heldout_skill(Exact(), calib, named)
+    assert out["loss_r2_late"] == pytest.approx(1.0)
+    assert out["persistence_r2_late"] == pytest.approx(r2_score(y[late], before[late]))
 
     off = Exact()
     off.offset = 0.1
