@@ -206,7 +206,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--action-encoding", default="one_hot", choices=ACTION_ENCODINGS,
                    help="the proxy's action encoding (default one_hot, as make train's)")
     p.add_argument("--loss-model", default="mlp", choices=LOSS_MODELS,
-                   help="the proxy's loss@N head (default mlp, as make train's)")
+                   help="the proxy's loss@N head (default mlp, the MLP ensemble's; trees as make train's)")
     p.add_argument("--folds", type=int, default=1,
                    help="cut --test-seeds into this many contiguous groups, each a test set once (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the splits, the proxy and the trees")

@@ -84,8 +84,8 @@ class ProxySettings:
     plans: bool = _f(True, "condition on plans (the first window's action, then the continuation of the horizon)")
     action_encoding: str = _f("one_hot", "how the proxy sees an action: one_hot (a column per choice) or ordered "
                               "(one number per ordered dimension, the log of its factor)", choices=ACTION_ENCODINGS)
-    loss_model: str = _f("mlp", "the loss@N head: the MLP ensemble's (mlp) or trees on the state plus a linear "
-                         "plan term (trees)", choices=LOSS_MODELS)
+    loss_model: str = _f("trees", "the loss@N head: trees on the state plus a linear plan term (trees) or the "
+                         "MLP ensemble's (mlp); the other heads are the MLP's either way", choices=LOSS_MODELS)
 
 
 @dataclass

@@ -116,8 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="how the proxy sees an action: a column per choice (one_hot, default) or one number per "
                         "ordered dimension, the log of its factor (ordered)")
     p.add_argument("--loss-model", default=ProxyConfig.loss_model, choices=LOSS_MODELS,
-                   help="the loss@N head: the MLP ensemble's (mlp, default) or extremely randomised trees on the "
-                        "state plus a linear term in the plan (trees)")
+                   help="the loss@N head: extremely randomised trees on the state plus a linear term in the plan "
+                        "(trees, default) or the MLP ensemble's (mlp)")
     args = p.parse_args(argv)
     try:
         for name in ("calib_frac", "valid_frac"):

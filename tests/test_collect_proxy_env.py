@@ -213,6 +213,14 @@ def test_loss_head_predicts_the_change_from_the_probe_loss_in_the_state(proxy_di
     np.testing.assert_allclose(model.loss_baseline(ds.state), ds.loss_before, rtol=1e-5)
     with torch.no_grad():
         raw = model(model._encode(ds.state, ds.action)) * model.y_std + model.y_mean
+    # the default tree head predicts the change too; the MLP's own head stays a change from the probe loss
+    assert model.config.loss_model == "trees" and model.loss_trees is not None
+    from stso_env.proxy.dataset import encode_actions
+
+    change, _ = model.loss_trees.predict(ds.state, encode_actions(ds.action, model.nvec, model.tree_encoding))
+    np.testing.assert_allclose(model.predict(ds.state, ds.action)["loss_at_n"], change + ds.loss_before,
+                               rtol=1e-5, atol=1e-5)
+    model.loss_trees = None
     np.testing.assert_allclose(model.predict(ds.state, ds.action)["loss_at_n"],
                                raw[..., 0].mean(0).numpy() + ds.loss_before, rtol=1e-5, atol=1e-5)
     # a log whose probe feature has another scale per row mixes tokenizers: refused, not averaged

@@ -85,7 +85,9 @@ def trained():
     s = ds.seed
     parts = {"train": ds.subset(s < 80), "valid": ds.subset((s >= 80) & (s < 96)),
              "calib": ds.subset((s >= 96) & (s < 176)), "test": ds.subset(s >= 176)}
-    model = ProxyEnsemble(ProxyConfig(horizon=HORIZON, hidden=64, ensemble=5, epochs=40, patience=6, lr=3e-3))
+    # the MLP's own loss head: these tests are about the ensemble (the tree head has tests of its own)
+    model = ProxyEnsemble(ProxyConfig(horizon=HORIZON, hidden=64, ensemble=5, epochs=40, patience=6, lr=3e-3,
+                                      loss_model="mlp"))
     model.fit(parts["train"], parts["valid"])
     return model, parts, evaluate(model, parts["calib"], parts["test"])
 
@@ -599,7 +601,7 @@ def test_proxy_with_tree_loss_head_trains_saves_loads_and_drives_the_proxy_env(t
     cfg = dict(horizon=HORIZON, hidden=16, ensemble=2, epochs=20, lr=3e-3, action_encoding="ordered")
     model = ProxyEnsemble(ProxyConfig(**cfg, loss_model="trees"))
     model.fit(tr, va)
-    mlp = ProxyEnsemble(ProxyConfig(**cfg))
+    mlp = ProxyEnsemble(ProxyConfig(**cfg, loss_model="mlp"))
     mlp.fit(tr, va)
     p = model.predict(va.state, va.action)
     mean, std = model.tree_loss(va.state, va.action)
