@@ -626,3 +626,19 @@ def test_proxy_with_tree_loss_head_trains_saves_loads_and_drives_the_proxy_env(t
     np.testing.assert_array_equal(heads["loss_at_n"], expected)
     with pytest.raises(ConfigError, match="loss_model: 'forest' is not one of"):
         ProxyConfig(loss_model="forest")
+
+
+def test_a_proxy_saved_before_the_tree_head_loads_with_the_mlp_head(tmp_path):
+    """A proxy.json without loss_model (written before the tree head existed) loads with the MLP's loss head and
+    predicts exactly what it did; the default config is the tree head."""
+    ds = build_targets(synth_table(range(12)), horizon=HORIZON)
+    model = ProxyEnsemble(ProxyConfig(horizon=HORIZON, hidden=8, ensemble=2, epochs=2, loss_model="mlp"))
+    model.fit(ds.subset(ds.seed < 8), ds.subset(ds.seed >= 8))
+    model.save(tmp_path)
+    meta = json.loads((tmp_path / "proxy.json").read_text())
+    del meta["config"]["loss_model"], meta["tree_encoding"]
+    (tmp_path / "proxy.json").write_text(json.dumps(meta))
+    old = ProxyEnsemble.load(tmp_path)
+    assert old.config.loss_model == "mlp" and old.loss_trees is None and ProxyConfig().loss_model == "trees"
+    np.testing.assert_array_equal(old.predict(ds.state, ds.action)["loss_at_n"],
+                                  model.predict(ds.state, ds.action)["loss_at_n"])
