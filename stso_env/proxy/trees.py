@@ -40,6 +40,7 @@ class TreeLossHead:
 
     def __init__(self, arrays: dict[str, np.ndarray] | None = None) -> None:
         self.arrays = arrays
+        self._walk: dict[str, Any] | None = None  # traversal arrays derived from ``arrays`` on first use
 
     # ---------------------------------------------------------------- fitting
     def fit(self, state: np.ndarray, plan: np.ndarray, change: np.ndarray, seed: int = 0) -> TreeLossHead:
@@ -61,6 +62,7 @@ class TreeLossHead:
         dof = max(1, len(y) - np.linalg.matrix_rank(x1))
         cov = float(resid @ resid) / dof * np.linalg.pinv(x1.T @ x1)
         self.arrays = {**_flatten(trees), "coef": coef, "cov": cov}
+        self._walk = None
         return self
 
     # ---------------------------------------------------------------- prediction
@@ -70,7 +72,9 @@ class TreeLossHead:
         if self.arrays is None:
             raise DataError("tree loss head: not fitted")
         a = self.arrays
-        per_tree = _evaluate(a, np.asarray(state, dtype=np.float32))  # (T, n)
+        if self._walk is None:
+            self._walk = _walk_arrays(a)
+        per_tree = _evaluate(self._walk, np.asarray(state, dtype=np.float32))  # (T, n)
         x1 = np.concatenate([np.ones((len(plan), 1)), np.asarray(plan, dtype=np.float64)], axis=1)
         if x1.shape[1] != len(a["coef"]):
             raise DataError(f"tree loss head: plans have {x1.shape[1] - 1} columns, fitted on {len(a['coef']) - 1}")
@@ -125,16 +129,29 @@ def _flatten(forest: Any) -> dict[str, np.ndarray]:
     return {**out, "roots": np.asarray(roots, dtype=np.int64)}
 
 
-def _evaluate(a: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+def _walk_arrays(a: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The stored node arrays made for a fixed number of passes: a leaf points to itself with an infinite
+    threshold, so rows that reached one stay there, and ``depth`` passes bring every row to its leaf."""
+    leaf = a["left"] < 0
+    own = np.arange(len(leaf))
+    left, right = np.where(leaf, own, a["left"]), np.where(leaf, own, a["right"])
+    depth, level = 0, a["roots"].copy()
+    while level.size:  # breadth-first over the inner nodes, one level per pass
+        level = level[~leaf[level]]
+        if level.size:
+            depth += 1
+            level = np.concatenate([left[level], right[level]])
+    return {"left": left, "right": right, "feature": a["feature"], "roots": a["roots"], "value": a["value"],
+            "threshold": np.where(leaf, np.inf, a["threshold"]), "depth": depth}
+
+
+def _evaluate(w: dict[str, Any], x: np.ndarray) -> np.ndarray:
     """Every tree's prediction ``(T, n)`` for rows ``x`` (float32, as scikit-learn compares them): all trees
-    and rows descend together, one level per pass."""
-    if x.ndim != 2 or (a["feature"].size and x.shape[1] <= int(a["feature"].max())):
+    and rows descend together, one level per pass (:func:`_walk_arrays`)."""
+    if x.ndim != 2 or (w["feature"].size and x.shape[1] <= int(w["feature"].max())):
         raise DataError(f"tree loss head: states of shape {x.shape} lack the features the trees split on")
-    node = np.repeat(a["roots"][:, None], x.shape[0], axis=1)  # (T, n)
-    rows = np.broadcast_to(np.arange(x.shape[0]), node.shape)
-    while True:
-        inner = a["left"][node] >= 0
-        if not inner.any():
-            return a["value"][node]
-        go_left = x[rows, a["feature"][node]] <= a["threshold"][node]
-        node = np.where(inner, np.where(go_left, a["left"][node], a["right"][node]), node)
+    node = np.repeat(w["roots"][:, None], x.shape[0], axis=1)  # (T, n)
+    rows = np.arange(x.shape[0])
+    for _ in range(w["depth"]):
+        node = np.where(x[rows, w["feature"][node]] <= w["threshold"][node], w["left"][node], w["right"][node])
+    return w["value"][node]
