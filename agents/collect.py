@@ -14,7 +14,13 @@ Policies (chosen per episode):
   ``PERTURB_RATE`` per step a random valid action starts and is held for 1 to
   ``PERTURB_MAX_HOLD`` steps, so the log shows both steady training and the
   after-effects of a sustained intervention;
-* ``mixed``: ``random`` on even episode numbers, ``perturbed`` on odd ones.
+* ``mixed``: ``random`` on even episode numbers, ``perturbed`` on odd ones;
+* ``learned`` (with ``--policy-path``): a saved policy (``policy.zip`` of ``agents.train_controller``)
+  *samples* each action from its distribution over the choices the masks allow, with a numpy
+  generator seeded per episode (the global torch RNG, which the training run uses, stays untouched),
+  and with the LR drift bounded as ``agents.controllers.learned.LearnedPolicy`` bounds it: the data
+  of a model-based iteration (collect with the current policy, refit the proxy, learn on), from the
+  states the policy reaches, with the exploration of its own stochastic policy.
 
 Numbering and resume: episode number ``k`` (the ``episode`` column, counted
 over the whole log) runs with seed ``--seed + k``, scenario
@@ -45,7 +51,7 @@ from stso_env.errors import ConfigError, DataError, STSOError
 NEUTRAL = np.array([2, 1, 0, 0, 0, 0], dtype=np.int64)
 PERTURB_RATE = 0.25  # chance per step that a perturbation starts (when none is held)
 PERTURB_MAX_HOLD = 4  # env steps a perturbation is held at most
-POLICIES = ("random", "perturbed", "mixed")
+POLICIES = ("random", "perturbed", "mixed", "learned")
 
 
 def random_valid_action(rng: np.random.Generator, nvec: Sequence[int], mask: np.ndarray) -> np.ndarray:
@@ -78,6 +84,50 @@ class PerturbedSchedule:
             self._left -= 1
             return self._held.copy()
         return NEUTRAL.copy()
+
+
+class PolicySampler:
+    """Actions sampled from a saved SB3 policy's distribution (the ``learned`` policy of the module docstring)."""
+
+    def __init__(self, policy_path: str | Path) -> None:
+        from agents.controllers.learned import LR_BOUNDS, load_policy, policy_algorithm
+
+        try:
+            self.masked = policy_algorithm(policy_path) == "maskable_ppo"
+            self.model = load_policy(policy_path)
+        except (FileNotFoundError, ValueError) as exc:
+            raise ConfigError(f"--policy-path: {exc}") from None
+        self.lr_bounds = LR_BOUNDS
+        self.bounded = 0
+
+    def probabilities(self, obs: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+        """Per action dimension, the policy's probability of each choice at ``obs``, zero where masked."""
+        import torch
+
+        policy = self.model.policy
+        with torch.no_grad():
+            obs_t, _ = policy.obs_to_tensor(np.asarray(obs, dtype=np.float32))
+            dist = (policy.get_distribution(obs_t, action_masks=mask.reshape(1, -1)) if self.masked
+                    else policy.get_distribution(obs_t))
+            # sb3-contrib's masked distribution keeps its per-dimension Categoricals in ``distributions``
+            parts = dist.distributions if self.masked else dist.distribution
+            probs = [d.probs[0].double().numpy() for d in parts]
+        out, offset = [], 0
+        for p in probs:
+            q = p * mask[offset:offset + len(p)]
+            offset += len(p)
+            if q.sum() <= 0:
+                raise ConfigError("learned policy: it gives no probability to any allowed choice of a dimension")
+            out.append(q / q.sum())
+        return out
+
+    def __call__(self, rng: np.random.Generator, obs: np.ndarray, mask: np.ndarray, lr_scale: float) -> np.ndarray:
+        from agents.controllers.learned import bound_lr_change
+
+        action = np.array([rng.choice(len(p), p=p) for p in self.probabilities(obs, mask)], dtype=np.int64)
+        action, bounded = bound_lr_change(action, lr_scale, self.lr_bounds)
+        self.bounded += int(bounded)
+        return action
 
 
 def episode_policy(policy: str, k: int) -> str:
@@ -122,8 +172,15 @@ def check_no_collisions(log_db: Path) -> None:
 
 def collect(*, episodes: int, run_dir: Path, scenarios: list[str], corpus: str, seed: int, episode_steps: int,
             decision_interval: int, policy: str, preset: str = "tiny", builtin_chars: int | None = None,
-            progress: bool = True) -> dict[str, Any]:
-    """Run ``episodes`` new episodes into ``run_dir/log_db.parquet``; returns the summary."""
+            policy_path: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run ``episodes`` new episodes into ``run_dir/log_db.parquet``; returns the summary. ``policy_path``:
+    the saved policy of the ``learned`` policy (required with it, refused without)."""
+    if policy not in POLICIES:
+        raise ConfigError(f"policy: {policy!r} is not one of {', '.join(POLICIES)}")
+    if (policy == "learned") != (policy_path is not None):
+        raise ConfigError("policy 'learned' needs --policy-path (a policy.zip of agents.train_controller), and "
+                          "--policy-path needs policy 'learned'")
+    sampler = PolicySampler(policy_path) if policy_path is not None else None
     from stso_env.config import TrainConfig, apply_overrides
     from stso_env.envs.gpt2_env import ACTION_NVEC, GPT2Env
     from stso_env.proxy.logdb import read_log_db
@@ -147,15 +204,20 @@ def collect(*, episodes: int, run_dir: Path, scenarios: list[str], corpus: str, 
                                          run_dir=str(run_dir), config=config)
             env = envs[scenario]
             env._episode = k - 1  # reset() increments it: the logged episode number is k
-            env.reset(seed=seed + k)
+            obs, _ = env.reset(seed=seed + k)
             rng = np.random.default_rng([seed, k])
             kind = episode_policy(policy, k)
             schedule = PerturbedSchedule(rng, ACTION_NVEC)
             done = False
             while not done:
                 mask = env.action_masks()
-                action = random_valid_action(rng, ACTION_NVEC, mask) if kind == "random" else schedule(mask)
-                _, _, terminated, truncated, info = env.step(action)
+                if kind == "random":
+                    action = random_valid_action(rng, ACTION_NVEC, mask)
+                elif kind == "learned":
+                    action = sampler(rng, obs, mask, env.trainer.knobs.lr_scale)
+                else:
+                    action = schedule(mask)
+                obs, _, terminated, truncated, info = env.step(action)
                 steps += 1
                 bar.update(1)
                 divergences += int(info["diverged"])
@@ -169,7 +231,8 @@ def collect(*, episodes: int, run_dir: Path, scenarios: list[str], corpus: str, 
         check_no_collisions(log_db)
     rows = read_log_db(log_db).num_rows if log_db.exists() and any(log_db.glob("part-*.parquet")) else 0
     return {"episodes": episodes, "first_episode": first, "env_steps": steps, "rows_before": rows_before,
-            "rows": rows, "divergences": divergences, "log_db": str(log_db)}
+            "rows": rows, "divergences": divergences, "log_db": str(log_db), "policy": policy,
+            "lr_changes_bounded": None if sampler is None else sampler.bounded}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -183,6 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--episode-steps", type=int, default=200, help="optimizer steps per episode")
     p.add_argument("--decision-interval", type=int, default=10, help="optimizer steps per env step")
     p.add_argument("--policy", choices=POLICIES, default="mixed", help="exploration policy (default mixed)")
+    p.add_argument("--policy-path", default=None,
+                   help="policy.zip that the 'learned' policy samples from (agents.train_controller's)")
     p.add_argument("--builtin-chars", type=int, default=None,
                    help="characters of the built-in corpus (smaller starts faster; default from TrainConfig)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -200,7 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = collect(episodes=args.episodes, run_dir=Path(args.run_dir), scenarios=scenarios,
                           corpus=args.corpus, seed=args.seed, episode_steps=args.episode_steps,
                           decision_interval=args.decision_interval, policy=args.policy, preset=args.preset,
-                          builtin_chars=args.builtin_chars, progress=not args.no_progress)
+                          builtin_chars=args.builtin_chars, policy_path=args.policy_path,
+                          progress=not args.no_progress)
     except STSOError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -71,6 +71,8 @@ class CollectSettings:
                                      "scenarios collected in turn (None: the run's scenario); the policy learns "
                                      "from all of them and is evaluated on the run's scenario")
     policy: str = _f("mixed", "exploration policy of agents.collect", choices=("random", "perturbed", "mixed"))
+    policy_episodes: int = _f(8, "real episodes of each later model-based iteration (rl.iterations > 1), acting "
+                                 "with the current policy (agents.collect --policy learned)", range=(1, 100_000))
 
 
 @dataclass
@@ -108,6 +110,9 @@ class RLSettings:
     uncertainty_penalty: float = _f(1.0, "MOPO-style penalty on the proxy ensemble's disagreement (STSO-Proxy-v0)",
                                     range=(0.0, 1e6))
     eval_freq: int = _f(2_000, "env steps between MaskableEvalCallback evaluations", range=(1, 10**10))
+    iterations: int = _f(1, "model-based iterations, as in MBPO: after learning, collect collect.policy_episodes "
+                            "real episodes with the policy, refit the proxy on the whole log (the same test runs) "
+                            "and learn on for rl.total_timesteps more; 1: learn once", range=(1, 100))
 
 
 @dataclass
@@ -157,6 +162,9 @@ class ControllerTrainConfig:
     eval: EvalSettings = field(default_factory=EvalSettings)
 
     def validate(self, source: str = "<config>") -> None:
+        if self.rl.iterations > 1 and not self.uses_proxy:
+            raise ConfigError(f"{source}: rl.iterations: {self.rl.iterations} iterations refit a proxy; they need "
+                              "rl.env STSO-Proxy-v0 (model_based), or set rl.iterations: 1")
         if self.rl.algo == "model_based" and self.rl.env != "STSO-Proxy-v0":
             raise ConfigError(f"{source}: rl.env: model_based learns in STSO-Proxy-v0, got {self.rl.env}; "
                               "use --algo maskable_ppo or ppo to learn in the real env")
@@ -226,14 +234,29 @@ def collect_episodes(cfg: ControllerTrainConfig, run: Path, progress: bool) -> d
                    progress=progress)
 
 
-def fit_world_model(cfg: ControllerTrainConfig, run: Path, progress: bool) -> dict[str, Any]:
+def collect_with_policy(cfg: ControllerTrainConfig, run: Path, progress: bool) -> dict[str, Any]:
+    """A model-based iteration's data: ``collect.policy_episodes`` more episodes into the run's log, each
+    action sampled from the current ``policy.zip`` (``agents.collect``'s ``learned`` policy)."""
+    from agents.collect import collect
+
+    scenarios = list(cfg.collect.scenarios) if cfg.collect.scenarios else [cfg.scenario]
+    return collect(episodes=cfg.collect.policy_episodes, run_dir=run, scenarios=scenarios, corpus=cfg.corpus,
+                   seed=cfg.seed, episode_steps=cfg.collect.episode_steps, decision_interval=cfg.decision_interval,
+                   policy="learned", policy_path=run / "policy.zip", preset=cfg.preset,
+                   builtin_chars=cfg.builtin_chars, progress=progress)
+
+
+def fit_world_model(cfg: ControllerTrainConfig, run: Path, progress: bool,
+                    test_seeds: Sequence[int] | None = None) -> dict[str, Any]:
+    """Step 2: the proxy on the run's log; ``test_seeds`` keeps a refit's held-out runs those of the first fit."""
     from agents.train_proxy import fit_proxy
     from stso_env.proxy.model import ProxyConfig
 
     pcfg = ProxyConfig(horizon=cfg.proxy.horizon, ensemble=cfg.proxy.ensemble, hidden=cfg.proxy.hidden,
                        epochs=cfg.proxy.epochs, seed=cfg.seed, action_encoding=cfg.proxy.action_encoding,
                        loss_model=cfg.proxy.loss_model)
-    return fit_proxy(run / "log_db.parquet", run / "proxy", pcfg, progress=progress, plans=cfg.proxy.plans)
+    return fit_proxy(run / "log_db.parquet", run / "proxy", pcfg, test_seeds=test_seeds, progress=progress,
+                     plans=cfg.proxy.plans)
 
 
 def make_training_env(cfg: ControllerTrainConfig, run: Path, *, for_eval: bool = False):
@@ -260,8 +283,10 @@ def make_training_env(cfg: ControllerTrainConfig, run: Path, *, for_eval: bool =
     return make_vec_env(lambda: gym.make(cfg.rl.env, **kwargs), n_envs=n_envs, seed=seed)
 
 
-def learn_policy(cfg: ControllerTrainConfig, run: Path, progress: bool) -> dict[str, Any]:
-    """Step 3: PPO or MaskablePPO; saves ``run/policy.zip`` and returns the learning curve."""
+def learn_policy(cfg: ControllerTrainConfig, run: Path, progress: bool, *, resume: bool = False) -> dict[str, Any]:
+    """Step 3: PPO or MaskablePPO; saves ``run/policy.zip`` and returns the learning curve. ``resume``: go on
+    from the saved ``policy.zip`` (weights, optimizer state and step count) in envs built anew, e.g. on a
+    refitted proxy (a model-based iteration)."""
     from sb3_contrib import MaskablePPO
     from sb3_contrib.common.maskable.callbacks import MaskableEvalCallback
     from stable_baselines3 import PPO
@@ -272,17 +297,23 @@ def learn_policy(cfg: ControllerTrainConfig, run: Path, progress: bool) -> dict[
     eval_env = make_training_env(cfg, run, for_eval=True)
     algo_cls = MaskablePPO if masked else PPO
     n_steps = cfg.rl.n_steps
-    model = algo_cls("MlpPolicy", env, n_steps=n_steps, batch_size=cfg.rl.batch_size, n_epochs=cfg.rl.n_epochs,
-                     learning_rate=cfg.rl.learning_rate, gamma=cfg.rl.gamma, ent_coef=cfg.rl.ent_coef,
-                     seed=cfg.seed, device="cpu", tensorboard_log=str(run / "tb"), verbose=0)
+    if resume:
+        model = algo_cls.load(str(run / "policy.zip"), env=env, device="cpu", tensorboard_log=str(run / "tb"))
+        model.set_random_seed(cfg.seed + model.num_timesteps)  # loading restores no RNG state: seed it anew
+    else:
+        model = algo_cls("MlpPolicy", env, n_steps=n_steps, batch_size=cfg.rl.batch_size,
+                         n_epochs=cfg.rl.n_epochs, learning_rate=cfg.rl.learning_rate, gamma=cfg.rl.gamma,
+                         ent_coef=cfg.rl.ent_coef, seed=cfg.seed, device="cpu", tensorboard_log=str(run / "tb"),
+                         verbose=0)
     # Plain EvalCallback ignores action masks; MaskableEvalCallback passes them.
     cb_cls = MaskableEvalCallback if masked else EvalCallback
     eval_every = max(1, cfg.rl.eval_freq // env.num_envs)
     callback = cb_cls(eval_env, n_eval_episodes=5 if cfg.uses_proxy else 1, eval_freq=eval_every,
                       log_path=str(run / "rl_eval"), best_model_save_path=None, deterministic=True, verbose=0)
     t0 = time.perf_counter()
+    # resumed: the step count and the TensorBoard run go on where they stopped
     model.learn(total_timesteps=cfg.rl.total_timesteps, callback=callback, progress_bar=progress,
-                tb_log_name=f"{cfg.rl.algo}")
+                tb_log_name=f"{cfg.rl.algo}", reset_num_timesteps=not resume)
     seconds = time.perf_counter() - t0
     model.save(str(run / "policy.zip"))
     env.close()
@@ -291,6 +322,40 @@ def learn_policy(cfg: ControllerTrainConfig, run: Path, progress: bool) -> dict[
              "mean_reward": [float(np.mean(r)) for r in getattr(callback, "evaluations_results", [])]}
     return {"algo": cfg.rl.algo, "env": cfg.rl.env, "timesteps": int(model.num_timesteps), "seconds": seconds,
             "curve": curve, "policy": str(run / "policy.zip")}
+
+
+def model_based_iterations(cfg: ControllerTrainConfig, run: Path, parts: dict[str, Any],
+                           progress: bool) -> list[dict[str, Any]]:
+    """Iterations 2..``rl.iterations`` (MBPO's loop): collect with the current policy, refit the proxy on the
+    whole log with the first fit's test runs held out, learn on in the refitted proxy. Updates ``parts``'
+    ``collect``, ``proxy`` and ``rl`` in place (the learning curve runs on across iterations) and returns
+    one row per iteration, the first included."""
+    def row(i: int, proxy: dict[str, Any], rl: dict[str, Any], collected: dict[str, Any] | None,
+            seconds: float | None) -> dict[str, Any]:
+        curve = rl["curve"]["mean_reward"]
+        return {"iteration": i, "episodes": None if collected is None else collected["episodes"],
+                "lr_changes_bounded": None if collected is None else collected["lr_changes_bounded"],
+                "rows": None if collected is None else collected["rows"],
+                "loss_r2": proxy.get("loss_r2"), "loss_r2_late": proxy.get("loss_r2_late"),
+                "loss_change_r2": proxy.get("loss_change_r2"), "coverage": proxy.get("coverage"),
+                "timesteps": rl["timesteps"], "last_eval_return": curve[-1] if curve else None,
+                "seconds": seconds}
+
+    test_seeds = parts["proxy"]["test_seeds"]
+    rows = [{**row(1, parts["proxy"], parts["rl"], None, None), "rows": parts["collect"]["rows"]}]
+    for i in range(2, cfg.rl.iterations + 1):
+        t0 = time.perf_counter()
+        collected = collect_with_policy(cfg, run, progress)
+        proxy = fit_world_model(cfg, run, progress, test_seeds=test_seeds)
+        rl = learn_policy(cfg, run, progress, resume=True)
+        rows.append(row(i, proxy, rl, collected, time.perf_counter() - t0))
+        parts["collect"] = {**collected, "episodes": parts["collect"]["episodes"] + collected["episodes"],
+                            "env_steps": parts["collect"]["env_steps"] + collected["env_steps"],
+                            "divergences": parts["collect"]["divergences"] + collected["divergences"]}
+        parts["proxy"] = proxy
+        parts["rl"] = {**rl, "seconds": parts["rl"]["seconds"] + rl["seconds"],
+                       "curve": {k: parts["rl"]["curve"][k] + rl["curve"][k] for k in rl["curve"]}}
+    return rows
 
 
 def fit_outcome_gate(cfg: ControllerTrainConfig, run: Path, progress: bool) -> dict[str, Any]:
@@ -388,7 +453,9 @@ def levers(cfg: ControllerTrainConfig) -> list[tuple[str, bool, str]]:
          "LearnedPolicy with the run's proxy and calibration.json, level 0.9, dominance rule"),
         ("collection over several scenarios", len(scen) > 1, ", ".join(scen)),
         ("more and longer collected episodes", proxy, f"{cfg.collect.episodes} x {cfg.collect.episode_steps} steps"),
-        ("model-based iterations (collect with the policy, refit, retrain)", False, "not implemented yet"),
+        ("model-based iterations (collect with the policy, refit, retrain)", proxy and cfg.rl.iterations > 1,
+         f"{cfg.rl.iterations} iterations, {cfg.collect.policy_episodes} episodes with the policy in each after "
+         "the first" if cfg.rl.iterations > 1 else "rl.iterations 1"),
         ("fine-tuning in the real env with vector envs", False, "not implemented yet"),
         ("a bounded LR drift", True, "LearnedPolicy keeps the LR scale within 0.5-2.0 of the schedule"),
     ]
@@ -494,6 +561,22 @@ def write_report(cfg: ControllerTrainConfig, run: Path, parts: dict[str, Any]) -
         lines += [f"Evaluation return: first {rl['curve']['mean_reward'][0]:.3f}, last "
                   f"{rl['curve']['mean_reward'][-1]:.3f}, best {max(rl['curve']['mean_reward']):.3f}.", "",
                   "![learning curve](figures/learning_curve.png)", ""]
+    its = parts.get("iterations")
+    if its:
+        lines += ["Model-based iterations (`rl.iterations`): after the first, each collected "
+                  f"{cfg.collect.policy_episodes} real episodes with the policy's sampled actions, refitted the proxy "
+                  "on the whole log (the same test runs held out) and learned on in it. The evaluation returns are "
+                  "each iteration's own proxy env, so they compare the policy's progress within an iteration, not "
+                  "across.", "",
+                  "| iteration | episodes with the policy | log rows | proxy loss@N R² | R² from 20 % of each run | "
+                  "R² of the change | policy env steps | last evaluation return | seconds |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['iteration']} | {_fmt(r['episodes']) if r['episodes'] is not None else '- (collection 1)'} "
+                  f"| {r['rows']} | {_fmt(r['loss_r2'])} | "
+                  f"{_fmt(r['loss_r2_late'])} | {_fmt(r['loss_change_r2'])} | {r['timesteps']} | "
+                  f"{_fmt(r['last_eval_return'])} | {_fmt(r['seconds'], 1) if r['seconds'] is not None else '-'} |"
+                  for r in its]
+        lines += [""]
     if gate_part:
         lines += ["## 4. Outcome gate", "",
                   f"Real runs on seeds {gate_part['seeds'][0]}-{gate_part['seeds'][-1]} of "
@@ -619,6 +702,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.perf_counter()
         parts["rl"] = learn_policy(cfg, run, progress)
         parts["seconds"]["policy"] = time.perf_counter() - t0
+        if cfg.rl.iterations > 1:
+            t0 = time.perf_counter()
+            parts["iterations"] = model_based_iterations(cfg, run, parts, progress)
+            parts["seconds"]["iterations"] = time.perf_counter() - t0
         learning_curve_figure(parts["rl"]["curve"], run / "figures" / "learning_curve.png")
         if cfg.gate.enabled:
             t0 = time.perf_counter()

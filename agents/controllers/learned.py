@@ -60,6 +60,8 @@ from stso_env.envs.gpt2_env import LR_CHANGES, NEUTRAL_ACTION
 
 #: How the shield compares the policy's action with the neutral one (see the module docstring).
 SHIELD_RULES = ("upper", "dominance")
+#: Default bounds of the LR scale a policy may drive the schedule to (bounded LR drift, module docstring).
+LR_BOUNDS = (0.5, 2.0)
 
 
 def policy_algorithm(path: str | Path) -> str:
@@ -79,6 +81,18 @@ def policy_algorithm(path: str | Path) -> str:
         raise ValueError(f"policy {p}: policy class from module {module!r}; expected a Stable-Baselines3 "
                          "or sb3-contrib actor-critic policy")
     return "maskable_ppo" if ".maskable." in module else "ppo"
+
+
+def bound_lr_change(action: np.ndarray, lr_scale: float, bounds: tuple[float, float]) -> tuple[np.ndarray, bool]:
+    """``action`` with its LR change replaced by "unchanged" when it would take the LR scale (now
+    ``lr_scale``) outside ``bounds``; and whether it was (the bounded LR drift of the module docstring)."""
+    action = np.asarray(action, dtype=np.int64).reshape(-1)
+    after = float(lr_scale) * LR_CHANGES[int(action[0])]
+    if bounds[0] - 1e-12 <= after <= bounds[1] + 1e-12:
+        return action, False
+    action = action.copy()
+    action[0] = NEUTRAL_ACTION[0]
+    return action, True
 
 
 def load_policy(path: str | Path) -> Any:
@@ -104,7 +118,7 @@ class LearnedPolicy(Controller):
 
     def __init__(self, policy_path: str | Path, proxy_dir: str | Path | None = None, *, shield: bool = True,
                  shield_level: float = 0.9, shield_rule: str = "dominance",
-                 lr_bounds: tuple[float, float] | list[float] | None = (0.5, 2.0),
+                 lr_bounds: tuple[float, float] | list[float] | None = LR_BOUNDS,
                  gate: str | Path | None = None) -> None:
         super().__init__()
         if lr_bounds is not None:
@@ -196,11 +210,8 @@ class LearnedPolicy(Controller):
         action = np.asarray(action, dtype=np.int64).reshape(-1)
         if self.lr_bounds is not None:
             scale = float(info["lr_scale"]) if "lr_scale" in info else float(self.base.trainer.knobs.lr_scale)
-            after = scale * LR_CHANGES[int(action[0])]
-            if not self.lr_bounds[0] - 1e-12 <= after <= self.lr_bounds[1] + 1e-12:
-                action = action.copy()
-                action[0] = NEUTRAL_ACTION[0]
-                self.bounded += 1
+            action, bounded = bound_lr_change(action, scale, self.lr_bounds)
+            self.bounded += int(bounded)
         if action.tolist() == list(NEUTRAL_ACTION):
             return action
         self.proposed += 1
