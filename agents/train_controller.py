@@ -9,7 +9,12 @@
    split by whole runs, MAPIE conformal calibration) into ``RUN/proxy/``;
 3. **train MaskablePPO** (sb3-contrib) in STSO-Proxy-v0, the proxy as an env,
    with action masks, TensorBoard logs in ``RUN/tb/`` and a
-   ``MaskableEvalCallback`` on a separate proxy env;
+   ``MaskableEvalCallback`` on a separate proxy env; with ``rl.iterations`` above 1
+   (off by default; ``configs/controller/model_based_iterations.yaml``), MBPO's loop
+   follows: collect ``collect.policy_episodes`` more real episodes with the policy's
+   sampled actions (``agents.collect``'s ``learned`` policy), refit the proxy on the
+   whole log with the first fit's test runs still held out, and learn on from the
+   saved policy in the refitted proxy, once per further iteration;
 4. **fit the outcome gate** (``agents.fit_gate``): on real runs of training seeds of
    the collected scenarios, the fixed schedule and the policy play from the same
    state after the gate's first window(s); a logistic regression from that state to

@@ -93,6 +93,61 @@ def test_policies_respect_mask():
     assert 0.3 < neutral.mean() < 0.95 and not acts[:, 5].any()
 
 
+class _Spaces(gym.Env):
+    """Only the spaces of STSO-GPT2-v0: enough to build and save a MaskablePPO policy without a training run."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (len(OBSERVATION_NAMES),), np.float32)
+    action_space = gym.spaces.MultiDiscrete(ACTION_NVEC)
+
+
+def test_learned_policy_samples_its_own_distribution_within_the_masks(tmp_path):
+    from sb3_contrib import MaskablePPO
+
+    model = MaskablePPO("MlpPolicy", _Spaces(), n_steps=8, batch_size=8, seed=0, device="cpu")
+    # the policy's logits fixed by hand: the action head ignores the state and its bias sets each choice's
+    # probability, e.g. LR change 0.1 / 0.2 / 0.3 / 0.4
+    head = model.policy.action_net
+    wanted = [[0.1, 0.2, 0.3, 0.4], [0.5, 0.25, 0.25], [0.7, 0.1, 0.1, 0.1], [0.9, 0.1], [0.5, 0.5], [0.2, 0.8]]
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.log(torch.tensor([p for dim in wanted for p in dim])))
+    path = tmp_path / "policy.zip"
+    model.save(str(path))
+    sampler = collect.PolicySampler(path)
+    obs = np.zeros(len(OBSERVATION_NAMES), dtype=np.float32)
+    mask = np.ones(sum(ACTION_NVEC), dtype=bool)
+    for got, want in zip(sampler.probabilities(obs, mask), wanted):
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+    mask[3] = False  # LR x1.1 not allowed: the others keep their odds, 0.1 : 0.2 : 0.3
+    np.testing.assert_allclose(sampler.probabilities(obs, mask)[0], [1 / 6, 2 / 6, 3 / 6, 0.0], rtol=1e-5)
+    # sampled, seeded by the caller's generator: the same seed gives the same actions
+    draws = [np.array([sampler(rng, obs, mask, 1.0) for _ in range(300)])
+             for rng in (np.random.default_rng(5), np.random.default_rng(5))]
+    np.testing.assert_array_equal(*draws)
+    assert not (draws[0][:, 0] == 3).any() and 0.35 < (draws[0][:, 0] == 2).mean() < 0.65  # 0.5 expected
+    assert 0.7 < draws[0][:, 5].mean() < 0.9  # skip batch: 0.8 expected
+    assert sampler.bounded == 0
+    # the LR drift is bounded as in evaluation: at LR scale 0.55 an x0.8 change (0.44 < 0.5) runs as x1.0
+    only_lower = mask.copy()
+    only_lower[1:4] = False
+    for _ in range(5):
+        assert sampler(np.random.default_rng(1), obs, only_lower, 0.55)[0] == 2
+    assert sampler(np.random.default_rng(1), obs, only_lower, 1.0)[0] == 0
+    assert sampler.bounded == 5
+
+
+def test_learned_collection_needs_a_policy(tmp_path):
+    kw = dict(episodes=1, run_dir=tmp_path, scenarios=["calm"], corpus="builtin", seed=0, episode_steps=20,
+              decision_interval=10, progress=False)
+    with pytest.raises(ConfigError, match="needs --policy-path"):
+        collect.collect(policy="learned", **kw)
+    with pytest.raises(ConfigError, match="needs --policy-path"):
+        collect.collect(policy="mixed", policy_path=tmp_path / "policy.zip", **kw)
+    with pytest.raises(ConfigError, match="--policy-path: policy .*no such file"):
+        collect.collect(policy="learned", policy_path=tmp_path / "policy.zip", **kw)
+    assert not (tmp_path / "log_db.parquet").exists()  # refused before anything ran
+
+
 @pytest.fixture(scope="module")
 def proxy_dir(collected: Path, tmp_path_factory) -> Path:
     ds = build_targets(read_log_db(collected / "log_db.parquet"), horizon=2)

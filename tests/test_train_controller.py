@@ -17,11 +17,18 @@ from tests.conftest import REPO, WIKITEXT2
 
 TINY = {
     "builtin_chars": 200_000,
-    "collect": {"episodes": 10, "episode_steps": 150},
+    "collect": {"episodes": 10, "episode_steps": 150, "policy_episodes": 2},
     "proxy": {"horizon": 2, "epochs": 15, "ensemble": 2, "hidden": 32},
-    "rl": {"total_timesteps": 256, "n_steps": 64, "batch_size": 64, "eval_freq": 128, "n_envs": 2},
+    "rl": {"total_timesteps": 256, "n_steps": 64, "batch_size": 64, "eval_freq": 128, "n_envs": 2,
+           "iterations": 2},
     "eval": {"seeds": 2, "steps": 30},
 }
+
+
+def _yaml(tmp_path, data: dict) -> object:
+    path = tmp_path / "settings.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
 
 
 def test_flags_override_yaml_and_bad_keys_are_named(tmp_path):
@@ -38,6 +45,8 @@ def test_flags_override_yaml_and_bad_keys_are_named(tmp_path):
         build_config(parse_args(["--algo", "model_based", "--env", "STSO-GPT2-v0"]))
     with pytest.raises(ConfigError, match="must include 'policy' and 'fixed'"):
         from_dict(ControllerTrainConfig, {"eval": {"controllers": ["fixed"]}})
+    with pytest.raises(ConfigError, match="rl.iterations: 2 iterations refit a proxy"):
+        build_config(parse_args(["--algo", "ppo", "--config", str(_yaml(tmp_path, {"rl": {"iterations": 2}}))]))
 
 
 def test_help_explains_every_option():
@@ -63,7 +72,7 @@ def test_end_to_end_tiny(tmp_path):
     assert list((run / "tb").rglob("events.out.tfevents.*")), "no TensorBoard event file"
     # the resolved config is complete and loads back strictly
     resolved = from_dict(ControllerTrainConfig, yaml.safe_load((run / "config.yaml").read_text()))
-    assert resolved.collect.episodes == 10 and resolved.rl.total_timesteps == 256
+    assert resolved.collect.episodes == 10 and resolved.rl.total_timesteps == 256 and resolved.rl.iterations == 2
     results = json.loads((run / "eval" / "results.json").read_text())
     assert set(results["controllers"]) == {"fixed", "policy"}
     assert len(results["controllers"]["policy"]["seeds"]) == 2
@@ -82,6 +91,23 @@ def test_end_to_end_tiny(tmp_path):
     # the proxy's figure over every held-out run and the yardstick it has to beat
     assert "held-out runs (calibration and test; none trained on)" in report
     assert "the probe loss stays where it is" in report
+    # a second, model-based iteration: 2 episodes with the policy (seeds 10 and 11, after the 10 collected),
+    # a proxy refitted with the first fit's test runs (seeds 8 and 9; by default 10 and 11 now) held out,
+    # and 256 more policy steps from where the first iteration stopped
+    from stso_env.proxy.logdb import read_log_db
+
+    log = read_log_db(run / "log_db.parquet")
+    assert sorted(set(log.column("seed").to_pylist())) == list(range(12))
+    assert json.loads((run / "proxy" / "proxy_report.json").read_text())["test_seeds"] == [8, 9]
+    summary = json.loads((run / "summary.json").read_text())
+    assert [r["iteration"] for r in summary["iterations"]] == [1, 2]
+    assert [r["timesteps"] for r in summary["iterations"]] == [256, 512] and summary["rl"]["timesteps"] == 512
+    assert summary["collect"]["episodes"] == 12 and summary["iterations"][1]["episodes"] == 2
+    assert "| 2 | 2 | " in report and "model-based iterations (collect with the policy, refit, retrain): **on**" \
+        in report
+    from agents.controllers.learned import load_policy
+
+    assert load_policy(run / "policy.zip").num_timesteps == 512
     # a second run into the same folder is refused without --overwrite, and nothing is lost
     before = (run / "policy.zip").read_bytes()
     again = subprocess.run([sys.executable, "-m", "agents.train_controller", "--config", str(path), "--run-name",
