@@ -411,7 +411,9 @@ def evaluate_policy_real(cfg: ControllerTrainConfig, run: Path, progress: bool,
 # ---------------------------------------------------------------------- report
 
 
-def learning_curve_figure(curve: dict[str, list], path: Path) -> Path | None:
+def learning_curve_figure(curve: dict[str, list], path: Path, iterations: Sequence[dict[str, Any]] = ()) -> Path | None:
+    """The evaluation return against env steps; with model-based ``iterations`` (their rows), one segment per
+    iteration, since each is scored in its own refitted proxy."""
     if not curve["timesteps"]:
         return None
     import matplotlib
@@ -420,10 +422,20 @@ def learning_curve_figure(curve: dict[str, list], path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(curve["timesteps"], curve["mean_reward"], marker="o")
+    steps, returns = np.asarray(curve["timesteps"]), np.asarray(curve["mean_reward"])
+    ends = [r["timesteps"] for r in iterations] or [int(steps.max())]
+    start = 0
+    for i, end in enumerate(ends, 1):
+        k = (steps > start) & (steps <= end)
+        ax.plot(steps[k], returns[k], marker="o", label=f"iteration {i}" if len(ends) > 1 else None)
+        if i < len(ends):
+            ax.axvline(end, color="0.6", lw=0.8, ls="--")
+        start = end
+    if len(ends) > 1:
+        ax.legend(fontsize=8)
     ax.set_xlabel("env steps")
     ax.set_ylabel("mean episode return (eval env)")
-    ax.set_title("policy learning curve")
+    ax.set_title("policy learning curve" + (" (each iteration in its own proxy)" if len(ends) > 1 else ""))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -563,7 +575,9 @@ def write_report(cfg: ControllerTrainConfig, run: Path, parts: dict[str, Any]) -
               f"{rl['timesteps']} env steps in {rl['seconds']:.1f} s; policy saved to `policy.zip`; TensorBoard "
               "logs in `tb/` (`tensorboard --logdir " + str(run / "tb") + "`).", ""]
     if rl["curve"]["timesteps"]:
-        lines += [f"Evaluation return: first {rl['curve']['mean_reward'][0]:.3f}, last "
+        across = " (over all iterations, each scored in its own proxy: see the table below)" \
+            if parts.get("iterations") else ""
+        lines += [f"Evaluation return{across}: first {rl['curve']['mean_reward'][0]:.3f}, last "
                   f"{rl['curve']['mean_reward'][-1]:.3f}, best {max(rl['curve']['mean_reward']):.3f}.", "",
                   "![learning curve](figures/learning_curve.png)", ""]
     its = parts.get("iterations")
@@ -711,7 +725,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             t0 = time.perf_counter()
             parts["iterations"] = model_based_iterations(cfg, run, parts, progress)
             parts["seconds"]["iterations"] = time.perf_counter() - t0
-        learning_curve_figure(parts["rl"]["curve"], run / "figures" / "learning_curve.png")
+        learning_curve_figure(parts["rl"]["curve"], run / "figures" / "learning_curve.png",
+                              parts.get("iterations", ()))
         if cfg.gate.enabled:
             t0 = time.perf_counter()
             parts["gate"] = fit_outcome_gate(cfg, run, progress)

@@ -388,14 +388,24 @@ class ProxyEnsemble(nn.Module):
 
         Without it the logit had only the MLP, and early stopping, which watches the loss head, often
         restores an epoch before the MLP learned it: on 16 collected ``unstable`` runs the proxy then
-        predicted 0.5 for every row (AUROC 0.5). A member whose resample holds one class only keeps the
-        MLP's logit alone, so a collection without divergences fits exactly as before."""
+        predicted 0.5 for every row (AUROC 0.5). Where there is nothing to regress on (a collection without
+        divergences, or a member whose resample holds one class) the bias starts at the log-odds of the
+        smoothed rate instead, ``(k + 1/2) / (n + 1)`` for ``k`` divergences in ``n`` rows (the
+        Krichevsky-Trofimov estimate), and the MLP learns from there. From a bias of 0 the head predicted 0.5
+        until the MLP had learned otherwise, and an early stop left it near 0.38 on a collection of 24 runs
+        without a divergence: the proxy env then charged every step 10 x 0.38 of divergence penalty."""
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import LogisticRegression
 
+        def base_logit(values: np.ndarray) -> float:
+            rate = (float(values.sum()) + 0.5) / (len(values) + 1.0)
+            return float(np.log(rate / (1.0 - rate)))
+
         lab = label.numpy()
         ok = np.isfinite(lab)
+        self.lin_w[:, :, 1] = 0.0
         if not ok.any() or len(np.unique(lab[ok])) < 2:
+            self.head_b[:, 0, 1] = base_logit(lab[ok])
             return
         zn, bn = z.double().numpy(), boot.numpy()
         n, e = z.shape[0], boot.shape[0]
@@ -407,6 +417,7 @@ class ProxyEnsemble(nn.Module):
             for m in range(e):
                 rows = bn[m][ok[bn[m]]]
                 if len(np.unique(lab[rows])) < 2:
+                    b[m] = base_logit(lab[rows])
                     continue
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", ConvergenceWarning)
