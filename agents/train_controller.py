@@ -229,26 +229,20 @@ def build_config(args: argparse.Namespace) -> ControllerTrainConfig:
 # ---------------------------------------------------------------------- steps
 
 
-def collect_episodes(cfg: ControllerTrainConfig, run: Path, progress: bool) -> dict[str, Any]:
+def collect_episodes(cfg: ControllerTrainConfig, run: Path, progress: bool,
+                     policy_path: Path | None = None) -> dict[str, Any]:
+    """Step 1: ``collect.episodes`` exploratory episodes into the run's log; with ``policy_path`` (a
+    model-based iteration) ``collect.policy_episodes`` more, each action sampled from that policy
+    (``agents.collect``'s ``learned`` policy)."""
     from agents.collect import collect
 
     scenarios = list(cfg.collect.scenarios) if cfg.collect.scenarios else [cfg.scenario]
-    return collect(episodes=cfg.collect.episodes, run_dir=run, scenarios=scenarios, corpus=cfg.corpus,
+    episodes, policy = ((cfg.collect.episodes, cfg.collect.policy) if policy_path is None
+                        else (cfg.collect.policy_episodes, "learned"))
+    return collect(episodes=episodes, run_dir=run, scenarios=scenarios, corpus=cfg.corpus,
                    seed=cfg.seed, episode_steps=cfg.collect.episode_steps, decision_interval=cfg.decision_interval,
-                   policy=cfg.collect.policy, preset=cfg.preset, builtin_chars=cfg.builtin_chars,
+                   policy=policy, policy_path=policy_path, preset=cfg.preset, builtin_chars=cfg.builtin_chars,
                    progress=progress)
-
-
-def collect_with_policy(cfg: ControllerTrainConfig, run: Path, progress: bool) -> dict[str, Any]:
-    """A model-based iteration's data: ``collect.policy_episodes`` more episodes into the run's log, each
-    action sampled from the current ``policy.zip`` (``agents.collect``'s ``learned`` policy)."""
-    from agents.collect import collect
-
-    scenarios = list(cfg.collect.scenarios) if cfg.collect.scenarios else [cfg.scenario]
-    return collect(episodes=cfg.collect.policy_episodes, run_dir=run, scenarios=scenarios, corpus=cfg.corpus,
-                   seed=cfg.seed, episode_steps=cfg.collect.episode_steps, decision_interval=cfg.decision_interval,
-                   policy="learned", policy_path=run / "policy.zip", preset=cfg.preset,
-                   builtin_chars=cfg.builtin_chars, progress=progress)
 
 
 def fit_world_model(cfg: ControllerTrainConfig, run: Path, progress: bool,
@@ -335,22 +329,23 @@ def model_based_iterations(cfg: ControllerTrainConfig, run: Path, parts: dict[st
     whole log with the first fit's test runs held out, learn on in the refitted proxy. Updates ``parts``'
     ``collect``, ``proxy`` and ``rl`` in place (the learning curve runs on across iterations) and returns
     one row per iteration, the first included."""
-    def row(i: int, proxy: dict[str, Any], rl: dict[str, Any], collected: dict[str, Any] | None,
+    def row(i: int, proxy: dict[str, Any], rl: dict[str, Any], collected: dict[str, Any],
             seconds: float | None) -> dict[str, Any]:
         curve = rl["curve"]["mean_reward"]
-        return {"iteration": i, "episodes": None if collected is None else collected["episodes"],
-                "lr_changes_bounded": None if collected is None else collected["lr_changes_bounded"],
-                "rows": None if collected is None else collected["rows"],
+        first = i == 1  # the first collection is exploratory: no episode of the policy
+        return {"iteration": i, "episodes": None if first else collected["episodes"],
+                "lr_changes_bounded": None if first else collected["lr_changes_bounded"],
+                "rows": collected["rows"],
                 "loss_r2": proxy.get("loss_r2"), "loss_r2_late": proxy.get("loss_r2_late"),
                 "loss_change_r2": proxy.get("loss_change_r2"), "coverage": proxy.get("coverage"),
                 "timesteps": rl["timesteps"], "last_eval_return": curve[-1] if curve else None,
                 "seconds": seconds}
 
     test_seeds = parts["proxy"]["test_seeds"]
-    rows = [{**row(1, parts["proxy"], parts["rl"], None, None), "rows": parts["collect"]["rows"]}]
+    rows = [row(1, parts["proxy"], parts["rl"], parts["collect"], None)]
     for i in range(2, cfg.rl.iterations + 1):
         t0 = time.perf_counter()
-        collected = collect_with_policy(cfg, run, progress)
+        collected = collect_episodes(cfg, run, progress, policy_path=run / "policy.zip")
         proxy = fit_world_model(cfg, run, progress, test_seeds=test_seeds)
         rl = learn_policy(cfg, run, progress, resume=True)
         rows.append(row(i, proxy, rl, collected, time.perf_counter() - t0))
