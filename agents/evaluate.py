@@ -619,6 +619,22 @@ def _job_key(job: dict[str, Any]) -> str:
     return json.dumps(keep, sort_keys=True, default=str)
 
 
+def _with_every_byte_digests(stored: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
+    """``job`` with each artefact digest that ``stored`` recorded under the every-byte rule taken over where
+    the artefact still has it: runs recorded before ``content_digest`` left out reports and SB3's bookkeeping
+    still match the artefact they were made with."""
+    from stso_env.files import content_digest
+
+    out = dict(job)
+    for key in ("proxy_sha256", "policy_sha256", "gate_sha256"):
+        what = key.split("_")[0]
+        path = job.get(what) if what in job else job.get("settings", {}).get(what)
+        if key in stored and key in job and stored[key] != job[key] \
+                and stored[key] == content_digest(path, every_byte=True):
+            out[key] = stored[key]
+    return out
+
+
 def execute(suite: Any, out: Path, args: argparse.Namespace) -> dict[tuple[str, str], list[dict[str, Any]]]:
     """Run (or, with ``--resume``, finish) every job; returns ``{(cell, controller): [run files]}``."""
     from stso_env.eval.engine import resolve_engine, run_jobs
@@ -637,6 +653,8 @@ def execute(suite: Any, out: Path, args: argparse.Namespace) -> dict[tuple[str, 
             stored = data.get("job", {})
             # recomputed from the stored job, so runs kept under an older key rule still match
             current = job if "proxy_sha256" in stored else {k: v for k, v in job.items() if not k.endswith("_sha256")}
+            if _job_key(stored) != _job_key(current):
+                current = _with_every_byte_digests(stored, current)
             if _job_key(stored) != _job_key(current):
                 changed = [k for k in ("proxy_sha256", "policy_sha256", "gate_sha256") if k in stored
                            and _job_key(stored) == _job_key(dict(current, **{k: stored[k]}))]

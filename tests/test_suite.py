@@ -243,12 +243,37 @@ def test_content_digest_follows_contents_not_paths(tmp_path: Path) -> None:
     assert content_digest(a) != content_digest(b)
     assert content_digest(a / "proxy.json") != content_digest(a)
     assert content_digest(None) is None and content_digest(tmp_path / "missing") is None
+    # a report beside the artefact is not part of it (its fit time changes from run to run)
+    (b / "sub" / "v.bin").rename(b / "sub" / "w.bin")
+    (a / "proxy_report.json").write_text('{"fit_seconds": 1.85}')
+    (b / "proxy_report.json").write_text('{"fit_seconds": 1.9}')
+    assert content_digest(a) == content_digest(b)
+    assert content_digest(a, every_byte=True) != content_digest(b, every_byte=True)
+
+
+def test_content_digest_of_a_stable_baselines3_save_follows_its_weights(tmp_path: Path) -> None:
+    """Two trainings with the same seed save the same weights, and SB3's ``data`` member differs (start time,
+    episode wall times, object addresses): same digest; more training changes the weights and the digest."""
+    from stable_baselines3 import PPO
+
+    from stso_env.files import content_digest
+
+    def trained(steps: int, name: str) -> Path:
+        model = PPO("MlpPolicy", "CartPole-v1", n_steps=32, batch_size=32, n_epochs=1, seed=0, device="cpu")
+        model.learn(steps)
+        model.save(tmp_path / name / "policy")  # the same file name: a file's name is part of its digest
+        return tmp_path / name / "policy.zip"
+
+    a, b, c = trained(64, "a"), trained(64, "b"), trained(128, "c")
+    assert content_digest(a, every_byte=True) != content_digest(b, every_byte=True)
+    assert content_digest(a) == content_digest(b) != content_digest(c)
 
 
 def test_resume_refuses_runs_made_with_a_proxy_retrained_in_place(tmp_path: Path) -> None:
     """A proxy retrained into the same folder keeps its path; --resume must not pass the runs made with the
     old one off as runs of the new one (baselines, which never read it, stay valid)."""
     from agents.evaluate import _run_path, execute, make_jobs, parse_args
+    from stso_env.files import content_digest
 
     path = tmp_path / "mini.yaml"
     path.write_text(SUITE)
@@ -279,6 +304,20 @@ def test_resume_refuses_runs_made_with_a_proxy_retrained_in_place(tmp_path: Path
     for job in make_jobs(suite_with(["stso"]), out):
         store(job, legacy=True)
     assert len(execute(suite_with(["fixed", "stso"]), out, args)) == 2  # legacy runs match on the path
+    # runs recorded with the every-byte digest of the proxy they were made with are kept; a report written
+    # beside the proxy later changes nothing
+    for job in make_jobs(suite_with(["stso"]), out):
+        store(dict(job, proxy_sha256=content_digest(proxy, every_byte=True)))
+    (proxy / "proxy_report.json").write_text('{"fit_seconds": 1.0}')
+    assert content_digest(proxy, every_byte=True) != content_digest(proxy)
+    (proxy / "proxy_report.json").unlink()
+    assert len(execute(suite_with(["fixed", "stso"]), out, args)) == 2
+    (proxy / "proxy_report.json").write_text('{"fit_seconds": 1.0}')
+    assert len(execute(suite_with(["fixed", "stso"]), out, args)) == 2
+    (proxy / "proxy.json").write_text('{"fit": 3}')
+    with pytest.raises(SystemExit, match="another proxy than .*retrained in place"):
+        execute(suite_with(["fixed", "stso"]), out, args)
+    (proxy / "proxy_report.json").unlink()
     # an outcome gate named in the policy's settings counts by its content too
     gate = tmp_path / "gate.json"
     gate.write_text('{"fit": 1}')
