@@ -619,6 +619,15 @@ def _job_key(job: dict[str, Any]) -> str:
     return json.dumps(keep, sort_keys=True, default=str)
 
 
+DIGEST_KEYS = ("proxy_sha256", "policy_sha256", "gate_sha256")
+
+
+def _artefact(job: dict[str, Any], key: str) -> tuple[str, Any]:
+    """The artefact a digest key names and its path in ``job`` (the gate's lives in the settings)."""
+    what = key.split("_")[0]
+    return what, job[what] if what in job else job.get("settings", {}).get(what)
+
+
 def _with_every_byte_digests(stored: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
     """``job`` with each artefact digest that ``stored`` recorded under the every-byte rule taken over where
     the artefact still has it: runs recorded before ``content_digest`` left out reports and SB3's bookkeeping
@@ -626,11 +635,9 @@ def _with_every_byte_digests(stored: dict[str, Any], job: dict[str, Any]) -> dic
     from stso_env.files import content_digest
 
     out = dict(job)
-    for key in ("proxy_sha256", "policy_sha256", "gate_sha256"):
-        what = key.split("_")[0]
-        path = job.get(what) if what in job else job.get("settings", {}).get(what)
+    for key in DIGEST_KEYS:
         if key in stored and key in job and stored[key] != job[key] \
-                and stored[key] == content_digest(path, every_byte=True):
+                and stored[key] == content_digest(_artefact(job, key)[1], every_byte=True):
             out[key] = stored[key]
     return out
 
@@ -656,11 +663,10 @@ def execute(suite: Any, out: Path, args: argparse.Namespace) -> dict[tuple[str, 
             if _job_key(stored) != _job_key(current):
                 current = _with_every_byte_digests(stored, current)
             if _job_key(stored) != _job_key(current):
-                changed = [k for k in ("proxy_sha256", "policy_sha256", "gate_sha256") if k in stored
+                changed = [k for k in DIGEST_KEYS if k in stored
                            and _job_key(stored) == _job_key(dict(current, **{k: stored[k]}))]
                 if changed:
-                    what = changed[0].split("_")[0]
-                    where = job[what] if what in job else job["settings"][what]
+                    what, where = _artefact(job, changed[0])
                     raise SystemExit(f"error: {path} was made with another {what} than {where} holds now (its "
                                      "contents changed: retrained in place?); delete that controller's runs to "
                                      "rerun them with it, or choose another --out")
