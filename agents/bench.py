@@ -1,6 +1,6 @@
 """Benchmarks: ``make bench`` writes JSON under ``runs/bench/``.
 
-    python -m agents.bench [--only checkpoint|monitor|env|proxy|gpu] [--out runs/bench] [--quick]
+    python -m agents.bench [--only checkpoint|monitor|env|proxy|collect|gpu] [--out runs/bench] [--quick]
 
 Every JSON file records the commit, torch version, thread count and device (``meta``);
 ``--readme-block bench`` renders the README's table from them (:func:`report`).
@@ -22,6 +22,11 @@ STSO-GPT2-v0 with ``run_dir`` logging on (target at most 1.10), and
 per call, default 5 x 2 x 128 ensemble; target >= 10,000) and
 ``score_500_candidates_ms``, the median time of one ``ProxyEnsemble.predict``
 call on 500 (state, action) pairs (target <= 50 ms).
+
+``collect`` -> ``runs/bench/collect.json``: ``parallel_speedup``, the wall time of collecting the
+same tiny episodes in one process with its threads over that of 2 worker processes of one thread
+each (``agents.collect --workers 2``), alternated A B B A; no target, the figure that says
+whether ``collect.workers`` pays on a machine.
 
 ``gpu`` -> ``runs/bench/gpu.json`` (needs CUDA; it runs by default when torch sees a device):
 see :func:`bench_gpu`.
@@ -60,6 +65,7 @@ measured side by side in one process:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -625,7 +631,33 @@ def _write(path: Path, data: dict, device: str = "cpu") -> None:
             print(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}")
 
 
-BENCHES = {"checkpoint": bench_checkpoint, "monitor": bench_monitor, "env": bench_env, "proxy": bench_proxy}
+def bench_collect(out: Path, quick: bool = False) -> dict[str, Any]:
+    """``agents.collect`` on the tiny preset, the same episodes (``spiky`` and ``adam_v_lag`` in turn, the
+    ``mixed`` policy) collected in this process with its threads and by 2 worker processes of one torch
+    thread each, alternated A B B A; wall seconds (worker start-up included) and their ratio."""
+    from agents.collect import collect
+
+    episodes, steps, rounds = (2, 40, 1) if quick else (4, 600, 2)  # the episodes agents.train_controller collects
+    res: dict[str, Any] = {"preset": "tiny", "episodes": episodes, "episode_steps": steps, "rounds": rounds,
+                           "scenarios": ["spiky", "adam_v_lag"], "workers": 2, "threads_per_worker": 1}
+    sides = {"serial": {}, "parallel": {"workers": 2, "threads": 1}}
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    order = [k for r in range(rounds) for k in (("serial", "parallel") if r % 2 == 0 else ("parallel", "serial"))]
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, side in enumerate(order):
+            run = functools.partial(collect, episodes=episodes, run_dir=Path(tmp) / f"{side}{i}",
+                                    scenarios=res["scenarios"], corpus="builtin", seed=0, episode_steps=steps,
+                                    decision_interval=10, policy="mixed", progress=False, **sides[side])
+            times[side].append(_timed(run))
+    res["serial_seconds"] = statistics.mean(times["serial"])
+    res["parallel_seconds"] = statistics.mean(times["parallel"])
+    res["parallel_speedup"] = res["serial_seconds"] / res["parallel_seconds"]
+    _write(out / "collect.json", res)
+    return res
+
+
+BENCHES = {"checkpoint": bench_checkpoint, "monitor": bench_monitor, "env": bench_env, "proxy": bench_proxy,
+           "collect": bench_collect}
 
 
 def report(out: Path, label: str | None = None) -> str:
@@ -637,7 +669,7 @@ def report(out: Path, label: str | None = None) -> str:
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: run python -m agents.bench --out {out}")
         r[name] = json.loads(path.read_text())
-    c, m, e, p = r["checkpoint"], r["monitor"], r["env"], r["proxy"]
+    c, m, e, p, k = r["checkpoint"], r["monitor"], r["env"], r["proxy"], r["collect"]
     meta = c["meta"]
     mb = 1e6
     restores = sorted(int(k.split("_")[4]) for k in c if k.startswith("int8_loss_delta_after_"))
@@ -679,10 +711,17 @@ def report(out: Path, label: str | None = None) -> str:
          f"{p['hidden']} ensemble)", f"**{p['proxy_env_steps_per_second']:,.0f}**", ">= 10,000"),
         ("proxy: scoring 500 candidate (state, action) pairs, one call",
          f"**{p['score_500_candidates_ms']:.1f} ms**", "<= 50 ms"),
+        (f"collection (`agents.collect`, tiny, {k['episodes']} episodes of {k['episode_steps']} steps): one process "
+         f"with {k['meta']['threads']} threads / {k['workers']} workers of {k['threads_per_worker']} thread (A B B A)",
+         f"{k['serial_seconds']:.1f} s / {k['parallel_seconds']:.1f} s = **{k['parallel_speedup']:.2f}x**", ""),
     ]
     commit = meta["commit"]
     dirty = ", uncommitted changes" if commit["dirty"] else ""
-    head = (f"From `{label or out}/*.json` (commit {commit['commit']}{dirty}; "
+    # a benchmark added later is run alone; its file says so instead of borrowing the others' commit
+    later = "".join(f"; `{name}.json` at commit {x['meta']['commit']['commit']}"
+                    f"{', uncommitted changes' if x['meta']['commit']['dirty'] else ''}"
+                    for name, x in sorted(r.items()) if x["meta"]["commit"] != commit)
+    head = (f"From `{label or out}/*.json` (commit {commit['commit']}{dirty}{later}; "
             f"{meta['machine']['cpu']}, {meta['machine']['cores']} cores, torch {meta['torch']}, "
             f"{meta['threads']} threads, {meta['device']}):\n\n")
     return head + "| benchmark | measured | target |\n| --- | --- | --- |\n" + "".join(

@@ -33,6 +33,13 @@ sets it to ``k - 1`` before each reset so logged numbers continue the log
 instead of restarting at 0, and checks afterwards that no ``(run_id,
 episode)`` pair was written twice. A log database written with another schema
 is refused before anything runs (exit code 2).
+
+Parallel: ``--workers N`` runs episodes in N processes (``stso_env.eval.engine``), each with
+``--threads`` torch threads (default: the cores shared out, at least 1). An episode depends on its
+number alone and the log is read in episode order, so the rows equal those of a serial collection
+with the same thread count (test); a different thread count changes the floating-point sums, so
+two threads in one process and one thread in each of two workers log slightly different losses.
+``make bench``'s ``collect`` benchmark measures the speed-up.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -170,59 +178,128 @@ def check_no_collisions(log_db: Path) -> None:
                         "collided, collect into a new --run-dir")
 
 
+@dataclass(frozen=True)
+class EpisodeJob:
+    """One collected episode: everything :func:`run_episode` needs, picklable for a worker process."""
+
+    k: int
+    scenario: str
+    kind: str
+    seed: int
+    run_dir: str
+    corpus: str
+    preset: str
+    episode_steps: int
+    decision_interval: int
+    builtin_chars: int | None = None
+    policy_path: str | None = None
+
+
+def _episode_env(job: EpisodeJob, cache: dict[str, Any]):
+    """The job's env, reused across jobs of one scenario in this process (they log into one run folder)."""
+    from stso_env.config import TrainConfig, apply_overrides
+    from stso_env.envs.gpt2_env import GPT2Env
+
+    if job.scenario not in cache:
+        config = TrainConfig()
+        if job.builtin_chars is not None:
+            config = apply_overrides(config, {"data.builtin_chars": job.builtin_chars})
+        cache[job.scenario] = GPT2Env(preset=job.preset, scenario=job.scenario, corpus=job.corpus,
+                                      decision_interval=job.decision_interval, episode_steps=job.episode_steps,
+                                      run_dir=job.run_dir, config=config)
+    return cache[job.scenario]
+
+
+def run_episode(job: EpisodeJob, envs: dict[str, Any] | None = None, sampler: PolicySampler | None = None,
+                on_step: Any = None) -> dict[str, int]:
+    """Run episode ``job.k`` into ``job.run_dir/log_db.parquet``; returns its env steps, divergences and
+    bounded LR changes. With ``envs`` (a dict the caller closes) the scenario's env is kept for the next
+    job; without, a fresh env runs this episode alone and is closed, its rows flushed (a worker process)."""
+    from stso_env.envs.gpt2_env import ACTION_NVEC
+
+    own = envs is None
+    cache: dict[str, Any] = {} if own else envs
+    if job.kind == "learned" and sampler is None:
+        sampler = PolicySampler(job.policy_path)
+    bounded_before = sampler.bounded if sampler is not None else 0
+    steps = divergences = 0
+    try:
+        env = _episode_env(job, cache)
+        env._episode = job.k - 1  # reset() increments it: the logged episode number is k
+        obs, _ = env.reset(seed=job.seed + job.k)
+        rng = np.random.default_rng([job.seed, job.k])
+        schedule = PerturbedSchedule(rng, ACTION_NVEC)
+        done = False
+        while not done:
+            mask = env.action_masks()
+            if job.kind == "random":
+                action = random_valid_action(rng, ACTION_NVEC, mask)
+            elif job.kind == "learned":
+                action = sampler(rng, obs, mask, env.trainer.knobs.lr_scale)
+            else:
+                action = schedule(mask)
+            obs, _, terminated, truncated, info = env.step(action)
+            steps += 1
+            divergences += int(info["diverged"])
+            if on_step is not None:
+                on_step()
+            done = terminated or truncated
+    finally:
+        if own:
+            for env in cache.values():
+                env.close()
+    return {"env_steps": steps, "divergences": divergences,
+            "bounded": (sampler.bounded - bounded_before) if sampler is not None else 0}
+
+
 def collect(*, episodes: int, run_dir: Path, scenarios: list[str], corpus: str, seed: int, episode_steps: int,
             decision_interval: int, policy: str, preset: str = "tiny", builtin_chars: int | None = None,
-            policy_path: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+            policy_path: str | Path | None = None, progress: bool = True, workers: int = 1,
+            threads: int | None = None) -> dict[str, Any]:
     """Run ``episodes`` new episodes into ``run_dir/log_db.parquet``; returns the summary. ``policy_path``:
-    the saved policy of the ``learned`` policy (required with it, refused without)."""
+    the saved policy of the ``learned`` policy (required with it, refused without).
+
+    ``workers`` > 1 runs episodes in that many processes (``stso_env.eval.engine``, ``threads`` torch
+    threads each, by default the cores shared out); each episode depends on its number alone, and the
+    log is read in episode order, so the rows equal a serial collection with the same thread count.
+    ``workers`` 1 runs here with the process's own thread setting."""
     if policy not in POLICIES:
         raise ConfigError(f"policy: {policy!r} is not one of {', '.join(POLICIES)}")
     if (policy == "learned") != (policy_path is not None):
         raise ConfigError("policy 'learned' needs --policy-path (a policy.zip of agents.train_controller), and "
                           "--policy-path needs policy 'learned'")
+    if workers < 1:
+        raise ConfigError(f"workers: must be >= 1, got {workers}")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"threads: must be >= 1, got {threads}")
     sampler = PolicySampler(policy_path) if policy_path is not None else None
-    from stso_env.config import TrainConfig, apply_overrides
-    from stso_env.envs.gpt2_env import ACTION_NVEC, GPT2Env
+    from stso_env.eval.engine import run_jobs
     from stso_env.proxy.logdb import read_log_db
 
     log_db = run_dir / "log_db.parquet"
     first, rows_before = existing_episodes(log_db)
-    config = TrainConfig()
-    if builtin_chars is not None:
-        config = apply_overrides(config, {"data.builtin_chars": builtin_chars})
+    jobs = [EpisodeJob(k=k, scenario=scenarios[k % len(scenarios)], kind=episode_policy(policy, k), seed=seed,
+                       run_dir=str(run_dir), corpus=corpus, preset=preset, episode_steps=episode_steps,
+                       decision_interval=decision_interval, builtin_chars=builtin_chars,
+                       policy_path=None if policy_path is None else str(policy_path))
+            for k in range(first, first + episodes)]
     per_episode = max(1, math.ceil((episode_steps - decision_interval) / decision_interval))
-    envs: dict[str, GPT2Env] = {}
-    steps = divergences = 0
-    bar = tqdm(total=episodes * per_episode, desc="collect", unit="step", file=sys.stderr, disable=not progress)
+    steps = divergences = bounded = 0
+    bar = tqdm(total=episodes * per_episode, desc=f"collect x{workers}" if workers > 1 else "collect",
+               unit="step", file=sys.stderr, disable=not progress)
+    envs: dict[str, Any] = {}
     try:
-        for k in range(first, first + episodes):
-            scenario = scenarios[k % len(scenarios)]
-            if scenario not in envs:
-                # one env per scenario, all logging into the same run folder
-                envs[scenario] = GPT2Env(preset=preset, scenario=scenario, corpus=corpus,
-                                         decision_interval=decision_interval, episode_steps=episode_steps,
-                                         run_dir=str(run_dir), config=config)
-            env = envs[scenario]
-            env._episode = k - 1  # reset() increments it: the logged episode number is k
-            obs, _ = env.reset(seed=seed + k)
-            rng = np.random.default_rng([seed, k])
-            kind = episode_policy(policy, k)
-            schedule = PerturbedSchedule(rng, ACTION_NVEC)
-            done = False
-            while not done:
-                mask = env.action_masks()
-                if kind == "random":
-                    action = random_valid_action(rng, ACTION_NVEC, mask)
-                elif kind == "learned":
-                    action = sampler(rng, obs, mask, env.trainer.knobs.lr_scale)
-                else:
-                    action = schedule(mask)
-                obs, _, terminated, truncated, info = env.step(action)
-                steps += 1
-                bar.update(1)
-                divergences += int(info["diverged"])
-                done = terminated or truncated
-            bar.set_postfix(episode=k, divergences=divergences)
+        if workers == 1:
+            results = ((job, run_episode(job, envs, sampler, on_step=lambda: bar.update(1))) for job in jobs)
+        else:
+            results = run_jobs(run_episode, jobs, workers=workers, threads=threads, engine="local")
+        for job, out in results:
+            steps += out["env_steps"]
+            divergences += out["divergences"]
+            bounded += out["bounded"]
+            if workers > 1:
+                bar.update(out["env_steps"])
+            bar.set_postfix(episode=job.k, divergences=divergences)
     finally:
         bar.close()
         for env in envs.values():
@@ -232,7 +309,7 @@ def collect(*, episodes: int, run_dir: Path, scenarios: list[str], corpus: str, 
     rows = read_log_db(log_db).num_rows if log_db.exists() and any(log_db.glob("part-*.parquet")) else 0
     return {"episodes": episodes, "first_episode": first, "env_steps": steps, "rows_before": rows_before,
             "rows": rows, "divergences": divergences, "log_db": str(log_db), "policy": policy,
-            "lr_changes_bounded": None if sampler is None else sampler.bounded}
+            "lr_changes_bounded": None if sampler is None else bounded, "workers": workers}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -250,6 +327,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="policy.zip that the 'learned' policy samples from (agents.train_controller's)")
     p.add_argument("--builtin-chars", type=int, default=None,
                    help="characters of the built-in corpus (smaller starts faster; default from TrainConfig)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="episodes run in parallel processes (default %(default)s: here, with this process's threads)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per worker with --workers > 1 (default: cores // workers, at least 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     try:
@@ -266,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           corpus=args.corpus, seed=args.seed, episode_steps=args.episode_steps,
                           decision_interval=args.decision_interval, policy=args.policy, preset=args.preset,
                           builtin_chars=args.builtin_chars, policy_path=args.policy_path,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, workers=args.workers, threads=args.threads)
     except STSOError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -78,6 +78,9 @@ class CollectSettings:
     policy: str = _f("mixed", "exploration policy of agents.collect", choices=("random", "perturbed", "mixed"))
     policy_episodes: int = _f(8, "real episodes of each later model-based iteration (rl.iterations > 1), acting "
                                  "with the current policy (agents.collect --policy learned)", range=(1, 100_000))
+    workers: int = _f(1, "episodes collected in parallel processes, one torch thread each by default (1: here, with "
+                         "this process's threads; the rows depend on the thread count, so a change of it changes "
+                         "the proxy and the policy)", range=(1, 256))
 
 
 @dataclass
@@ -242,7 +245,7 @@ def collect_episodes(cfg: ControllerTrainConfig, run: Path, progress: bool,
     return collect(episodes=episodes, run_dir=run, scenarios=scenarios, corpus=cfg.corpus,
                    seed=cfg.seed, episode_steps=cfg.collect.episode_steps, decision_interval=cfg.decision_interval,
                    policy=policy, policy_path=policy_path, preset=cfg.preset, builtin_chars=cfg.builtin_chars,
-                   progress=progress)
+                   progress=progress, workers=cfg.collect.workers)
 
 
 def fit_world_model(cfg: ControllerTrainConfig, run: Path, progress: bool,

@@ -71,6 +71,38 @@ def test_collect_appends_without_collisions(collected: Path):
     assert not any(t.column("action_overridden").to_pylist())
 
 
+def test_parallel_collection_equals_the_serial_one(collected: Path, tmp_path):
+    """Two worker processes of one thread each write the rows two serial one-thread calls wrote: each
+    episode depends on its number alone, whichever process runs it and whatever ran before in it."""
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "agents.collect", "--episodes", "4", "--run-dir", str(run_dir),
+                          "--workers", "2", "--threads", "1", *TINY_COLLECT],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "collected 4 episodes (numbers 0..3), 12 env steps" in out.stdout
+
+    def rows(path: Path) -> dict[str, list]:
+        t = read_log_db(path / "log_db.parquet")
+        order = np.lexsort((t.column("env_step").to_numpy(), t.column("episode").to_numpy()))
+        # the run id is the folder's name and the wall time the clock's: neither is the run's
+        return {c: [t.column(c)[int(i)].as_py() for i in order] for c in t.column_names
+                if c not in ("run_id", "wall_seconds")}
+
+    serial, parallel = rows(collected), rows(run_dir)
+    assert sorted(set(parallel["episode"])) == [0, 1, 2, 3]
+    for column, values in serial.items():
+        assert parallel[column] == values, column
+
+
+@pytest.mark.parametrize("flags, message", [(["--workers", "0"], "workers: must be >= 1, got 0"),
+                                            (["--workers", "2", "--threads", "0"], "threads: must be >= 1, got 0")])
+def test_collect_refuses_bad_parallel_settings(tmp_path, capsys, flags, message):
+    rc = collect.main(["--episodes", "1", "--run-dir", str(tmp_path / "run"), "--no-progress", *flags])
+    assert rc == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before anything ran
+
+
 def test_collect_refuses_other_schema(tmp_path, capsys):
     db = tmp_path / "run" / "log_db.parquet"
     db.mkdir(parents=True)
