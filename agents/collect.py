@@ -49,7 +49,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -211,7 +211,7 @@ def _episode_env(job: EpisodeJob, cache: dict[str, Any]):
 
 
 def run_episode(job: EpisodeJob, envs: dict[str, Any] | None = None, sampler: PolicySampler | None = None,
-                on_step: Any = None) -> dict[str, int]:
+                on_step: Callable[[], None] | None = None) -> dict[str, int]:
     """Run episode ``job.k`` into ``job.run_dir/log_db.parquet``; returns its env steps, divergences and
     bounded LR changes. With ``envs`` (a dict the caller closes) the scenario's env is kept for the next
     job; without, a fresh env runs this episode alone and is closed, its rows flushed (a worker process)."""
