@@ -272,6 +272,9 @@ def collect(*, episodes: int, run_dir: Path, scenarios: list[str], corpus: str, 
         raise ConfigError(f"workers: must be >= 1, got {workers}")
     if threads is not None and threads < 1:
         raise ConfigError(f"threads: must be >= 1, got {threads}")
+    if threads is not None and workers == 1:
+        raise ConfigError("threads: sets the torch threads of worker processes, and workers is 1 (episodes run in "
+                          "this process with its own threads); give workers > 1, or set OMP_NUM_THREADS instead")
     sampler = PolicySampler(policy_path) if policy_path is not None else None
     from stso_env.eval.engine import run_jobs
     from stso_env.proxy.logdb import read_log_db

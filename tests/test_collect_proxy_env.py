@@ -96,7 +96,8 @@ def test_parallel_collection_equals_the_serial_one(collected: Path, tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [(["--workers", "0"], "workers: must be >= 1, got 0"),
-                                            (["--workers", "2", "--threads", "0"], "threads: must be >= 1, got 0")])
+                                            (["--workers", "2", "--threads", "0"], "threads: must be >= 1, got 0"),
+                                            (["--threads", "1"], "threads: sets the torch threads of worker")])
 def test_collect_refuses_bad_parallel_settings(tmp_path, capsys, flags, message):
     rc = collect.main(["--episodes", "1", "--run-dir", str(tmp_path / "run"), "--no-progress", *flags])
     assert rc == 2 and message in capsys.readouterr().err
