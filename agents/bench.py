@@ -669,7 +669,7 @@ def report(out: Path, label: str | None = None) -> str:
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: run python -m agents.bench --out {out}")
         r[name] = json.loads(path.read_text())
-    c, m, e, p, k = r["checkpoint"], r["monitor"], r["env"], r["proxy"], r["collect"]
+    c, m, e, p, col = r["checkpoint"], r["monitor"], r["env"], r["proxy"], r["collect"]
     meta = c["meta"]
     mb = 1e6
     restores = sorted(int(k.split("_")[4]) for k in c if k.startswith("int8_loss_delta_after_"))
@@ -711,9 +711,10 @@ def report(out: Path, label: str | None = None) -> str:
          f"{p['hidden']} ensemble)", f"**{p['proxy_env_steps_per_second']:,.0f}**", ">= 10,000"),
         ("proxy: scoring 500 candidate (state, action) pairs, one call",
          f"**{p['score_500_candidates_ms']:.1f} ms**", "<= 50 ms"),
-        (f"collection (`agents.collect`, tiny, {k['episodes']} episodes of {k['episode_steps']} steps): one process "
-         f"with {k['meta']['threads']} threads / {k['workers']} workers of {k['threads_per_worker']} thread (A B B A)",
-         f"{k['serial_seconds']:.1f} s / {k['parallel_seconds']:.1f} s = **{k['parallel_speedup']:.2f}x**", ""),
+        (f"collection (`agents.collect`, tiny, {col['episodes']} episodes of {col['episode_steps']} steps): one "
+         f"process with {col['meta']['threads']} threads / {col['workers']} workers of {col['threads_per_worker']} "
+         "thread (A B B A)",
+         f"{col['serial_seconds']:.1f} s / {col['parallel_seconds']:.1f} s = **{col['parallel_speedup']:.2f}x**", ""),
     ]
     commit = meta["commit"]
     dirty = ", uncommitted changes" if commit["dirty"] else ""

@@ -210,46 +210,48 @@ def _episode_env(job: EpisodeJob, cache: dict[str, Any]):
     return cache[job.scenario]
 
 
-def run_episode(job: EpisodeJob, envs: dict[str, Any] | None = None, sampler: PolicySampler | None = None,
+def run_episode(job: EpisodeJob, envs: dict[str, Any], sampler: PolicySampler | None = None,
                 on_step: Callable[[], None] | None = None) -> dict[str, int]:
-    """Run episode ``job.k`` into ``job.run_dir/log_db.parquet``; returns its env steps, divergences and
-    bounded LR changes. With ``envs`` (a dict the caller closes) the scenario's env is kept for the next
-    job; without, a fresh env runs this episode alone and is closed, its rows flushed (a worker process)."""
+    """Run episode ``job.k`` into ``job.run_dir/log_db.parquet`` on the scenario's env in ``envs`` (created
+    there when missing; the caller closes them); returns its env steps, divergences and bounded LR changes."""
     from stso_env.envs.gpt2_env import ACTION_NVEC
 
-    own = envs is None
-    cache: dict[str, Any] = {} if own else envs
     if job.kind == "learned" and sampler is None:
         sampler = PolicySampler(job.policy_path)
     bounded_before = sampler.bounded if sampler is not None else 0
     steps = divergences = 0
-    try:
-        env = _episode_env(job, cache)
-        env._episode = job.k - 1  # reset() increments it: the logged episode number is k
-        obs, _ = env.reset(seed=job.seed + job.k)
-        rng = np.random.default_rng([job.seed, job.k])
-        schedule = PerturbedSchedule(rng, ACTION_NVEC)
-        done = False
-        while not done:
-            mask = env.action_masks()
-            if job.kind == "random":
-                action = random_valid_action(rng, ACTION_NVEC, mask)
-            elif job.kind == "learned":
-                action = sampler(rng, obs, mask, env.trainer.knobs.lr_scale)
-            else:
-                action = schedule(mask)
-            obs, _, terminated, truncated, info = env.step(action)
-            steps += 1
-            divergences += int(info["diverged"])
-            if on_step is not None:
-                on_step()
-            done = terminated or truncated
-    finally:
-        if own:
-            for env in cache.values():
-                env.close()
+    env = _episode_env(job, envs)
+    env._episode = job.k - 1  # reset() increments it: the logged episode number is k
+    obs, _ = env.reset(seed=job.seed + job.k)
+    rng = np.random.default_rng([job.seed, job.k])
+    schedule = PerturbedSchedule(rng, ACTION_NVEC)
+    done = False
+    while not done:
+        mask = env.action_masks()
+        if job.kind == "random":
+            action = random_valid_action(rng, ACTION_NVEC, mask)
+        elif job.kind == "learned":
+            action = sampler(rng, obs, mask, env.trainer.knobs.lr_scale)
+        else:
+            action = schedule(mask)
+        obs, _, terminated, truncated, info = env.step(action)
+        steps += 1
+        divergences += int(info["diverged"])
+        if on_step is not None:
+            on_step()
+        done = terminated or truncated
     return {"env_steps": steps, "divergences": divergences,
             "bounded": (sampler.bounded - bounded_before) if sampler is not None else 0}
+
+
+def _episode_in_worker(job: EpisodeJob) -> dict[str, int]:
+    """A worker process's job: the episode on an env of its own, closed (its rows flushed) before returning."""
+    envs: dict[str, Any] = {}
+    try:
+        return run_episode(job, envs)
+    finally:
+        for env in envs.values():
+            env.close()
 
 
 def collect(*, episodes: int, run_dir: Path, scenarios: list[str], corpus: str, seed: int, episode_steps: int,
@@ -295,7 +297,7 @@ def collect(*, episodes: int, run_dir: Path, scenarios: list[str], corpus: str, 
         if workers == 1:
             results = ((job, run_episode(job, envs, sampler, on_step=lambda: bar.update(1))) for job in jobs)
         else:
-            results = run_jobs(run_episode, jobs, workers=workers, threads=threads, engine="local")
+            results = run_jobs(_episode_in_worker, jobs, workers=workers, threads=threads, engine="local")
         for job, out in results:
             steps += out["env_steps"]
             divergences += out["divergences"]
