@@ -16,6 +16,15 @@ split into training, validation and calibration runs exactly as ``agents.train_p
 (:func:`agents.proxy_baselines.score_models`). Besides the figures on whole runs, the report gives them from
 :data:`agents.train_proxy.LATE_PROGRESS` of each run on, where a controller acts: the early drop of
 the loss, which any model forecasts from the progress alone, makes up most of the change's variance.
+Where the collection holds divergences, the report adds the AUROC of "the run diverges within the horizon"
+for the proxy's divergence head and the classifiers of ``agents.proxy_baselines``, against the aim 0.9:
+
+    python -m agents.collect --episodes 48 --scenario unstable --episode-steps 600 --seed 650100 \\
+        --run-dir RUN --workers 2 --threads 1       # seeds 650100-650147
+    python -m agents.collect ... --seed 650148      # the same again: episodes 48-95, seeds 650196-650243
+    python -m agents.proxy_data_curve --log-db RUN/log_db.parquet \\
+        --test-seeds $(seq 650100 650147) $(seq 650196 650243) --folds 4 --sizes 8 16 36 72 \\
+        --loss-model trees --out assets/results/proxy_data_curve_unstable
 
 Writes ``OUT/curve.json``, ``OUT/report.md`` and ``OUT/curve.png`` (default ``runs/proxy_data_curve``).
 """
@@ -35,6 +44,8 @@ from stso_env.errors import ConfigError, DataError, STSOError
 
 #: The aim of the proxy's loss@N R² on held-out runs.
 R2_AIM = 0.9
+#: The aim of the divergence AUROC on held-out runs where divergences exist.
+AUROC_AIM = 0.9
 #: Skill figures kept per model, size and fold, in the report's order, with their titles.
 KEYS = {"loss_r2": "Loss@N R² on the test runs",
         "loss_change_r2": "R² of the change of the probe loss over the horizon on the test runs",
@@ -99,7 +110,7 @@ def curve(log_db: Path, test_seeds: Sequence[int], sizes: Sequence[int], config:
         out["sizes"].setdefault(str(n), []).append({
             "runs": n, "fold": f, "test_seeds": groups[f], "fit_rows": scored["n_fit_rows"],
             "test_rows": scored["n_test_rows"], "calib_seeds": scored["calib_seeds"],
-            "proxy_coverage": dict(cover["coverage"]),
+            "proxy_coverage": dict(cover["coverage"]), "divergence": scored["divergence"],
             "models": {name: {k: r.get(k) for k in KEYS} for name, r in scored["models"].items()}})
     return out
 
@@ -117,28 +128,57 @@ def summary(result: dict[str, Any], key: str) -> dict[int, dict[str, tuple[float
     return out
 
 
+def divergence_summary(result: dict[str, Any]) -> dict[int, dict[str, tuple[float, float, float, int]]]:
+    """Per size and model: the mean, smallest and largest divergence AUROC over the folds whose fitting and
+    test runs hold both outcomes, and how many folds that is (sizes with no such fold are left out)."""
+    out: dict[int, dict[str, tuple[float, float, float, int]]] = {}
+    for fits in result["sizes"].values():
+        vals: dict[str, list[float]] = {}
+        for fit in fits:
+            for name, r in (fit.get("divergence") or {}).get("models", {}).items():
+                vals.setdefault(name, []).append(r["auroc"])
+        if vals:
+            out[fits[0]["runs"]] = {n: (float(np.mean(v)), float(np.min(v)), float(np.max(v)), len(v))
+                                    for n, v in vals.items()}
+    return out
+
+
 def curve_figure(result: dict[str, Any], path: Path) -> Path:
     """Test-run loss@N R² (whole runs, and from the late share of the run on) against collected runs, one line
-    per model (mean over folds, with the range), with the aim."""
+    per model (mean over folds, with the range), with the aim; a third panel with the divergence AUROC where
+    the runs diverge."""
     from matplotlib.figure import Figure
 
     from stso_env.eval.figures import save_figure
 
-    fig = Figure(figsize=(11, 4))
-    for ax, key in zip(fig.subplots(1, 2, sharey=True), ("loss_r2", "loss_r2_late")):
-        table = summary(result, key)
+    div = divergence_summary(result)
+    fig = Figure(figsize=(16 if div else 11, 4))
+    axes = fig.subplots(1, 3 if div else 2)
+    axes[1].sharey(axes[0])
+    panels: list[tuple[Any, dict[int, dict[str, tuple]], float, str, str]] = [
+        (axes[0], summary(result, "loss_r2"), R2_AIM, "whole runs", "loss@N R² on the test runs (mean over folds)"),
+        (axes[1], summary(result, "loss_r2_late"), R2_AIM, f"from {result['late_progress']:.0%} of the run on", "")]
+    if div:
+        panels.append((axes[2], div, AUROC_AIM, f"diverges within {result['horizon']} windows",
+                       "divergence AUROC on the test runs"))
+    names = list(dict.fromkeys(name for _, table, *_ in panels for name in table[min(table)]))
+    color = {name: f"C{i % 10}" for i, name in enumerate(names)}  # one colour per model in every panel
+    for ax, table, aim, title, ylabel in panels:
         sizes = sorted(table)
         for name in table[sizes[0]]:
             m, lo, hi = (np.asarray([table[n][name][i] for n in sizes]) for i in range(3))
-            line, = ax.plot(sizes, m, marker="o", label=name)
-            ax.fill_between(sizes, lo, hi, color=line.get_color(), alpha=0.12)
-        ax.axhline(R2_AIM, color="black", ls="--", lw=0.8, label=f"aim {R2_AIM}")
+            ax.plot(sizes, m, marker="o", label=name, color=color[name])
+            ax.fill_between(sizes, lo, hi, color=color[name], alpha=0.12)
+        ax.axhline(aim, color="black", ls="--", lw=0.8, label=f"aim {aim}")
         ax.set_xlabel("collected runs the models may use")
-        ax.set_title("whole runs" if key == "loss_r2" else f"from {result['late_progress']:.0%} of the run on")
-        ax.set_ylim(-0.5, 1.0)
+        ax.set_title(title)
+        ax.set_ylim(0.3 if table is div else -0.5, 1.0)
         ax.grid(alpha=0.3)
-    fig.axes[0].set_ylabel("loss@N R² on the test runs (mean over folds)")
-    fig.axes[1].legend(fontsize=7)
+        if ylabel:
+            ax.set_ylabel(ylabel)
+    axes[1].legend(fontsize=7)
+    if div:
+        axes[2].legend(fontsize=7)
     fig.suptitle("Proxy accuracy against the size of the collection")
     fig.tight_layout()
     return save_figure(fig, path)
@@ -188,6 +228,24 @@ def write_report(result: dict[str, Any], out: Path, meta: dict[str, Any]) -> Pat
         lines.append(f"Aim R² >= {R2_AIM} ({'whole runs' if key == 'loss_r2' else 'from ' + late + ' on'}), "
                      "mean over folds: " + "; ".join(f"`{m}` " + (f"from {min(r)} runs" if r else "at no size")
                                                      for m, r in reached.items()) + ".")
+    div = divergence_summary(result)
+    if div:
+        names_div = list(div[min(div)])
+        counts = {n: [((f.get("divergence") or {}).get("test_diverged", 0), (f.get("divergence") or {})
+                       .get("test_rows", 0)) for f in result["sizes"][str(n)]] for n in sizes}
+        lines += ["", f"\"The run diverges within {result['horizon']} windows\": AUROC on the test runs (the "
+                  "proxy's divergence head against the training rate, a logistic regression and extra trees fitted "
+                  "on the same runs, `agents.proxy_baselines`); mean over the folds whose fitting and test runs "
+                  "hold both outcomes" + (" (smallest to largest; folds counted)" if len(folds) > 1 else "")
+                  + ". Diverging test rows per fold: "
+                  + "; ".join(f"{d} of {r}" for d, r in counts[sizes[0]]) + ".", "",
+                  *_table(["runs", *(f"`{m}`" for m in names_div)],
+                          [[str(n), *((fmt(div[n][m][0], 3) + (f" ({fmt(div[n][m][1], 3)} to "
+                                       f"{fmt(div[n][m][2], 3)}; {div[n][m][3]})" if len(folds) > 1 else ""))
+                                      for m in names_div)] for n in sorted(div)]), ""]
+        reached = {m: [n for n in div if div[n][m][0] >= AUROC_AIM] for m in names_div}
+        lines.append(f"Aim AUROC >= {AUROC_AIM}, mean over folds: " + "; ".join(
+            f"`{m}` " + (f"from {min(r)} runs" if r else "at no size") for m, r in reached.items()) + ".")
     curve_figure(result, out / "curve.png")
     lines += ["", "![R² against collected runs](curve.png)"]
     path = out / "report.md"

@@ -454,7 +454,7 @@ def test_proxy_data_curve_fixed_test_runs_and_the_proxy_of_each_pool(tmp_path):
     """agents.proxy_data_curve scores every size on the same test runs; each size's pool is the smallest seeds
     outside the fold, and its proxy figures equal those of agents.train_proxy on a log of that pool and the
     fold's test runs."""
-    from agents.proxy_data_curve import curve, folds_of, main, pools, summary
+    from agents.proxy_data_curve import curve, divergence_summary, folds_of, main, pools, summary
     from agents.train_proxy import fit_proxy
 
     assert pools(range(10), [8, 9], [3, 5]) == {3: [0, 1, 2], 5: [0, 1, 2, 3, 4]}
@@ -489,11 +489,17 @@ def test_proxy_data_curve_fixed_test_runs_and_the_proxy_of_each_pool(tmp_path):
     assert large[1]["proxy_coverage"] == pytest.approx(report["coverage"], abs=1e-6)
     mean, lo, hi = summary(out, "loss_r2")[16]["proxy"]
     assert lo <= mean <= hi and mean == pytest.approx(np.mean([f["models"]["proxy"]["loss_r2"] for f in large]))
+    # divergence skill per fold is the proxy report's; the summary averages the folds that hold both outcomes
+    assert large[1]["divergence"]["models"]["proxy"]["auroc"] == pytest.approx(report["divergence_auroc"], abs=1e-6)
+    scored = [f["divergence"]["models"]["extra trees"]["auroc"] for f in large if "models" in f["divergence"]]
+    assert divergence_summary(out)[16]["extra trees"] == pytest.approx(
+        (np.mean(scored), min(scored), max(scored), len(scored)))
     # the command writes its report and figure; a size beyond the log is a clear error
     assert main(["--log-db", str(tmp_path / "all.parquet"), "--test-seeds", *map(str, range(24, 30)),
                  "--sizes", "8", "--out", str(tmp_path / "curve"), "--no-progress"]) == 0
     assert (tmp_path / "curve" / "curve.png").stat().st_size > 0
-    assert "| 8 |" in (tmp_path / "curve" / "report.md").read_text(encoding="utf-8")
+    text = (tmp_path / "curve" / "report.md").read_text(encoding="utf-8")
+    assert "| 8 |" in text and '"The run diverges within 5 windows": AUROC' in text and "Aim AUROC >= 0.9" in text
     assert main(["--log-db", str(tmp_path / "all.parquet"), "--test-seeds", "29", "--sizes", "40",
                  "--out", str(tmp_path / "bad")]) == 2
 
