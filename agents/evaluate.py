@@ -80,7 +80,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -292,6 +292,26 @@ def provenance(program: str, argv: Sequence[str] | None) -> dict[str, Any]:
     name, with ``argv`` or the process's own arguments), the commit, versions and machine."""
     return {"command": f"python -m {program} " + " ".join(sys.argv[1:] if argv is None else list(argv)),
             **git_commit(), "versions": versions(), "machine": machine()}
+
+
+def publish(program: str, argv: Sequence[str] | None, compute: Callable[[], tuple[dict[str, Any], dict[str, Any]]],
+            out: Path, name: str, write_report: Callable[[Any, Path, Any], Path]) -> int:
+    """The body of a report command's ``main``: ``compute()`` returns ``(meta, result)``; the result is saved
+    as ``out/name`` with ``meta``, the run's seconds and its :func:`provenance`, the report written and printed.
+    Returns the exit status: 0, or 2 with the error on stderr for a project error (bad input, missing data)."""
+    from stso_env.errors import STSOError
+    from stso_env.eval.report import save_result
+
+    try:
+        t0 = time.perf_counter()
+        meta, result = compute()
+        meta = {**meta, "seconds": time.perf_counter() - t0, **provenance(program, argv)}
+        report = save_result(out, name, meta, result, write_report)
+    except STSOError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(report.read_text(encoding="utf-8"))
+    return 0
 
 
 def git_commit() -> dict[str, Any]:

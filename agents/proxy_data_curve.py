@@ -33,14 +33,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
-from stso_env.errors import ConfigError, DataError, STSOError
+from stso_env.errors import ConfigError, DataError
 
 #: The aim of the proxy's loss@N R² on held-out runs.
 R2_AIM = 0.9
@@ -274,26 +273,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from agents.evaluate import publish
+
     args = parse_args(argv)
-    try:
-        t0 = time.perf_counter()
+
+    def compute() -> tuple[dict[str, Any], dict[str, Any]]:
         from stso_env.proxy.model import ProxyConfig
 
-        result = curve(Path(args.log_db), args.test_seeds, sorted(set(args.sizes)),
-                       ProxyConfig(seed=args.seed, action_encoding=args.action_encoding,
-                                   loss_model=args.loss_model), folds=args.folds,
-                       progress=not args.no_progress)
-        from agents.evaluate import provenance
-        from stso_env.eval.report import save_result
+        cfg = ProxyConfig(seed=args.seed, action_encoding=args.action_encoding, loss_model=args.loss_model)
+        return {"log_db": args.log_db}, curve(Path(args.log_db), args.test_seeds, sorted(set(args.sizes)), cfg,
+                                              folds=args.folds, progress=not args.no_progress)
 
-        meta = {"log_db": args.log_db, "seconds": time.perf_counter() - t0,
-                **provenance("agents.proxy_data_curve", argv)}
-        report = save_result(Path(args.out), "curve.json", meta, result, write_report)
-    except STSOError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(report.read_text(encoding="utf-8"))
-    return 0
+    return publish("agents.proxy_data_curve", argv, compute, Path(args.out), "curve.json", write_report)
 
 
 if __name__ == "__main__":

@@ -653,3 +653,65 @@ def test_a_proxy_saved_before_the_tree_head_loads_with_the_mlp_head(tmp_path):
     assert old.config.loss_model == "mlp" and old.loss_trees is None and ProxyConfig().loss_model == "trees"
     np.testing.assert_array_equal(old.predict(ds.state, ds.action)["loss_at_n"],
                                   model.predict(ds.state, ds.action)["loss_at_n"])
+
+
+def test_event_window_is_the_first_window_of_the_horizon_with_a_scenario_event():
+    """build_targets records, per example, the first window of its horizon in which the log's ``noise``
+    column names an active scenario event (0 = its own window), -1 for none."""
+    rows = synth_rows(next(s for s in range(200) if not synth_rows(s, steps=10)[-1]["diverged"]), steps=10)
+    rows[6]["noise"] = "lr_shock"
+    schema, _ = load_log_schema()
+    ds = build_targets(pa.Table.from_pylist(rows, schema=schema), HORIZON)
+    assert ds.event_window.tolist() == [-1, -1, 4, 3, 2, 1]  # rows 0-5 have a full horizon; row 6 is the event
+    assert ds.subset(np.array([2, 5])).event_window.tolist() == [4, 1]
+
+
+def test_divergence_ceiling_separates_what_the_state_foresees(tmp_path):
+    """Runs whose divergence is set off by random shocks: a run diverges in the second window of a shock iff
+    its fragility (a state feature) exceeds 0.5. The state foresees which runs are fragile, not when a
+    shock comes; a model told the horizon's events knows both and ranks almost perfectly."""
+    from agents.divergence_ceiling import MODELS, ceiling, main
+
+    rows = []
+    for seed in range(60):
+        rng = np.random.default_rng(seed)
+        fragile = rng.uniform()
+        shock_left = 0
+        for t in range(30):
+            if shock_left == 0 and rng.uniform() < 0.1:
+                shock_left = 2
+            state = np.zeros(len(OBSERVATION_NAMES), np.float32)
+            state[:3] = (3.0 - 0.02 * t, fragile, t / 30)
+            diverged = shock_left == 1 and fragile > 0.5
+            noise = "lr_shock" if shock_left else ""
+            shock_left = max(shock_left - 1, 0)
+            rows.append(dict(
+                run_id=f"run{seed}", episode=0, env_step=t, global_step=(t + 1) * 10, seed=seed,
+                scenario="synthetic", state=state.tolist(), action=[0, 1, 0, 0, 0, 0], action_overridden=False,
+                reward=0.0, next_state=state.tolist(), terminated=diverged, truncated=(not diverged) and t == 29,
+                train_loss=3.0, probe_loss=float("nan") if diverged else 3.0, probe_loss_before=3.0, grad_norm=1.0,
+                lr=1e-3, uncertainty_index=0.0, trigger=False, instability_events=0, diverged=diverged, flops=1.0,
+                wasted_flops=0.0, noise=noise, wall_seconds=0.01))
+            if diverged:
+                break
+    def log(path, rows):
+        db = LogDB(path, observation_names=OBSERVATION_NAMES, flush_rows=500)
+        for row in rows:
+            db.append(row)
+        db.close()
+
+    log(tmp_path / "log_db.parquet", rows)
+    out = ceiling(tmp_path / "log_db.parquet", horizon=3, folds=3)
+    assert out["diverging"] == out["diverging_event_now"] + out["diverging_event_later"] > 0
+    assert out["diverging_no_event"] == 0
+    state, events, told = (float(np.mean(out["auroc"][m])) for m in MODELS)
+    assert told > 0.97 and state < told - 0.05 and events < told - 0.05
+    assert main(["--log-db", str(tmp_path / "log_db.parquet"), "--horizon", "3", "--folds", "3",
+                 "--out", str(tmp_path / "o")]) == 0
+    assert "Aim AUROC >= 0.9" in (tmp_path / "o" / "report.md").read_text(encoding="utf-8")
+    assert (tmp_path / "o" / "ceiling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a log without divergences cannot be scored: a clear error, exit 2
+    log(tmp_path / "calm", [dict(r, diverged=False, terminated=False, probe_loss=3.0) for r in rows])
+    with pytest.raises(DataError, match="the AUROC needs both outcomes"):
+        ceiling(tmp_path / "calm", horizon=3, folds=3)
+    assert main(["--log-db", str(tmp_path / "calm"), "--out", str(tmp_path / "o2")]) == 2

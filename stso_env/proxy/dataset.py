@@ -200,6 +200,10 @@ class ProxyDataset:
     target_names: tuple[str, ...] = SCALAR_TARGETS + ("next_state",)
     #: (n,) float32 probe loss at the state (``probe_loss_before``, nats); None for hand-made sets
     loss_before: np.ndarray | None = None
+    #: (n,) int64 the first window of the horizon (0 = the example's own) in which a scenario event (the log's
+    #: ``noise`` column: an LR shock, a data event) was active, -1 for none; None for logs without the column.
+    #: No model input: it measures how much of a target the state could foresee (``agents.divergence_ceiling``)
+    event_window: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.state.shape[0])
@@ -228,7 +232,8 @@ class ProxyDataset:
                                                    "run_id", "episode", "seed")}
         return ProxyDataset(**take, horizon=self.horizon, state_names=list(self.state_names),
                             action_nvec=self.action_nvec, target_names=self.target_names,
-                            loss_before=None if self.loss_before is None else self.loss_before[idx])
+                            loss_before=None if self.loss_before is None else self.loss_before[idx],
+                            event_window=None if self.event_window is None else self.event_window[idx])
 
     def scalar_targets(self) -> np.ndarray:
         """``(n, 4)`` float32 in the order of :data:`SCALAR_TARGETS`."""
@@ -287,8 +292,11 @@ def build_targets(table: pa.Table, horizon: int, *, state_names: list[str] | Non
     events = t.column("instability_events").to_numpy().astype(np.float64)
     div = (t.column("diverged").to_numpy(zero_copy_only=False).astype(bool)
            | t.column("terminated").to_numpy(zero_copy_only=False).astype(bool))
+    noisy = (np.asarray([bool(v) for v in t.column("noise").to_pylist()]) if "noise" in t.column_names
+             else None)
 
     keep: list[int] = []
+    first_event: list[int] = []
     conts: list[np.ndarray] = []
     targets: list[tuple[float, float, float, float]] = []
     # trajectory boundaries: a new (run_id, episode) pair starts a new trajectory
@@ -320,6 +328,9 @@ def build_targets(table: pa.Table, horizon: int, *, state_names: list[str] | Non
                 if ok.size:
                     rec = float(ok[0])
             keep.append(i)
+            if noisy is not None:
+                active = np.flatnonzero(noisy[i:last + 1])
+                first_event.append(int(active[0]) if active.size else -1)
             if plans:
                 later = action[i + 1:last + 1]
                 conts.append(_mode_rows(later) if len(later) else hold_continuation(action[i])[0])
@@ -340,4 +351,5 @@ def build_targets(table: pa.Table, horizon: int, *, state_names: list[str] | Non
                         instability_risk=tg[:, 2], recovery_time=tg[:, 3], next_state=next_state[k],
                         run_id=run[k].astype(str), episode=ep[k], seed=seed[k], horizon=horizon,
                         state_names=list(state_names), action_nvec=nvec,
-                        loss_before=before[k].astype(np.float32))
+                        loss_before=before[k].astype(np.float32),
+                        event_window=None if noisy is None else np.asarray(first_event, dtype=np.int64))
