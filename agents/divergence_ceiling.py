@@ -103,7 +103,7 @@ def ceiling_figure(result: dict[str, Any], path: Path) -> Path:
 
     from stso_env.eval.figures import save_figure
 
-    fig = Figure(figsize=(7, 3.6))
+    fig = Figure(figsize=(8, 3.6))
     ax = fig.subplots()
     for i, name in enumerate(MODELS):
         vals = result["auroc"][name]
@@ -113,7 +113,7 @@ def ceiling_figure(result: dict[str, Any], path: Path) -> Path:
     ax.set_yticks(range(len(MODELS)), MODELS)
     ax.set_xlim(0.5, 1.0)
     ax.set_xlabel(f"AUROC of 'diverges within {result['horizon']} windows' on the test runs")
-    ax.set_title("What the state can foresee of a divergence (bars: mean; dots: folds)")
+    ax.set_title("Divergence AUROC by inputs (bars: mean over folds; dots: folds)")
     ax.legend(loc="lower right", fontsize=7)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
