@@ -98,7 +98,8 @@ def curve(log_db: Path, test_seeds: Sequence[int], sizes: Sequence[int], config:
     plan = [(f, n, pool) for f, test in enumerate(groups)
             for n, pool in pools(np.unique(ds.seed).tolist(), test, sorted(set(sizes))).items()]
     out: dict[str, Any] = {"folds": groups, "horizon": cfg.horizon, "action_encoding": cfg.action_encoding,
-                           "loss_model": cfg.loss_model, "late_progress": LATE_PROGRESS, "sizes": {}}
+                           "loss_model": cfg.loss_model, "divergence_model": cfg.divergence_model,
+                           "late_progress": LATE_PROGRESS, "sizes": {}}
     for f, n, pool in tqdm(plan, desc="fits", unit="fit", file=sys.stderr, disable=not progress):
         sub = ds.subset(np.isin(ds.seed, np.asarray(pool + groups[f])))
         parts = split_runs(sub, groups[f], calib_frac=0.25, valid_frac=0.15, seed=cfg.seed)
@@ -195,7 +196,8 @@ def write_report(result: dict[str, Any], out: Path, meta: dict[str, Any]) -> Pat
     lines = ["# Proxy accuracy against the size of the collection", "",
              *provenance_lines(meta)[:-1], f"{provenance_lines(meta)[-1]}; {meta['seconds']:.0f} s", "",
              f"Log `{meta['log_db']}`; horizon {result['horizon']} windows; proxy action encoding "
-             f"`{result['action_encoding']}`, loss head `{result.get('loss_model', 'mlp')}`. "
+             f"`{result['action_encoding']}`, loss head `{result.get('loss_model', 'mlp')}`, divergence head "
+             f"`{result.get('divergence_model', 'mlp')}`. "
              f"{len(folds)} fold(s) of test runs (seeds "
              + "; ".join(", ".join(map(str, g)) for g in folds) + f"; {first[0]['test_rows']} rows in the first); "
              "at each size and fold the models may use that many other runs (the smallest seeds), split into "
@@ -253,7 +255,7 @@ def write_report(result: dict[str, Any], out: Path, meta: dict[str, Any]) -> Pat
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    from stso_env.proxy.dataset import ACTION_ENCODINGS, LOSS_MODELS
+    from stso_env.proxy.dataset import ACTION_ENCODINGS, DIVERGENCE_MODELS, LOSS_MODELS
 
     p = argparse.ArgumentParser(prog="python -m agents.proxy_data_curve", description=__doc__.split("\n\n")[0])
     p.add_argument("--log-db", required=True, help="a log database with more runs than the largest size")
@@ -264,6 +266,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="the proxy's action encoding (default one_hot, as make train's)")
     p.add_argument("--loss-model", default="mlp", choices=LOSS_MODELS,
                    help="the proxy's loss@N head (default mlp, the MLP ensemble's; trees as make train's)")
+    p.add_argument("--divergence-model", default="mlp", choices=DIVERGENCE_MODELS,
+                   help="the proxy's divergence head (default mlp, the MLP ensemble's logit, as make train's)")
     p.add_argument("--folds", type=int, default=1,
                    help="cut --test-seeds into this many contiguous groups, each a test set once (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the splits, the proxy and the trees")
@@ -280,7 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def compute() -> tuple[dict[str, Any], dict[str, Any]]:
         from stso_env.proxy.model import ProxyConfig
 
-        cfg = ProxyConfig(seed=args.seed, action_encoding=args.action_encoding, loss_model=args.loss_model)
+        cfg = ProxyConfig(seed=args.seed, action_encoding=args.action_encoding, loss_model=args.loss_model,
+                          divergence_model=args.divergence_model)
         return {"log_db": args.log_db}, curve(Path(args.log_db), args.test_seeds, sorted(set(args.sizes)), cfg,
                                               folds=args.folds, progress=not args.no_progress)
 

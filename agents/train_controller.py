@@ -56,7 +56,7 @@ import yaml
 
 from stso_env.config import _f, describe, from_dict, load_yaml, to_dict
 from stso_env.errors import ConfigError, DataError, STSOError
-from stso_env.proxy.dataset import ACTION_ENCODINGS, LOSS_MODELS
+from stso_env.proxy.dataset import ACTION_ENCODINGS, DIVERGENCE_MODELS, LOSS_MODELS
 from stso_env.train.corpus import check_spec
 
 ALGOS = ("model_based", "maskable_ppo", "ppo")
@@ -96,6 +96,8 @@ class ProxySettings:
                               "(one number per ordered dimension, the log of its factor)", choices=ACTION_ENCODINGS)
     loss_model: str = _f("trees", "the loss@N head: trees on the state plus a linear plan term (trees) or the "
                          "MLP ensemble's (mlp); the other heads are the MLP's either way", choices=LOSS_MODELS)
+    divergence_model: str = _f("mlp", "the divergence head: the MLP ensemble's logit (mlp) or trees on the state "
+                               "and plan (trees)", choices=DIVERGENCE_MODELS)
 
 
 @dataclass
@@ -256,7 +258,7 @@ def fit_world_model(cfg: ControllerTrainConfig, run: Path, progress: bool,
 
     pcfg = ProxyConfig(horizon=cfg.proxy.horizon, ensemble=cfg.proxy.ensemble, hidden=cfg.proxy.hidden,
                        epochs=cfg.proxy.epochs, seed=cfg.seed, action_encoding=cfg.proxy.action_encoding,
-                       loss_model=cfg.proxy.loss_model)
+                       loss_model=cfg.proxy.loss_model, divergence_model=cfg.proxy.divergence_model)
     return fit_proxy(run / "log_db.parquet", run / "proxy", pcfg, test_seeds=test_seeds, progress=progress,
                      plans=cfg.proxy.plans)
 

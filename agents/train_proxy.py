@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from stso_env.errors import ConfigError, DataError, STSOError
 from stso_env.proxy.calibration import conformal_bounds, evaluate
-from stso_env.proxy.dataset import ACTION_ENCODINGS, LOSS_MODELS, ProxyDataset, build_targets
+from stso_env.proxy.dataset import ACTION_ENCODINGS, DIVERGENCE_MODELS, LOSS_MODELS, ProxyDataset, build_targets
 from stso_env.proxy.effects import action_effects
 from stso_env.proxy.logdb import read_log_db
 from stso_env.proxy.model import ProxyConfig, ProxyEnsemble
@@ -118,6 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--loss-model", default=ProxyConfig.loss_model, choices=LOSS_MODELS,
                    help="the loss@N head: extremely randomised trees on the state plus a linear term in the plan "
                         "(trees, default) or the MLP ensemble's (mlp)")
+    p.add_argument("--divergence-model", default=ProxyConfig.divergence_model, choices=DIVERGENCE_MODELS,
+                   help="the divergence head: the MLP ensemble's logit (mlp, default) or extremely randomised "
+                        "trees on the state and plan (trees)")
     args = p.parse_args(argv)
     try:
         for name in ("calib_frac", "valid_frac"):
@@ -126,7 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError(f"--{name.replace('_', '-')}: must lie in [0, 1), got {v}")
         cfg = ProxyConfig(horizon=args.horizon, hidden=args.hidden, layers=args.layers, ensemble=args.ensemble,
                           lr=args.lr, epochs=args.epochs, patience=args.patience, seed=args.seed,
-                          action_encoding=args.action_encoding, loss_model=args.loss_model)
+                          action_encoding=args.action_encoding, loss_model=args.loss_model,
+                          divergence_model=args.divergence_model)
         report = fit_proxy(Path(args.log_db), Path(args.out), cfg, test_seeds=args.test_seeds,
                            calib_frac=args.calib_frac, valid_frac=args.valid_frac, plans=args.plans)
     except STSOError as err:

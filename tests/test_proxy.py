@@ -639,6 +639,47 @@ def test_proxy_with_tree_loss_head_trains_saves_loads_and_drives_the_proxy_env(t
         ProxyConfig(loss_model="forest")
 
 
+def test_tree_divergence_head_ranks_divergence_saves_loads_and_drives_the_proxy_env(tmp_path):
+    """divergence_model 'trees': the divergence probability comes from trees on the state and plan, ranks the
+    synthetic runs' divergence (set off by a visible LR scale), leaves the loss head as it is, survives a save
+    and load without pickle, and is what the proxy env charges; a store without its arrays is a clear error."""
+    from sklearn.metrics import roc_auc_score
+
+    from stso_env.envs.proxy_env import ProxyVecModel
+    from stso_env.proxy.dataset import ACTION_NVEC, as_plan
+    from stso_env.proxy.trees import TreeDivergenceHead
+
+    ds = build_targets(synth_table(range(40)), horizon=HORIZON, plans=True)
+    tr, va = ds.subset(ds.seed < 32), ds.subset(ds.seed >= 32)
+    cfg = dict(horizon=HORIZON, hidden=16, ensemble=2, epochs=5, lr=3e-3)
+    model = ProxyEnsemble(ProxyConfig(**cfg, divergence_model="trees"), nvec=tr.action_nvec)
+    model.fit(tr, va)
+    plain = ProxyEnsemble(ProxyConfig(**cfg), nvec=tr.action_nvec)
+    plain.fit(tr, va)
+    p = model.predict(va.state, va.action)
+    prob, spread = model.tree_divergence(va.state, va.action)
+    np.testing.assert_array_equal(p["diverged_prob"], prob)
+    np.testing.assert_array_equal(p["diverged_prob_std"], spread)
+    assert 0 <= prob.min() and prob.max() <= 1 and spread.max() > 0
+    np.testing.assert_array_equal(p["loss_at_n"], plain.predict(va.state, va.action)["loss_at_n"])
+    assert 0 < va.diverged_at_n.mean() < 1 and roc_auc_score(va.diverged_at_n, prob) > 0.9
+    model.save(tmp_path)
+    again = ProxyEnsemble.load(tmp_path)
+    assert again.config.divergence_model == "trees" and plain.divergence_trees is None
+    np.testing.assert_array_equal(again.predict(va.state, va.action)["diverged_prob"], prob)
+    dyn = ProxyVecModel(again)
+    heads = dyn.heads(va.state[:8], va.action[:8, :len(ACTION_NVEC)])
+    ran = heads["action"]
+    np.testing.assert_array_equal(heads["diverged_prob"], again.tree_divergence(va.state[:8], as_plan(ran))[0])
+    from safetensors.torch import load_file
+    tensors = {k: v for k, v in load_file(str(tmp_path / "proxy.safetensors")).items()
+               if not k.startswith("divergence_trees.value")}
+    with pytest.raises(DataError, match="divergence_model 'trees'.*divergence_trees.value"):
+        TreeDivergenceHead.from_tensors(tensors, "mem")
+    with pytest.raises(ConfigError, match="divergence_model: 'forest' is not one of"):
+        ProxyConfig(divergence_model="forest")
+
+
 def test_a_proxy_saved_before_the_tree_head_loads_with_the_mlp_head(tmp_path):
     """A proxy.json without loss_model (written before the tree head existed) loads with the MLP's loss head and
     predicts exactly what it did; the default config is the tree head."""

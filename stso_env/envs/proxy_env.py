@@ -114,6 +114,9 @@ class ProxyVecModel:
         # a tree loss head has no members: every member reads its mean
         trees = m.tree_loss(s, as_plan(a) if self.plans else a)
         loss = sel[:, 0].numpy() + m.loss_baseline(s) if trees is None else trees[0]
+        div = m.tree_divergence(s, as_plan(a) if self.plans else a)  # likewise for a tree divergence head
+        if div is not None:
+            prob = torch.from_numpy(div[0])
         return {"next_state": (sel[:, _N_SCALAR:] + xt[:, : m.state_dim]).numpy(),
                 "progress_spread": spread.numpy(),
                 "loss_at_n": loss, "diverged_prob": prob.numpy(),

@@ -71,6 +71,9 @@ ACTION_ENCODINGS: tuple[str, ...] = ("one_hot", "ordered")
 #: The proxy's loss@N heads (``ProxyConfig.loss_model``): the MLP ensemble's, or trees on the state plus a
 #: linear plan term (:class:`stso_env.proxy.trees.TreeLossHead`).
 LOSS_MODELS: tuple[str, ...] = ("mlp", "trees")
+#: The proxy's divergence heads (``ProxyConfig.divergence_model``): the MLP ensemble's logit, or trees on the
+#: state and plan (:class:`stso_env.proxy.trees.TreeDivergenceHead`).
+DIVERGENCE_MODELS: tuple[str, ...] = ("mlp", "trees")
 #: Action dimensions with no order among their choices (the clip policy), one-hot under ``ordered``.
 _CATEGORICAL_DIMS: tuple[int, ...] = (2,)
 #: Names of the scalar targets, in the order of :meth:`ProxyDataset.scalar_targets`.

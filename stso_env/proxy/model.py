@@ -26,7 +26,10 @@ feature unit (ln vocab) are measured at fit time from the logged ``probe_loss_be
 :class:`stso_env.proxy.trees.TreeLossHead` (trees on the state plus a linear term in the plan's ordered
 encoding, stored as arrays beside the weights); the divergence, risk, recovery and next-state heads stay
 the MLP's, so the proxy env's transitions and rewards, and the policy learned in them, do not depend on
-it. ``loss_model: mlp`` keeps the MLP's loss head.
+it. ``loss_model: mlp`` keeps the MLP's loss head. ``ProxyConfig.divergence_model: trees`` (default
+``mlp``) likewise replaces the divergence probability and its spread with
+:class:`stso_env.proxy.trees.TreeDivergenceHead` (trees on the state and the plan); the proxy env charges
+its divergence penalty on that probability then.
 """
 
 from __future__ import annotations
@@ -45,10 +48,11 @@ from torch import nn
 
 from stso_env.errors import ConfigError, DataError
 from stso_env.monitor.monitor import OBSERVATION_NAMES
-from stso_env.proxy.dataset import (ACTION_ENCODINGS, ACTION_NVEC, LOSS_MODELS, PLAN_NVEC, ProxyDataset,
-                                    encode_actions, encoded_feature_names, encoded_width)
+from stso_env.proxy.dataset import (ACTION_ENCODINGS, ACTION_NVEC, DIVERGENCE_MODELS, LOSS_MODELS, PLAN_NVEC,
+                                    ProxyDataset, encode_actions, encoded_feature_names, encoded_width)
+from stso_env.proxy.trees import DIVERGENCE_PREFIX as DIVERGENCE_TREES_PREFIX
 from stso_env.proxy.trees import PREFIX as TREES_PREFIX
-from stso_env.proxy.trees import TreeLossHead
+from stso_env.proxy.trees import TreeDivergenceHead, TreeLossHead
 
 FORMAT_VERSION = 2
 _N_SCALAR = 4  # loss, divergence logit, risk, recovery
@@ -82,6 +86,10 @@ class ProxyConfig:
     # ensemble's ("mlp"); the other heads are the MLP's either way. On make train's collection and split the
     # trees' loss@N R² is 0.844 against the MLP's 0.624 (assets/results/proxy_baselines_trees)
     loss_model: str = "trees"
+    # the divergence head: the MLP ensemble's logit ("mlp") or trees on the state and plan ("trees",
+    # stso_env.proxy.trees.TreeDivergenceHead); on few diverging runs the trees rank divergence better
+    # (assets/results/proxy_data_curve_unstable_trees)
+    divergence_model: str = "mlp"
 
     def __post_init__(self) -> None:
         for name in ("horizon", "hidden", "layers", "ensemble", "epochs", "batch"):
@@ -99,6 +107,9 @@ class ProxyConfig:
                               f"{list(ACTION_ENCODINGS)}")
         if self.loss_model not in LOSS_MODELS:
             raise ConfigError(f"proxy config loss_model: {self.loss_model!r} is not one of {list(LOSS_MODELS)}")
+        if self.divergence_model not in DIVERGENCE_MODELS:
+            raise ConfigError(f"proxy config divergence_model: {self.divergence_model!r} is not one of "
+                              f"{list(DIVERGENCE_MODELS)}")
 
 
 def _sanitize(x: np.ndarray) -> np.ndarray:
@@ -148,6 +159,7 @@ class ProxyEnsemble(nn.Module):
         self.register_buffer("probe_scale", torch.zeros(()))
         self.probe_index = self.state_names.index("probe_loss") if "probe_loss" in self.state_names else -1
         self.loss_trees: TreeLossHead | None = None  # fitted by fit() when config.loss_model == "trees"
+        self.divergence_trees: TreeDivergenceHead | None = None  # when config.divergence_model == "trees"
         # the tree head's linear plan term reads the ordered encoding whatever the MLP's: one slope per LR
         # and weight-decay factor; one coefficient per choice (one-hot) left x0.8's sign wrong on make train's
         # collection (agents.proxy_baselines)
@@ -226,7 +238,23 @@ class ProxyEnsemble(nn.Module):
         trees = self.tree_loss(x, a)
         if trees is not None:
             result["loss_at_n"], result["loss_at_n_std"] = trees
+        div = self.tree_divergence(x, a)
+        if div is not None:
+            result["diverged_prob"], result["diverged_prob_std"] = div
         return result
+
+    def tree_divergence(self, state: np.ndarray, action: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Divergence probability and its spread over the trees from the tree divergence head, for states and
+        actions as :meth:`predict` takes them; None when the divergence head is the MLP's."""
+        if self.divergence_trees is None:
+            return None
+        prob, spread = self.divergence_trees.predict(self._tree_inputs(state, action))
+        return prob.astype(np.float32), spread.astype(np.float32)
+
+    def _tree_inputs(self, state: np.ndarray, action: np.ndarray) -> np.ndarray:
+        """The tree divergence head's inputs: the sanitised state, then the plan in the tree encoding."""
+        return np.concatenate([_sanitize(state), encode_actions(np.asarray(action), self.nvec, self.tree_encoding)],
+                              axis=1)
 
     # ---------------------------------------------------------------- training
     def _targets(self, ds: ProxyDataset) -> np.ndarray:
@@ -338,6 +366,11 @@ class ProxyEnsemble(nn.Module):
         self.eval()
         if cfg.loss_model == "trees":
             self._fit_trees(train, valid)
+        if cfg.divergence_model == "trees":
+            label = np.concatenate([train.diverged_at_n, valid.diverged_at_n])
+            self.divergence_trees = TreeDivergenceHead().fit(
+                np.concatenate([self._tree_inputs(train.state, train.action),
+                                self._tree_inputs(valid.state, valid.action)]), label, seed=cfg.seed)
         return self.curve
 
     def _fit_trees(self, train: ProxyDataset, valid: ProxyDataset) -> None:
@@ -460,7 +493,8 @@ class ProxyEnsemble(nn.Module):
             "feature_names": self.feature_names,
             "target_names": ["loss_at_n", "diverged_at_n", "instability_risk", "recovery_time", "next_state"],
             "action_nvec": list(self.nvec),
-            "tree_encoding": self.tree_encoding if self.loss_trees is not None else None,
+            "tree_encoding": (self.tree_encoding if self.loss_trees is not None or self.divergence_trees is not None
+                              else None),
             "loss_head": ("change from the probe_loss feature x probe_scale (nats)" if float(self.probe_scale)
                           else "level (nats)") + (f", trees on the state + a linear plan term ({self.tree_encoding} "
                                                   "encoding)" if self.config.loss_model == "trees" else ""),
@@ -474,8 +508,9 @@ class ProxyEnsemble(nn.Module):
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        if self.loss_trees is not None:
-            tensors.update(self.loss_trees.tensors())
+        for head in (self.loss_trees, self.divergence_trees):
+            if head is not None:
+                tensors.update(head.tensors())
         save_file(tensors, str(d / "proxy.safetensors"))
         (d / "proxy.json").write_text(json.dumps(self.metadata(), indent=1), encoding="utf-8")
         return d
@@ -498,11 +533,15 @@ class ProxyEnsemble(nn.Module):
         model = cls(cfg, state_dim=len(meta["state_names"]), nvec=tuple(meta["action_nvec"]),
                     state_names=meta["state_names"])
         tensors = load_file(str(w_path))
-        if meta.get("tree_encoding"):  # saved after fit() with the tree head (never fitted: the MLP's head)
-            model.loss_trees = TreeLossHead.from_tensors(tensors, str(w_path))
+        if meta.get("tree_encoding"):  # saved after fit() with a tree head (never fitted: the MLP's heads)
             model.tree_encoding = meta["tree_encoding"]
+            if cfg.loss_model == "trees":
+                model.loss_trees = TreeLossHead.from_tensors(tensors, str(w_path))
+            if cfg.divergence_model == "trees":
+                model.divergence_trees = TreeDivergenceHead.from_tensors(tensors, str(w_path))
         try:
-            model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(TREES_PREFIX)})
+            model.load_state_dict({k: v for k, v in tensors.items()
+                                   if not k.startswith((TREES_PREFIX, DIVERGENCE_TREES_PREFIX))})
         except RuntimeError as err:
             raise DataError(f"{w_path}: weights do not match {meta_path} ({err}); re-save the model") from err
         model.curve = list(meta.get("training_curve", []))

@@ -30,9 +30,11 @@ from stso_env.errors import DataError
 #: Trees of the head; leaves hold at least two rows (a few hundred logged windows per collection).
 TREES = 200
 MIN_SAMPLES_LEAF = 2
-#: Key prefix of the head's arrays in ``proxy.safetensors``.
+#: Key prefixes of the heads' arrays in ``proxy.safetensors``.
 PREFIX = "loss_trees."
-_KEYS = ("left", "right", "feature", "threshold", "value", "roots", "coef", "cov")
+DIVERGENCE_PREFIX = "divergence_trees."
+_FOREST_KEYS = ("left", "right", "feature", "threshold", "value", "roots")
+_KEYS = (*_FOREST_KEYS, "coef", "cov")
 
 
 class TreeLossHead:
@@ -93,19 +95,71 @@ class TreeLossHead:
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], source: str) -> TreeLossHead:
         """The head stored by :meth:`tensors`; a clear error naming ``source`` when arrays are missing."""
-        missing = [k for k in _KEYS if PREFIX + k not in tensors]
-        if missing:
-            raise DataError(f"{source}: the proxy's config says loss_model 'trees' but the arrays "
-                            f"{[PREFIX + k for k in missing]} are missing; retrain the proxy")
-        arrays = {k: tensors[PREFIX + k].numpy() for k in _KEYS}
-        n = len(arrays["value"])
-        for k in ("left", "right", "feature", "threshold"):
-            if len(arrays[k]) != n:
-                raise DataError(f"{source}: {PREFIX}{k} has {len(arrays[k])} nodes, {PREFIX}value {n}")
-        kids = np.concatenate([arrays["left"], arrays["right"], arrays["roots"]])
-        if kids.size and (kids.max() >= n or kids.min() < -1):
-            raise DataError(f"{source}: {PREFIX}left/right/roots point outside the {n} stored nodes")
-        return cls(arrays)
+        return cls(_arrays_from_tensors(tensors, PREFIX, _KEYS, source, "loss_model"))
+
+
+class TreeDivergenceHead:
+    """``ProxyConfig.divergence_model: trees``: the probability that the run diverges within the horizon as
+    the mean of extremely randomised regression trees (scikit-learn ``ExtraTreesRegressor``) of the 0/1 label
+    on the state and the plan's encoded columns, with the trees' spread as its uncertainty; stored and
+    evaluated like :class:`TreeLossHead`. On 96 collected ``unstable`` runs such trees score "diverges within
+    the horizon" well above the MLP's logit when a collection holds few runs, and level off with it
+    (``assets/results/proxy_data_curve_unstable``)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray] | None = None) -> None:
+        self.arrays = arrays
+        self._walk: dict[str, Any] | None = None
+
+    def fit(self, inputs: np.ndarray, label: np.ndarray, seed: int = 0) -> TreeDivergenceHead:
+        """Fit on ``inputs (n, S + P)`` (state, then encoded plan) and the 0/1 ``label (n,)``."""
+        from sklearn.ensemble import ExtraTreesRegressor
+
+        x, y = np.asarray(inputs, dtype=np.float64), np.asarray(label, dtype=np.float64)
+        if len(y) < 3 or len(x) != len(y):
+            raise DataError(f"tree divergence head: needs at least 3 aligned rows, got {len(x)} and {len(y)}")
+        if not np.isin(y, (0.0, 1.0)).all():
+            raise DataError("tree divergence head: the label must be 0 or 1")
+        trees = ExtraTreesRegressor(TREES, min_samples_leaf=MIN_SAMPLES_LEAF, n_jobs=1, random_state=seed).fit(x, y)
+        self.arrays, self._walk = _flatten(trees), None
+        return self
+
+    def predict(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(probability, spread over the trees)`` per row."""
+        if self.arrays is None:
+            raise DataError("tree divergence head: not fitted")
+        if self._walk is None:
+            self._walk = _walk_arrays(self.arrays)
+        per_tree = _evaluate(self._walk, np.asarray(inputs, dtype=np.float32))
+        return np.clip(per_tree.mean(0), 0.0, 1.0), per_tree.std(0)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The head's arrays under :data:`DIVERGENCE_PREFIX`, for the proxy's safetensors file."""
+        if self.arrays is None:
+            raise DataError("tree divergence head: not fitted")
+        return {DIVERGENCE_PREFIX + k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.arrays.items()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], source: str) -> TreeDivergenceHead:
+        """The head stored by :meth:`tensors`; a clear error naming ``source`` when arrays are missing."""
+        return cls(_arrays_from_tensors(tensors, DIVERGENCE_PREFIX, _FOREST_KEYS, source, "divergence_model"))
+
+
+def _arrays_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, keys: tuple[str, ...], source: str,
+                         setting: str) -> dict[str, np.ndarray]:
+    """A stored forest's arrays, checked: every key present, node arrays of one length, children in range."""
+    missing = [k for k in keys if prefix + k not in tensors]
+    if missing:
+        raise DataError(f"{source}: the proxy's config says {setting} 'trees' but the arrays "
+                        f"{[prefix + k for k in missing]} are missing; retrain the proxy")
+    arrays = {k: tensors[prefix + k].numpy() for k in keys}
+    n = len(arrays["value"])
+    for k in ("left", "right", "feature", "threshold"):
+        if len(arrays[k]) != n:
+            raise DataError(f"{source}: {prefix}{k} has {len(arrays[k])} nodes, {prefix}value {n}")
+    kids = np.concatenate([arrays["left"], arrays["right"], arrays["roots"]])
+    if kids.size and (kids.max() >= n or kids.min() < -1):
+        raise DataError(f"{source}: {prefix}left/right/roots point outside the {n} stored nodes")
+    return arrays
 
 
 def _flatten(forest: Any) -> dict[str, np.ndarray]:
@@ -149,7 +203,7 @@ def _evaluate(w: dict[str, Any], x: np.ndarray) -> np.ndarray:
     """Every tree's prediction ``(T, n)`` for rows ``x`` (float32, as scikit-learn compares them): all trees
     and rows descend together, one level per pass (:func:`_walk_arrays`)."""
     if x.ndim != 2 or (w["feature"].size and x.shape[1] <= int(w["feature"].max())):
-        raise DataError(f"tree loss head: states of shape {x.shape} lack the features the trees split on")
+        raise DataError(f"proxy trees: inputs of shape {x.shape} lack the features the trees split on")
     node = np.repeat(w["roots"][:, None], x.shape[0], axis=1)  # (T, n)
     rows = np.arange(x.shape[0])
     for _ in range(w["depth"]):
