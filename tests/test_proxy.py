@@ -707,34 +707,38 @@ def test_event_window_is_the_first_window_of_the_horizon_with_a_scenario_event()
     assert ds.subset(np.array([2, 5])).event_window.tolist() == [4, 1]
 
 
-def test_divergence_ceiling_separates_what_the_state_foresees(tmp_path):
-    """Runs whose divergence is set off by random shocks: a run diverges in the second window of a shock iff
-    its fragility (a state feature) exceeds 0.5. The state foresees which runs are fragile, not when a
-    shock comes; a model told the horizon's events knows both and ranks almost perfectly."""
-    from agents.divergence_ceiling import MODELS, ceiling, main
+def test_foresight_separates_what_the_state_foresees(tmp_path):
+    """Runs whose shocks come at random: a shock raises the probe loss by 0.5 while it lasts, and a run
+    diverges in the second window of a shock iff its fragility (a state feature) exceeds 0.5. The state
+    foresees the loss's trend and which runs are fragile, not when a shock comes; models told the horizon's
+    events know both, and rank divergence almost perfectly."""
+    from agents.foresight import MODELS, foresight, main
 
     rows = []
     for seed in range(60):
         rng = np.random.default_rng(seed)
         fragile = rng.uniform()
-        shock_left = 0
+        shock_left, before = 0, 3.0
         for t in range(30):
             if shock_left == 0 and rng.uniform() < 0.1:
                 shock_left = 2
             state = np.zeros(len(OBSERVATION_NAMES), np.float32)
-            state[:3] = (3.0 - 0.02 * t, fragile, t / 30)
+            state[:2] = (before, fragile)
+            state[OBSERVATION_NAMES.index("progress")] = t / 30
             diverged = shock_left == 1 and fragile > 0.5
-            noise = "lr_shock" if shock_left else ""
-            shock_left = max(shock_left - 1, 0)
+            loss = 3.0 - 0.02 * t + 0.5 * (shock_left > 0)
             rows.append(dict(
                 run_id=f"run{seed}", episode=0, env_step=t, global_step=(t + 1) * 10, seed=seed,
                 scenario="synthetic", state=state.tolist(), action=[0, 1, 0, 0, 0, 0], action_overridden=False,
                 reward=0.0, next_state=state.tolist(), terminated=diverged, truncated=(not diverged) and t == 29,
-                train_loss=3.0, probe_loss=float("nan") if diverged else 3.0, probe_loss_before=3.0, grad_norm=1.0,
-                lr=1e-3, uncertainty_index=0.0, trigger=False, instability_events=0, diverged=diverged, flops=1.0,
-                wasted_flops=0.0, noise=noise, wall_seconds=0.01))
+                train_loss=loss, probe_loss=float("nan") if diverged else loss, probe_loss_before=before,
+                grad_norm=1.0, lr=1e-3, uncertainty_index=0.0, trigger=False, instability_events=0,
+                diverged=diverged, flops=1.0, wasted_flops=0.0, noise="lr_shock" if shock_left else "",
+                wall_seconds=0.01))
+            shock_left, before = max(shock_left - 1, 0), loss
             if diverged:
                 break
+
     def log(path, rows):
         db = LogDB(path, observation_names=OBSERVATION_NAMES, flush_rows=500)
         for row in rows:
@@ -742,17 +746,22 @@ def test_divergence_ceiling_separates_what_the_state_foresees(tmp_path):
         db.close()
 
     log(tmp_path / "log_db.parquet", rows)
-    out = ceiling(tmp_path / "log_db.parquet", horizon=3, folds=3)
-    assert out["diverging"] == out["diverging_event_now"] + out["diverging_event_later"] > 0
-    assert out["diverging_no_event"] == 0
-    state, events, told = (float(np.mean(out["auroc"][m])) for m in MODELS)
+    out = foresight(tmp_path / "log_db.parquet", horizon=3, folds=3)
+    div = out["divergence"]
+    assert div["diverging"] == div["event_now"] + div["event_later"] > 0 and div["no_event"] == 0
+    state, events, told = (float(np.mean(div["auroc"][m])) for m in MODELS)
     assert told > 0.97 and state < told - 0.05 and events < told - 0.05
+    state, events, told = (float(np.mean(out["loss"]["r2"][m])) for m in MODELS)
+    assert told > 0.85 and state < told - 0.3 and events < told - 0.1  # measured 0.912, 0.277, 0.576
     assert main(["--log-db", str(tmp_path / "log_db.parquet"), "--horizon", "3", "--folds", "3",
                  "--out", str(tmp_path / "o")]) == 0
-    assert "Aim AUROC >= 0.9" in (tmp_path / "o" / "report.md").read_text(encoding="utf-8")
-    assert (tmp_path / "o" / "ceiling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # a log without divergences cannot be scored: a clear error, exit 2
-    log(tmp_path / "calm", [dict(r, diverged=False, terminated=False, probe_loss=3.0) for r in rows])
-    with pytest.raises(DataError, match="the AUROC needs both outcomes"):
-        ceiling(tmp_path / "calm", horizon=3, folds=3)
-    assert main(["--log-db", str(tmp_path / "calm"), "--out", str(tmp_path / "o2")]) == 2
+    text = (tmp_path / "o" / "report.md").read_text(encoding="utf-8")
+    assert "Aim AUROC >= 0.9" in text and "Aim R² >= 0.9" in text
+    assert (tmp_path / "o" / "foresight.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a log without divergences scores the loss alone; a missing log is a clear error, exit 2
+    log(tmp_path / "calm", [dict(r, diverged=False, terminated=False, probe_loss=r["train_loss"]) for r in rows])
+    assert foresight(tmp_path / "calm", horizon=3, folds=3)["divergence"] is None
+    assert main(["--log-db", str(tmp_path / "calm"), "--horizon", "3", "--folds", "3",
+                 "--out", str(tmp_path / "o2")]) == 0
+    assert "Divergence: not scored" in (tmp_path / "o2" / "report.md").read_text(encoding="utf-8")
+    assert main(["--log-db", str(tmp_path / "missing"), "--out", str(tmp_path / "o3")]) == 2

@@ -205,7 +205,7 @@ class ProxyDataset:
     loss_before: np.ndarray | None = None
     #: (n,) int64 the first window of the horizon (0 = the example's own) in which a scenario event (the log's
     #: ``noise`` column: an LR shock, a data event) was active, -1 for none; None for logs without the column.
-    #: No model input: it measures how much of a target the state could foresee (``agents.divergence_ceiling``)
+    #: No model input: it measures how much of a target the state could foresee (``agents.foresight``)
     event_window: np.ndarray | None = None
 
     def __len__(self) -> int:
