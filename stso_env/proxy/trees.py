@@ -23,7 +23,7 @@ proxy's safetensors file and evaluated here in numpy, so loading a proxy never u
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -40,12 +40,59 @@ _FOREST_KEYS = ("left", "right", "feature", "threshold", "value", "roots")
 _KEYS = (*_FOREST_KEYS, "coef", "cov")
 
 
-class TreeLossHead:
-    """Trees of the change on the state plus a linear plan term (module docstring)."""
+class _StoredForest:
+    """What both tree heads share: the forest's flat arrays, their storage under the head's key prefix in
+    ``proxy.safetensors`` (checked on load) and every tree's prediction by the numpy traversal."""
+
+    #: key prefix in ``proxy.safetensors``, stored keys, the ``ProxyConfig`` setting and the name in errors
+    prefix: str
+    keys: tuple[str, ...]
+    setting: str
+    name: str
 
     def __init__(self, arrays: dict[str, np.ndarray] | None = None) -> None:
         self.arrays = arrays
         self._walk: dict[str, Any] | None = None  # traversal arrays derived from ``arrays`` on first use
+
+    def _fitted(self) -> dict[str, np.ndarray]:
+        if self.arrays is None:
+            raise DataError(f"{self.name}: not fitted")
+        return self.arrays
+
+    def _per_tree(self, x: np.ndarray) -> np.ndarray:
+        """Every tree's prediction ``(T, n)`` for rows ``x``."""
+        if self._walk is None:
+            self._walk = _walk_arrays(self._fitted())
+        return _evaluate(self._walk, np.asarray(x, dtype=np.float32))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The head's arrays under its key prefix, for the proxy's safetensors file."""
+        return {self.prefix + k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self._fitted().items()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], source: str) -> Self:
+        """The head stored by :meth:`tensors`; a clear error naming ``source`` when arrays are missing, of
+        different lengths or pointing outside the stored nodes."""
+        prefix = cls.prefix
+        missing = [k for k in cls.keys if prefix + k not in tensors]
+        if missing:
+            raise DataError(f"{source}: the proxy's config says {cls.setting} 'trees' but the arrays "
+                            f"{[prefix + k for k in missing]} are missing; retrain the proxy")
+        arrays = {k: tensors[prefix + k].numpy() for k in cls.keys}
+        n = len(arrays["value"])
+        for k in ("left", "right", "feature", "threshold"):
+            if len(arrays[k]) != n:
+                raise DataError(f"{source}: {prefix}{k} has {len(arrays[k])} nodes, {prefix}value {n}")
+        kids = np.concatenate([arrays["left"], arrays["right"], arrays["roots"]])
+        if kids.size and (kids.max() >= n or kids.min() < -1):
+            raise DataError(f"{source}: {prefix}left/right/roots point outside the {n} stored nodes")
+        return cls(arrays)
+
+
+class TreeLossHead(_StoredForest):
+    """Trees of the change on the state plus a linear plan term (module docstring)."""
+
+    prefix, keys, setting, name = PREFIX, _KEYS, "loss_model", "tree loss head"
 
     # ---------------------------------------------------------------- fitting
     def fit(self, state: np.ndarray, plan: np.ndarray, change: np.ndarray, seed: int = 0) -> TreeLossHead:
@@ -74,12 +121,8 @@ class TreeLossHead:
     def predict(self, state: np.ndarray, plan: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(mean change, std)`` per row: the trees' mean plus the linear term, and the spread of the trees
         combined with the linear term's standard error at the row's plan."""
-        if self.arrays is None:
-            raise DataError("tree loss head: not fitted")
-        a = self.arrays
-        if self._walk is None:
-            self._walk = _walk_arrays(a)
-        per_tree = _evaluate(self._walk, np.asarray(state, dtype=np.float32))  # (T, n)
+        a = self._fitted()
+        per_tree = self._per_tree(state)  # (T, n)
         x1 = np.concatenate([np.ones((len(plan), 1)), np.asarray(plan, dtype=np.float64)], axis=1)
         if x1.shape[1] != len(a["coef"]):
             raise DataError(f"tree loss head: plans have {x1.shape[1] - 1} columns, fitted on {len(a['coef']) - 1}")
@@ -88,20 +131,8 @@ class TreeLossHead:
         std = np.sqrt(per_tree.var(0) + np.clip(se2, 0.0, None))
         return per_tree.mean(0) + linear, std
 
-    # ---------------------------------------------------------------- persistence
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """The head's arrays under :data:`PREFIX`, for the proxy's safetensors file."""
-        if self.arrays is None:
-            raise DataError("tree loss head: not fitted")
-        return {PREFIX + k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.arrays.items()}
 
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], source: str) -> TreeLossHead:
-        """The head stored by :meth:`tensors`; a clear error naming ``source`` when arrays are missing."""
-        return cls(_arrays_from_tensors(tensors, PREFIX, _KEYS, source, "loss_model"))
-
-
-class TreeDivergenceHead:
+class TreeDivergenceHead(_StoredForest):
     """``ProxyConfig.divergence_model: trees``: the probability that the run diverges within the horizon as
     the mean of extremely randomised regression trees (scikit-learn ``ExtraTreesRegressor``) of the 0/1 label
     on the state and the plan's encoded columns, with the trees' spread as its uncertainty; stored and
@@ -110,9 +141,7 @@ class TreeDivergenceHead:
     from 16) and no better from many (0.843 against 0.853 from 72;
     ``assets/results/proxy_data_curve_unstable_trees``)."""
 
-    def __init__(self, arrays: dict[str, np.ndarray] | None = None) -> None:
-        self.arrays = arrays
-        self._walk: dict[str, Any] | None = None
+    prefix, keys, setting, name = DIVERGENCE_PREFIX, _FOREST_KEYS, "divergence_model", "tree divergence head"
 
     def fit(self, inputs: np.ndarray, label: np.ndarray, seed: int = 0) -> TreeDivergenceHead:
         """Fit on ``inputs (n, S + P)`` (state, then encoded plan) and the 0/1 ``label (n,)``."""
@@ -129,41 +158,8 @@ class TreeDivergenceHead:
 
     def predict(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(probability, spread over the trees)`` per row."""
-        if self.arrays is None:
-            raise DataError("tree divergence head: not fitted")
-        if self._walk is None:
-            self._walk = _walk_arrays(self.arrays)
-        per_tree = _evaluate(self._walk, np.asarray(inputs, dtype=np.float32))
+        per_tree = self._per_tree(inputs)
         return np.clip(per_tree.mean(0), 0.0, 1.0), per_tree.std(0)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """The head's arrays under :data:`DIVERGENCE_PREFIX`, for the proxy's safetensors file."""
-        if self.arrays is None:
-            raise DataError("tree divergence head: not fitted")
-        return {DIVERGENCE_PREFIX + k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.arrays.items()}
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], source: str) -> TreeDivergenceHead:
-        """The head stored by :meth:`tensors`; a clear error naming ``source`` when arrays are missing."""
-        return cls(_arrays_from_tensors(tensors, DIVERGENCE_PREFIX, _FOREST_KEYS, source, "divergence_model"))
-
-
-def _arrays_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, keys: tuple[str, ...], source: str,
-                         setting: str) -> dict[str, np.ndarray]:
-    """A stored forest's arrays, checked: every key present, node arrays of one length, children in range."""
-    missing = [k for k in keys if prefix + k not in tensors]
-    if missing:
-        raise DataError(f"{source}: the proxy's config says {setting} 'trees' but the arrays "
-                        f"{[prefix + k for k in missing]} are missing; retrain the proxy")
-    arrays = {k: tensors[prefix + k].numpy() for k in keys}
-    n = len(arrays["value"])
-    for k in ("left", "right", "feature", "threshold"):
-        if len(arrays[k]) != n:
-            raise DataError(f"{source}: {prefix}{k} has {len(arrays[k])} nodes, {prefix}value {n}")
-    kids = np.concatenate([arrays["left"], arrays["right"], arrays["roots"]])
-    if kids.size and (kids.max() >= n or kids.min() < -1):
-        raise DataError(f"{source}: {prefix}left/right/roots point outside the {n} stored nodes")
-    return arrays
 
 
 def _flatten(forest: Any) -> dict[str, np.ndarray]:
