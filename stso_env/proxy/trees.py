@@ -23,7 +23,7 @@ proxy's safetensors file and evaluated here in numpy, so loading a proxy never u
 
 from __future__ import annotations
 
-from typing import Any, Self
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ PREFIX = "loss_trees."
 DIVERGENCE_PREFIX = "divergence_trees."
 _FOREST_KEYS = ("left", "right", "feature", "threshold", "value", "roots")
 _KEYS = (*_FOREST_KEYS, "coef", "cov")
+
+
+_F = TypeVar("_F", bound="_StoredForest")
 
 
 class _StoredForest:
@@ -70,7 +73,7 @@ class _StoredForest:
         return {self.prefix + k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self._fitted().items()}
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], source: str) -> Self:
+    def from_tensors(cls: type[_F], tensors: dict[str, torch.Tensor], source: str) -> _F:
         """The head stored by :meth:`tensors`; a clear error naming ``source`` when arrays are missing, of
         different lengths or pointing outside the stored nodes."""
         prefix = cls.prefix
