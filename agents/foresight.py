@@ -44,14 +44,12 @@ AUROC_AIM = 0.9
 MODELS = ("state and plan", "scenario events alone", "state, plan and the horizon's events")
 
 
-def _finite(x: np.ndarray) -> np.ndarray:
-    return np.nan_to_num(np.asarray(x, np.float64), nan=0.0, posinf=1e6, neginf=-1e6)
-
-
 def _inputs(ds: Any) -> dict[str, np.ndarray]:
     """The three input sets of the module docstring; the events as the one-hot window of the first one."""
+    from agents.proxy_baselines import finite
+
     events = np.stack([ds.event_window == k for k in range(-1, ds.horizon)], axis=1).astype(np.float64)
-    state = _finite(ds.features())
+    state = finite(ds.features())
     return {MODELS[0]: state, MODELS[1]: events, MODELS[2]: np.concatenate([state, events], axis=1)}
 
 

@@ -168,6 +168,12 @@ def real_effects(path: Path) -> dict[str, Any]:
     return out
 
 
+def finite(x: np.ndarray) -> np.ndarray:
+    """Features as float64 for scikit-learn's classifiers: NaN as 0, infinities (a diverged run's logged
+    features) as +-1e6."""
+    return np.nan_to_num(np.asarray(x, np.float64), nan=0.0, posinf=1e6, neginf=-1e6)
+
+
 def divergence_skill(fit_parts: Sequence[Any], test: Any, model: Any, seed: int = 0) -> dict[str, Any]:
     """AUROC and Brier score of "the run diverges within the horizon" on the test rows: the proxy's
     ``diverged_prob`` against the training rate, a logistic regression and extra trees (scikit-learn) fitted
@@ -186,9 +192,6 @@ def divergence_skill(fit_parts: Sequence[Any], test: Any, model: Any, seed: int 
         out["reason"] = ("no divergence in the " + ("fitting" if len(np.unique(y_fit)) < 2 else "test")
                          + " runs: AUROC needs both outcomes")
         return out
-
-    def finite(x: np.ndarray) -> np.ndarray:
-        return np.nan_to_num(np.asarray(x, np.float64), nan=0.0, posinf=1e6, neginf=-1e6)
 
     x_fit = finite(np.concatenate([p.features() for p in fit_parts]))
     x = finite(test.features())
