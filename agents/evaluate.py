@@ -409,8 +409,8 @@ def make_jobs(suite: Any, out: Path, *, val_windows: int = 64, device: str | Non
             # a variant's job names its controller (other jobs keep the keys their stored runs have)
             variant = {"variant_of": cls} if cls != name else {}
             # an outcome gate the settings name is an artefact like the policy: its content, not its path
-            gate = (suite.settings_of(name) or {}).get("gate")
-            gate_digest = {"gate_sha256": content_digest(gate)} if gate else {}
+            named = suite.settings_of(name) or {}
+            gate_digest = {f"{k}_sha256": content_digest(named[k]) for k in ("gate", "early_gate") if named.get(k)}
             for si, seed in enumerate(suite.seed_list):
                 jobs.append({
                     "cell": cell.name, "scenario": res.scenario, "corpus": res.corpus, "tokenizer": res.tokenizer,
@@ -639,12 +639,12 @@ def _job_key(job: dict[str, Any]) -> str:
     return json.dumps(keep, sort_keys=True, default=str)
 
 
-DIGEST_KEYS = ("proxy_sha256", "policy_sha256", "gate_sha256")
+DIGEST_KEYS = ("proxy_sha256", "policy_sha256", "gate_sha256", "early_gate_sha256")
 
 
 def _artefact(job: dict[str, Any], key: str) -> tuple[str, Any]:
-    """The artefact a digest key names and its path in ``job`` (the gate's lives in the settings)."""
-    what = key.split("_")[0]
+    """The artefact a digest key names and its path in ``job`` (the gates' live in the settings)."""
+    what = key.removesuffix("_sha256")
     return what, job[what] if what in job else job.get("settings", {}).get(what)
 
 

@@ -117,6 +117,51 @@ def test_policy_keeps_the_fixed_schedule_until_the_gate_and_after_a_closed_one(p
     env.close()
 
 
+def _gate_at(tmp_path, name: str, window: int, intercept: float):
+    """A constant gate deciding after ``window`` windows with P(the policy wins) = sigmoid(intercept)."""
+    n = len(OBSERVATION_NAMES)
+    return OutcomeGate(window=window, features=list(OBSERVATION_NAMES), mean=[0.0] * n, scale=[1.0] * n,
+                       coef=[0.0] * n, intercept=intercept).save(tmp_path / f"{name}.json")
+
+
+def test_an_early_gate_opens_where_confident_and_leaves_the_rest_to_the_gate(policy_zip, tmp_path, monkeypatch):
+    env = gym.make("STSO-GPT2-v0", **ENV)
+    proposal = np.array([1, 1, 1, 0, 0, 0])
+    neutral = list(NEUTRAL_ACTION)
+    # (early gate's P, the gate's P) -> the window from which the policy acts (None: never)
+    cases = [(10.0, -10.0, 1), (0.4, 10.0, 3), (0.4, -10.0, None), (-10.0, 10.0, 3)]
+    for early_logit, late_logit, acts_from in cases:
+        settings = {"gate": str(_gate_at(tmp_path, f"late{late_logit}", 3, late_logit)),
+                    "early_gate": str(_gate_at(tmp_path, f"early{early_logit}", 1, early_logit))}
+        ctrl = make_controller("policy", policy_path=policy_zip, settings=settings)
+        obs, info = env.reset(seed=3)
+        ctrl.reset(env, seed=3, run_name="e")
+        monkeypatch.setattr(ctrl.model, "predict", lambda *a, **k: (proposal, None))
+        played = []
+        for _ in range(5):
+            a = ctrl.act(obs, info)
+            played.append(a.tolist())
+            obs, _, _, _, info = env.step(a)
+        start = 5 if acts_from is None else acts_from
+        assert played == [neutral] * start + [proposal.tolist()] * (5 - start), (early_logit, late_logit)
+        d = ctrl.describe()
+        assert d["gate_window"] == acts_from and d["gate_open"] is (acts_from is not None)
+        assert d["early_gate_probability"] == pytest.approx(1 / (1 + np.exp(-early_logit)))
+        # the early gate is asked once; the gate only where the early one was not confident
+        kinds = [x["reason"].split(" after")[0] for x in ctrl.decisions if x["kind"] == "gate"]
+        assert kinds == (["early outcome gate"] if acts_from == 1 else ["early outcome gate", "outcome gate"])
+    late, early = str(_gate_at(tmp_path, "l", 3, 0.0)), str(_gate_at(tmp_path, "e", 3, 0.0))
+    with pytest.raises(ValueError, match="smaller window"):
+        make_controller("policy", policy_path=policy_zip, settings={"gate": late, "early_gate": early})
+    with pytest.raises(ValueError, match="set gate too"):
+        make_controller("policy", policy_path=policy_zip, settings={"early_gate": early})
+    with pytest.raises(ValueError, match="early_gate_confidence"):
+        make_controller("policy", policy_path=policy_zip,
+                        settings={"gate": late, "early_gate": str(_gate_at(tmp_path, "e1", 1, 0.0)),
+                                  "early_gate_confidence": 0.3})
+    env.close()
+
+
 def test_fit_gate_on_real_tiny_runs(policy_zip, tmp_path):
     from agents.fit_gate import main
 

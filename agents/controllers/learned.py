@@ -44,6 +44,14 @@ decision learned from real end-of-run outcomes (:mod:`agents.controllers.outcome
 neutral action runs for the gate's first ``window`` windows; then the gate reads the observation
 once and either lets the policy act for the rest of the run (behind the shield, when one is on)
 or keeps the neutral action to the end.
+
+Early gate (``early_gate``: a second ``gate.json``, fitted with a smaller ``window``; off by default):
+a gate decides once, so its window trades what it can see against how long the policy acts. After one
+window, runs of scenarios whose first event comes later are the same run (``calm``, ``spiky`` and
+``attn_logit`` of one seed), and a gate there cannot tell them apart; after five it can, but the
+policy then loses its first windows (``assets/results/policy_scenarios``). With both, the early gate
+opens the policy at its own window where it is confident (``P >= early_gate_confidence``, default
+0.8); anywhere else the run waits, and ``gate`` decides at its window as usual.
 """
 
 from __future__ import annotations
@@ -119,7 +127,8 @@ class LearnedPolicy(Controller):
     def __init__(self, policy_path: str | Path, proxy_dir: str | Path | None = None, *, shield: bool = True,
                  shield_level: float = 0.9, shield_rule: str = "dominance",
                  lr_bounds: tuple[float, float] | list[float] | None = LR_BOUNDS,
-                 gate: str | Path | None = None) -> None:
+                 gate: str | Path | None = None, early_gate: str | Path | None = None,
+                 early_gate_confidence: float = 0.8) -> None:
         super().__init__()
         if lr_bounds is not None:
             lo, hi = (float(x) for x in lr_bounds)
@@ -155,14 +164,34 @@ class LearnedPolicy(Controller):
             from agents.controllers.outcome_gate import OutcomeGate
 
             self.gate = OutcomeGate.load(self.gate_path)
+        self.early_gate_path = None if early_gate is None else Path(early_gate)
+        self.early_gate = None
+        if self.early_gate_path is not None:
+            from agents.controllers.outcome_gate import OutcomeGate
+
+            if self.gate is None:
+                raise ValueError(f"early_gate={str(early_gate)!r}: needs a gate to decide where it is not confident; "
+                                 "set gate too")
+            self.early_gate = OutcomeGate.load(self.early_gate_path)
+            if self.early_gate.window >= self.gate.window:
+                raise ValueError(f"early_gate={str(early_gate)!r} decides after {self.early_gate.window} windows, the "
+                                 f"gate after {self.gate.window}: the early gate needs the smaller window "
+                                 "(agents.fit_gate --window)")
+        conf = early_gate_confidence
+        if isinstance(conf, bool) or not isinstance(conf, (int, float)) or not 0.5 <= conf < 1.0:
+            raise ValueError(f"early_gate_confidence={conf!r}: a probability in [0.5, 1), e.g. 0.8")
+        self.early_gate_confidence = float(conf)
         self._window = 0
         self.gate_open: bool | None = None
         self.gate_probability: float | None = None
+        self.early_gate_probability: float | None = None
+        self.gate_window: int | None = None  # the window at which the policy was let through
 
     def reset(self, env, *, seed: int, run_name: str) -> None:
         super().reset(env, seed=seed, run_name=run_name)
         self.proposed = self.shielded = self.bounded = 0
         self._window, self.gate_open, self.gate_probability = 0, None, None
+        self.early_gate_probability = self.gate_window = None
 
     def _gate_allows(self, obs: np.ndarray) -> bool:
         """False while the gate keeps the neutral action (its first windows, or the whole run once closed)."""
@@ -170,13 +199,23 @@ class LearnedPolicy(Controller):
         self._window += 1
         if self.gate is None:
             return True
-        if window < self.gate.window:
-            return False
-        if self.gate_open is None:
-            from stso_env.monitor.monitor import OBSERVATION_NAMES
+        from stso_env.monitor.monitor import OBSERVATION_NAMES
 
+        if self.early_gate is not None and window == self.early_gate.window:
+            p = self.early_gate_probability = self.early_gate.probability(obs, OBSERVATION_NAMES)
+            if p >= self.early_gate_confidence:
+                self.gate_open, self.gate_probability, self.gate_window = True, p, window
+            self.record("gate", NEUTRAL_ACTION, f"early outcome gate after {window} windows: P(the policy beats the "
+                                                f"fixed schedule) {p:.2f}, " + (
+                                                    "open: the policy acts" if self.gate_open else
+                                                    f"below {self.early_gate_confidence:.2f}: the gate decides "
+                                                    f"after {self.gate.window} windows"))
+        if window < self.gate.window:
+            return bool(self.gate_open)
+        if self.gate_open is None:
             self.gate_probability = self.gate.probability(obs, OBSERVATION_NAMES)
             self.gate_open = self.gate_probability > 0.5
+            self.gate_window = window if self.gate_open else None
             self.record("gate", NEUTRAL_ACTION, f"outcome gate after {window} windows: P(the policy beats the "
                                                 f"fixed schedule) {self.gate_probability:.2f}, "
                                                 + ("open: the policy acts" if self.gate_open
@@ -237,4 +276,7 @@ class LearnedPolicy(Controller):
                 "lr_bounds": None if self.lr_bounds is None else list(self.lr_bounds),
                 "lr_changes_bounded": self.bounded,
                 "gate": None if self.gate_path is None else str(self.gate_path), "gate_open": self.gate_open,
-                "gate_probability": self.gate_probability}
+                "gate_probability": self.gate_probability, "gate_window": self.gate_window,
+                "early_gate": None if self.early_gate_path is None else str(self.early_gate_path),
+                "early_gate_confidence": self.early_gate_confidence,
+                "early_gate_probability": self.early_gate_probability}
