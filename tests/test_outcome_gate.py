@@ -86,20 +86,27 @@ def _gate(tmp_path, open_: bool, window: int = 2):
     return gate.save(tmp_path / f"gate_{open_}.json")
 
 
+def _play(env, ctrl, proposal, monkeypatch, windows: int = 5) -> list[list[int]]:
+    """The actions ``ctrl`` plays in the first ``windows`` windows of a seed-3 run when its policy always
+    proposes ``proposal``."""
+    obs, info = env.reset(seed=3)
+    ctrl.reset(env, seed=3, run_name="g")
+    monkeypatch.setattr(ctrl.model, "predict", lambda *a, **k: (proposal, None))
+    played = []
+    for _ in range(windows):
+        a = ctrl.act(obs, info)
+        played.append(a.tolist())
+        obs, _, _, _, info = env.step(a)
+    return played
+
+
 def test_policy_keeps_the_fixed_schedule_until_the_gate_and_after_a_closed_one(policy_zip, tmp_path, monkeypatch):
     env = gym.make("STSO-GPT2-v0", **ENV)
     proposal = np.array([1, 1, 1, 0, 0, 0])  # LR x0.9, well inside the LR bounds for a few windows
     for open_ in (True, False):
         ctrl = make_controller("policy", policy_path=policy_zip, settings={"gate": str(_gate(tmp_path, open_))})
         assert not ctrl.shield and ctrl.gate is not None
-        obs, info = env.reset(seed=3)
-        ctrl.reset(env, seed=3, run_name="g")
-        monkeypatch.setattr(ctrl.model, "predict", lambda *a, **k: (proposal, None))
-        played = []
-        for _ in range(5):
-            a = ctrl.act(obs, info)
-            played.append(a.tolist())
-            obs, _, _, _, info = env.step(a)
+        played = _play(env, ctrl, proposal, monkeypatch)
         neutral = list(NEUTRAL_ACTION)
         # two neutral windows, then the gate decides once: the policy's action, or neutral to the end
         assert played[:2] == [neutral, neutral]
@@ -109,7 +116,7 @@ def test_policy_keeps_the_fixed_schedule_until_the_gate_and_after_a_closed_one(p
         gates = [x for x in ctrl.decisions if x["kind"] == "gate"]
         assert len(gates) == 1 and ("open" if open_ else "closed") in gates[0]["reason"]
         # a new run asks the gate again
-        env.reset(seed=4)
+        obs, info = env.reset(seed=4)
         ctrl.reset(env, seed=4, run_name="g2")
         assert ctrl.gate_open is None and ctrl.act(obs, info).tolist() == neutral
     with pytest.raises(DataError, match="agents.fit_gate"):
@@ -134,14 +141,7 @@ def test_an_early_gate_opens_where_confident_and_leaves_the_rest_to_the_gate(pol
         settings = {"gate": str(_gate_at(tmp_path, f"late{late_logit}", 3, late_logit)),
                     "early_gate": str(_gate_at(tmp_path, f"early{early_logit}", 1, early_logit))}
         ctrl = make_controller("policy", policy_path=policy_zip, settings=settings)
-        obs, info = env.reset(seed=3)
-        ctrl.reset(env, seed=3, run_name="e")
-        monkeypatch.setattr(ctrl.model, "predict", lambda *a, **k: (proposal, None))
-        played = []
-        for _ in range(5):
-            a = ctrl.act(obs, info)
-            played.append(a.tolist())
-            obs, _, _, _, info = env.step(a)
+        played = _play(env, ctrl, proposal, monkeypatch)
         start = 5 if acts_from is None else acts_from
         assert played == [neutral] * start + [proposal.tolist()] * (5 - start), (early_logit, late_logit)
         d = ctrl.describe()
