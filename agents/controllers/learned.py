@@ -51,7 +51,9 @@ window, runs of scenarios whose first event comes later are the same run (``calm
 ``attn_logit`` of one seed), and a gate there cannot tell them apart; after five it can, but the
 policy then loses its first windows (``assets/results/policy_scenarios``). With both, the early gate
 opens the policy at its own window where it is confident (``P >= early_gate_confidence``, default
-0.8); anywhere else the run waits, and ``gate`` decides at its window as usual.
+0.8); anywhere else the run waits, and ``gate`` decides at its window as usual. On fresh seeds
+(``assets/results/policy_gates``) the pair kept the early gate's gains where the first window shows the
+trouble and the later gate's harmlessness elsewhere, which neither gate alone did.
 """
 
 from __future__ import annotations
