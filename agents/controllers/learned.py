@@ -67,6 +67,7 @@ import numpy as np
 
 from agents.controllers.base import Controller
 from stso_env.envs.gpt2_env import LR_CHANGES, NEUTRAL_ACTION
+from stso_env.monitor.monitor import OBSERVATION_NAMES
 
 #: How the shield compares the policy's action with the neutral one (see the module docstring).
 SHIELD_RULES = ("upper", "dominance")
@@ -160,17 +161,13 @@ class LearnedPolicy(Controller):
             self.proxy = ProxyEnsemble.load(self.proxy_dir)
             self.bounds = ConformalBounds.load(self.proxy_dir)
         self.proposed = self.shielded = 0
-        self.gate_path = None if gate is None else Path(gate)
-        self.gate = None
-        if self.gate_path is not None:
-            from agents.controllers.outcome_gate import OutcomeGate
+        from agents.controllers.outcome_gate import OutcomeGate
 
-            self.gate = OutcomeGate.load(self.gate_path)
+        self.gate_path = None if gate is None else Path(gate)
+        self.gate = None if self.gate_path is None else OutcomeGate.load(self.gate_path)
         self.early_gate_path = None if early_gate is None else Path(early_gate)
         self.early_gate = None
         if self.early_gate_path is not None:
-            from agents.controllers.outcome_gate import OutcomeGate
-
             if self.gate is None:
                 raise ValueError(f"early_gate={str(early_gate)!r}: needs a gate to decide where it is not confident; "
                                  "set gate too")
@@ -201,8 +198,6 @@ class LearnedPolicy(Controller):
         self._window += 1
         if self.gate is None:
             return True
-        from stso_env.monitor.monitor import OBSERVATION_NAMES
-
         if self.early_gate is not None and window == self.early_gate.window:
             p = self.early_gate_probability = self.early_gate.probability(obs, OBSERVATION_NAMES)
             if p >= self.early_gate_confidence:
