@@ -162,6 +162,40 @@ def test_an_early_gate_opens_where_confident_and_leaves_the_rest_to_the_gate(pol
     env.close()
 
 
+def test_a_policy_on_the_tuned_lr_starts_from_the_sweep_and_bounds_its_drift_from_there(policy_zip, tmp_path,
+                                                                                        monkeypatch):
+    from agents.controllers.tuned import TunedFixed
+
+    sweeps = []
+
+    def sweep(self, base):
+        sweeps.append(1)
+        return {"lr_scale": 0.5, "tuning_flops": 123.0, "val_loss": {}}
+
+    monkeypatch.setattr(TunedFixed, "_sweep", sweep)
+    env = gym.make("STSO-GPT2-v0", **ENV)
+    proposal = np.array([0, 1, 0, 0, 0, 0])  # LR x0.8 every window, nothing else
+    neutral = list(NEUTRAL_ACTION)
+    ctrl = make_controller("policy", policy_path=policy_zip, tuning_dir=tmp_path, settings={"tune_lr": True})
+    played = _play(env, ctrl, proposal, monkeypatch, windows=5)
+    # from 0.5, three cuts reach 0.256 (0.512 of the tuned scale); a fourth would leave the bounds [0.5, 2]
+    assert played == [proposal.tolist()] * 3 + [neutral] * 2
+    assert env.unwrapped.trainer.knobs.lr_scale == pytest.approx(0.5 * 0.8 ** 3)
+    d = ctrl.describe()
+    assert d["tune_lr"] and d["lr_origin"] == 0.5 and d["tuning_flops"] == 123.0 and d["lr_changes_bounded"] == 2
+    assert ctrl.decisions[0]["kind"] == "tuned_lr" and "x0.5" in ctrl.decisions[0]["reason"]
+    # the sweep is cached with tuned_fixed's: a second run reads it
+    _play(env, ctrl, proposal, monkeypatch, windows=1)
+    assert len(sweeps) == 1 and len(list(tmp_path.glob("tuned_fixed__*.json"))) == 1
+    # without the setting the same policy starts from the schedule's LR
+    plain = make_controller("policy", policy_path=policy_zip, tuning_dir=tmp_path)
+    _play(env, plain, proposal, monkeypatch, windows=1)
+    assert plain.describe()["lr_origin"] == 1.0 and plain.tuning_flops == 0.0
+    with pytest.raises(ValueError, match="tune_lr"):
+        make_controller("policy", policy_path=policy_zip, settings={"tune_lr": "yes"})
+    env.close()
+
+
 def test_fit_gate_on_real_tiny_runs(policy_zip, tmp_path):
     from agents.fit_gate import main
 

@@ -54,6 +54,15 @@ opens the policy at its own window where it is confident (``P >= early_gate_conf
 0.8); anywhere else the run waits, and ``gate`` decides at its window as usual. On fresh seeds
 (``assets/results/policy_gates``) the pair kept the early gate's gains where the first window shows the
 trouble and the later gate's harmlessness elsewhere, which neither gate alone did.
+
+Tuned LR (``tune_lr: true``; off by default): before the run, the LR sweep of ``tuned_fixed``
+(:class:`agents.controllers.tuned.TunedFixed`, the same grid, tuning seeds, validation score and
+cache in ``tuning_dir``) sets the schedule's LR scale, and the policy, its gates and its LR bounds
+act on top of that schedule (``lr_bounds`` relative to the tuned scale). ``tuned_fixed`` is the best
+baseline of most cells of the ``core`` suite; this asks whether the policy adds anything to what a
+sweep finds. The sweep's FLOPs are reported as ``tuning_flops``, as for ``tuned_fixed``. The
+observation shows the tuned LR as it is, so where the sweep moved it the policy and its gates see
+LRs their training runs did not.
 """
 
 from __future__ import annotations
@@ -131,8 +140,15 @@ class LearnedPolicy(Controller):
                  shield_level: float = 0.9, shield_rule: str = "dominance",
                  lr_bounds: tuple[float, float] | list[float] | None = LR_BOUNDS,
                  gate: str | Path | None = None, early_gate: str | Path | None = None,
-                 early_gate_confidence: float = 0.8) -> None:
+                 early_gate_confidence: float = 0.8, tune_lr: bool = False,
+                 tuning_dir: str | Path | None = None) -> None:
         super().__init__()
+        if not isinstance(tune_lr, bool):
+            raise ValueError(f"tune_lr={tune_lr!r}: must be true or false")
+        from agents.controllers.tuned import TunedFixed
+
+        self.tuner = TunedFixed(tuning_dir=tuning_dir) if tune_lr else None
+        self.lr_origin = 1.0  # the LR scale the run starts from: 1, or the sweep's choice
         if lr_bounds is not None:
             lo, hi = (float(x) for x in lr_bounds)
             if not 0 < lo <= 1.0 <= hi:
@@ -191,6 +207,14 @@ class LearnedPolicy(Controller):
         self.proposed = self.shielded = self.bounded = 0
         self._window, self.gate_open, self.gate_probability = 0, None, None
         self.early_gate_probability = self.gate_window = None
+        self.lr_origin = 1.0
+        if self.tuner is not None:
+            # the sweep runs once per setting (cached in tuning_dir) and sets the schedule's LR scale
+            self.tuner.reset(env, seed=seed, run_name=run_name)
+            self.tuning_flops = self.tuner.tuning_flops
+            self.lr_origin = float(self.base.trainer.knobs.lr_scale)
+            self.record("tuned_lr", NEUTRAL_ACTION, f"LR x{self.lr_origin:g} from the tuned_fixed sweep; the policy "
+                                                    "acts on top of it")
 
     def _gate_allows(self, obs: np.ndarray) -> bool:
         """False while the gate keeps the neutral action (its first windows, or the whole run once closed)."""
@@ -246,7 +270,7 @@ class LearnedPolicy(Controller):
         action = np.asarray(action, dtype=np.int64).reshape(-1)
         if self.lr_bounds is not None:
             scale = float(info["lr_scale"]) if "lr_scale" in info else float(self.base.trainer.knobs.lr_scale)
-            action, bounded = bound_lr_change(action, scale, self.lr_bounds)
+            action, bounded = bound_lr_change(action, scale / self.lr_origin, self.lr_bounds)
             self.bounded += int(bounded)
         if action.tolist() == list(NEUTRAL_ACTION):
             return action
@@ -276,4 +300,5 @@ class LearnedPolicy(Controller):
                 "gate_probability": self.gate_probability, "gate_window": self.gate_window,
                 "early_gate": None if self.early_gate_path is None else str(self.early_gate_path),
                 "early_gate_confidence": self.early_gate_confidence,
-                "early_gate_probability": self.early_gate_probability}
+                "early_gate_probability": self.early_gate_probability, "tune_lr": self.tuner is not None,
+                "lr_origin": self.lr_origin, "tuning_flops": self.tuning_flops}
