@@ -303,10 +303,16 @@ def test_policy_lr_drift_is_bounded(tmp_path, monkeypatch):
     obs, info = env.reset(seed=1)
     ctrl.reset(env, seed=1, run_name="p")
     monkeypatch.setattr(ctrl.model, "predict", lambda *a, **k: (np.array([0, 1, 1, 0, 0, 0]), None))  # LR x0.8
-    assert ctrl.act(obs, dict(info, lr_scale=1.0)).tolist() == [0, 1, 1, 0, 0, 0]  # 0.8: inside [0.5, 2]
-    assert ctrl.act(obs, dict(info, lr_scale=0.6)).tolist() == [2, 1, 1, 0, 0, 0]  # 0.48: held at 0.6
+    knobs = env.unwrapped.trainer.knobs  # the bound reads the LR scale the trainer runs at
+
+    def act_at(scale):
+        knobs.lr_scale = scale
+        return ctrl.act(obs, info).tolist()
+
+    assert act_at(1.0) == [0, 1, 1, 0, 0, 0]  # 0.8: inside [0.5, 2]
+    assert act_at(0.6) == [2, 1, 1, 0, 0, 0]  # 0.48: held at 0.6
     monkeypatch.setattr(ctrl.model, "predict", lambda *a, **k: (np.array([3, 1, 0, 0, 0, 0]), None))  # LR x1.1
-    assert ctrl.act(obs, dict(info, lr_scale=1.9)).tolist() == list(NEUTRAL_ACTION)  # 2.09 > 2
+    assert act_at(1.9) == list(NEUTRAL_ACTION)  # 2.09 > 2
     assert ctrl.describe()["lr_changes_bounded"] == 2
     with pytest.raises(ValueError, match="lr_bounds"):
         make_controller("policy", policy_path=path, settings={"lr_bounds": [1.5, 2.0]})

@@ -191,8 +191,15 @@ def test_a_policy_on_the_tuned_lr_starts_from_the_sweep_and_bounds_its_drift_fro
     plain = make_controller("policy", policy_path=policy_zip, tuning_dir=tmp_path)
     _play(env, plain, proposal, monkeypatch, windows=1)
     assert plain.describe()["lr_origin"] == 1.0 and plain.tuning_flops == 0.0
+    # bounds from the schedule's own LR: from 0.5 no cut is left
+    own = make_controller("policy", policy_path=policy_zip, tuning_dir=tmp_path,
+                          settings={"tune_lr": True, "lr_bounds_from": "schedule"})
+    assert _play(env, own, proposal, monkeypatch, windows=2) == [neutral] * 2
+    assert own.describe()["lr_origin"] == 1.0 and own.describe()["tuned_lr_scale"] == 0.5
     with pytest.raises(ValueError, match="tune_lr"):
         make_controller("policy", policy_path=policy_zip, settings={"tune_lr": "yes"})
+    with pytest.raises(ValueError, match="lr_bounds_from"):
+        make_controller("policy", policy_path=policy_zip, settings={"lr_bounds_from": "run"})
     env.close()
 
 

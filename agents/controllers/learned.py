@@ -58,7 +58,9 @@ trouble and the later gate's harmlessness elsewhere, which neither gate alone di
 Tuned LR (``tune_lr: true``; off by default): before the run, the LR sweep of ``tuned_fixed``
 (:class:`agents.controllers.tuned.TunedFixed`, the same grid, tuning seeds, validation score and
 cache in ``tuning_dir``) sets the schedule's LR scale, and the policy, its gates and its LR bounds
-act on top of that schedule (``lr_bounds`` relative to the tuned scale). ``tuned_fixed`` is the best
+act on top of that schedule (``lr_bounds`` relative to the tuned scale; with ``lr_bounds_from:
+schedule``, relative to the schedule's own LR, so a policy cannot cut below ``lr_bounds[0]`` of it
+however low the sweep started). ``tuned_fixed`` is the best
 baseline of most cells of the ``core`` suite; this asks whether the policy adds anything to what a
 sweep finds. The sweep's FLOPs are reported as ``tuning_flops``, as for ``tuned_fixed``. The
 observation shows the tuned LR as it is, so where the sweep moved it the policy and its gates see
@@ -141,14 +143,18 @@ class LearnedPolicy(Controller):
                  lr_bounds: tuple[float, float] | list[float] | None = LR_BOUNDS,
                  gate: str | Path | None = None, early_gate: str | Path | None = None,
                  early_gate_confidence: float = 0.8, tune_lr: bool = False,
-                 tuning_dir: str | Path | None = None) -> None:
+                 tuning_dir: str | Path | None = None, lr_bounds_from: str = "tuned") -> None:
         super().__init__()
         if not isinstance(tune_lr, bool):
             raise ValueError(f"tune_lr={tune_lr!r}: must be true or false")
+        if lr_bounds_from not in ("tuned", "schedule"):
+            raise ValueError(f"lr_bounds_from={lr_bounds_from!r}: choose tuned (bounds relative to the LR the run "
+                             "starts from) or schedule (relative to the schedule's own LR)")
+        self.lr_bounds_from = lr_bounds_from
         from agents.controllers.tuned import TunedFixed
 
         self.tuner = TunedFixed(tuning_dir=tuning_dir) if tune_lr else None
-        self.lr_origin = 1.0  # the LR scale the run starts from: 1, or the sweep's choice
+        self.lr_origin = 1.0  # the LR scale lr_bounds are relative to: 1, or the sweep's choice
         if lr_bounds is not None:
             lo, hi = (float(x) for x in lr_bounds)
             if not 0 < lo <= 1.0 <= hi:
@@ -212,9 +218,10 @@ class LearnedPolicy(Controller):
             # the sweep runs once per setting (cached in tuning_dir) and sets the schedule's LR scale
             self.tuner.reset(env, seed=seed, run_name=run_name)
             self.tuning_flops = self.tuner.tuning_flops
-            self.lr_origin = float(self.base.trainer.knobs.lr_scale)
-            self.record("tuned_lr", NEUTRAL_ACTION, f"LR x{self.lr_origin:g} from the tuned_fixed sweep; the policy "
-                                                    "acts on top of it")
+            if self.lr_bounds_from == "tuned":
+                self.lr_origin = float(self.base.trainer.knobs.lr_scale)
+            self.record("tuned_lr", NEUTRAL_ACTION, f"LR x{self.base.trainer.knobs.lr_scale:g} from the tuned_fixed "
+                                                    "sweep; the policy acts on top of it")
 
     def _gate_allows(self, obs: np.ndarray) -> bool:
         """False while the gate keeps the neutral action (its first windows, or the whole run once closed)."""
@@ -269,7 +276,8 @@ class LearnedPolicy(Controller):
             action, _ = self.model.predict(obs, deterministic=True)
         action = np.asarray(action, dtype=np.int64).reshape(-1)
         if self.lr_bounds is not None:
-            scale = float(info["lr_scale"]) if "lr_scale" in info else float(self.base.trainer.knobs.lr_scale)
+            # the trainer's own knob: the reset's info predates the LR a tuned start sets
+            scale = float(self.base.trainer.knobs.lr_scale)
             action, bounded = bound_lr_change(action, scale / self.lr_origin, self.lr_bounds)
             self.bounded += int(bounded)
         if action.tolist() == list(NEUTRAL_ACTION):
@@ -301,4 +309,6 @@ class LearnedPolicy(Controller):
                 "early_gate": None if self.early_gate_path is None else str(self.early_gate_path),
                 "early_gate_confidence": self.early_gate_confidence,
                 "early_gate_probability": self.early_gate_probability, "tune_lr": self.tuner is not None,
-                "lr_origin": self.lr_origin, "tuning_flops": self.tuning_flops}
+                "lr_origin": self.lr_origin, "lr_bounds_from": self.lr_bounds_from,
+                "tuned_lr_scale": self.tuner.tuning.get("lr_scale") if self.tuner is not None else None,
+                "tuning_flops": self.tuning_flops}
