@@ -14,8 +14,11 @@ reads it with the setting ``gate``.
 Several corpora (a comma list) give one gate fitted on the runs of all of them: a gate fitted on one
 corpus reads another's loss levels as a different state and can misfire there.
 
-Seeds default to 200000 and up: apart from the collection's (0 and up), ``make train``'s
-evaluation (100000 and up) and the suites' (300000 and up).
+``--against tuned_fixed [--tuning-dir DIR]``: the gate of a policy that plays on top of
+``tuned_fixed``'s LR (``tune_lr: true``). Each setting's sweep runs first (cached in ``DIR``, by
+default ``tuning/`` beside ``--out``), both copies of every run start on the swept LR, and the
+policy's copy keeps its LR bounds relative to it: the label says whether the policy beats
+``tuned_fixed``, the question it is scored on.
 """
 
 from __future__ import annotations
@@ -48,10 +51,12 @@ def play_to_end(env: Any, act: Any, obs: np.ndarray, info: dict[str, Any]) -> fl
 
 def gate_runs(policy: Path, scenarios: Sequence[str], seeds: Sequence[int], *, window: int, preset: str = "tiny",
               corpus: str | Sequence[str] = "builtin", episode_steps: int = 600, decision_interval: int = 10,
-              builtin_chars: int | None = None, progress: bool = True) -> tuple[np.ndarray, list[dict[str, Any]]]:
+              builtin_chars: int | None = None, progress: bool = True, against: str = "fixed",
+              tuning_dir: Path | None = None) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """The gate's training data: the observation after ``window`` neutral windows, one row per run, and
     per run the end probe loss of the fixed schedule and of the policy from there; ``corpus``: one corpus
-    or several (every scenario and seed runs on each)."""
+    or several (every scenario and seed runs on each). ``against="tuned_fixed"``: every run starts on
+    the LR of ``tuned_fixed``'s sweep (cached in ``tuning_dir``) and the policy plays on top of it."""
     import gymnasium as gym
 
     import stso_env  # noqa: F401  (registers the envs)
@@ -60,7 +65,14 @@ def gate_runs(policy: Path, scenarios: Sequence[str], seeds: Sequence[int], *, w
     if window * decision_interval >= episode_steps:
         raise ConfigError(f"--window {window}: {window} windows of {decision_interval} steps leave nothing of a "
                           f"{episode_steps}-step run for the policy; lower it")
+    from agents.controllers.outcome_gate import REFERENCES
     from stso_env.config import TrainConfig, apply_overrides
+
+    if against not in REFERENCES:
+        raise ConfigError(f"--against {against}: choose one of {', '.join(REFERENCES)}")
+    tuned = against == "tuned_fixed"
+    if tuned and tuning_dir is None:
+        raise ConfigError("--against tuned_fixed needs a tuning directory (--tuning-dir) to cache the sweep in")
 
     config = TrainConfig()
     if builtin_chars is not None:
@@ -68,7 +80,11 @@ def gate_runs(policy: Path, scenarios: Sequence[str], seeds: Sequence[int], *, w
     corpora = [corpus] if isinstance(corpus, str) else list(corpus)
     if not corpora:
         raise ConfigError("--corpus: name at least one corpus (builtin, a text file or folder, hf:...)")
-    ctrl = LearnedPolicy(policy, shield=False)
+    ctrl = LearnedPolicy(policy, shield=False, tune_lr=tuned, tuning_dir=tuning_dir)
+    if tuned:
+        from agents.controllers.tuned import TunedFixed
+
+        tuner = TunedFixed(tuning_dir=tuning_dir)
     states, runs = [], []
     cases = [(c, sc, sd) for c in corpora for sc in scenarios for sd in seeds]
     bar = tqdm(total=len(cases), desc="gate runs", unit="run", file=sys.stderr, disable=not progress)
@@ -76,6 +92,10 @@ def gate_runs(policy: Path, scenarios: Sequence[str], seeds: Sequence[int], *, w
         env = gym.make("STSO-GPT2-v0", preset=preset, scenario=scenario, corpus=corpus_name, config=config,
                        decision_interval=decision_interval, episode_steps=episode_steps).unwrapped
         obs, info = env.reset(seed=int(seed))
+        if tuned:
+            # the sweep's LR from the first step, as tuned_fixed plays it; the fork keeps it
+            tuner.reset(env, seed=int(seed), run_name=f"gate-{scenario}-{seed}")
+        lr_scale = float(env.trainer.knobs.lr_scale)
         for _ in range(window):
             obs, _, terminated, truncated, info = env.step(NEUTRAL)
             if terminated or truncated:
@@ -90,8 +110,8 @@ def gate_runs(policy: Path, scenarios: Sequence[str], seeds: Sequence[int], *, w
         learned = play_to_end(env, ctrl.act, obs, info)
         env.close()
         states.append(np.asarray(obs, dtype=np.float64))
-        runs.append({"corpus": corpus_name, "scenario": scenario, "seed": int(seed), "fixed_probe_loss": fixed,
-                     "policy_probe_loss": learned, "policy_wins": bool(learned < fixed)})
+        runs.append({"corpus": corpus_name, "scenario": scenario, "seed": int(seed), "lr_scale": lr_scale,
+                     "fixed_probe_loss": fixed, "policy_probe_loss": learned, "policy_wins": bool(learned < fixed)})
         bar.update(1)
         bar.set_postfix_str(f"{corpus_name} {scenario} {seed}: fixed {fixed:.3f}, policy {learned:.3f}")
     bar.close()
@@ -102,12 +122,15 @@ def runs_table(gate: Any, states: np.ndarray) -> list[str]:
     """The runs the gate was fitted on, as Markdown table lines, with the probability it gives each."""
     from stso_env.monitor.monitor import OBSERVATION_NAMES
 
-    lines = ["| corpus | scenario | seed | fixed: end probe loss | policy: end probe loss | policy wins | "
-             "gate: P(policy wins) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    ref = "fixed" if gate.reference == "fixed" else "tuned_fixed"
+    lines = [f"| corpus | scenario | seed | start LR scale | {ref}: end probe loss | policy: end probe loss | "
+             "policy wins | gate: P(policy wins) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r, x in zip(gate.runs, states):
         prob = gate.probability(np.asarray(x), OBSERVATION_NAMES)
         # gates written before runs named their corpus were fitted on one corpus, not named in the file
-        lines.append(f"| `{r.get('corpus', '?')}` | `{r['scenario']}` | {r['seed']} | {r['fixed_probe_loss']:.4f} "
+        # runs written before the start LR was recorded started on the schedule's own (x1)
+        lines.append(f"| `{r.get('corpus', '?')}` | `{r['scenario']}` | {r['seed']} | x{r.get('lr_scale', 1.0):g} "
+                     f"| {r['fixed_probe_loss']:.4f} "
                      f"| {r['policy_probe_loss']:.4f} "
                      f"| {'yes' if r['policy_wins'] else 'no'} | {prob:.2f} |")
     return lines
@@ -116,8 +139,8 @@ def runs_table(gate: Any, states: np.ndarray) -> list[str]:
 def write_report(gate: Any, out: Path, meta: dict[str, Any]) -> Path:
     """``gate.md`` beside the gate: the runs it was fitted on and what it says about each."""
     lines = ["# Outcome gate", "", f"Command: `{meta['command']}`  ", f"Commit: `{meta.get('commit')}`  ",
-             f"Policy `{meta['policy']}`; the gate decides after {gate.window} neutral windows; "
-             f"{meta['seconds']:.0f} s.", "", *runs_table(gate, meta["states"])]
+             f"Policy `{meta['policy']}` against {gate.reference_name}; the gate decides after {gate.window} "
+             f"neutral windows; {meta['seconds']:.0f} s.", "", *runs_table(gate, meta["states"])]
     top = np.argsort(-np.abs(np.asarray(gate.coef)))[:5]
     if any(gate.coef):
         lines += ["", "Largest standardised coefficients: " + ", ".join(
@@ -148,7 +171,7 @@ def fit_and_write(policy: Path, scenarios: Sequence[str], seeds: Sequence[int], 
     wins = np.asarray([r["policy_wins"] for r in runs], dtype=np.int64)
     names = gate_features(OBSERVATION_NAMES, loss_levels)
     cols = [OBSERVATION_NAMES.index(n) for n in names]
-    gate = fit_gate(states[:, cols], wins, names, window, runs, c=c)
+    gate = fit_gate(states[:, cols], wins, names, window, runs, c=c, reference=run_settings.get("against", "fixed"))
     out.parent.mkdir(parents=True, exist_ok=True)
     gate.save(out)
     meta = {"policy": str(policy), "seconds": time.perf_counter() - t0, "states": states.tolist(),
@@ -175,6 +198,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-loss-levels", dest="loss_levels", action="store_false",
                    help="the gate does not read the loss levels (loss, batch and probe loss and their EMAs), "
                         "which differ between corpora")
+    p.add_argument("--against", default="fixed", choices=["fixed", "tuned_fixed"],
+                   help="what the policy is compared with: the fixed schedule, or tuned_fixed (both copies start "
+                        "on its swept LR and the policy plays on top of it, as with tune_lr: true)")
+    p.add_argument("--tuning-dir", default=None,
+                   help="cache of tuned_fixed's sweeps with --against tuned_fixed (default: tuning/ beside --out)")
     p.add_argument("--out", required=True, help="gate file to write (JSON); a .md report goes beside it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -200,7 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             command="python -m agents.fit_gate " + " ".join(sys.argv[1:] if argv is None else argv),
             preset=args.preset, corpus=corpora, episode_steps=args.episode_steps,
             decision_interval=args.decision_interval, builtin_chars=args.builtin_chars,
-            progress=not args.no_progress)
+            progress=not args.no_progress, against=args.against,
+            tuning_dir=None if args.against == "fixed" else Path(args.tuning_dir or Path(args.out).parent / "tuning"))
     except STSOError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -66,6 +66,12 @@ def test_bad_gate_files_are_clear_errors(tmp_path):
             OutcomeGate.load(tmp_path / "bad.json")
     with pytest.raises(DataError, match="lacks"):
         gate.probability(np.zeros(2), ["grad_norm", "loss"])
+    (tmp_path / "bad.json").write_text(json.dumps(dict(raw, reference="best")))
+    with pytest.raises(DataError, match="reference='best'.*fixed, tuned_fixed"):
+        OutcomeGate.load(tmp_path / "bad.json")
+    # files written before the reference was recorded compared the policy with the fixed schedule
+    (tmp_path / "old.json").write_text(json.dumps({k: v for k, v in raw.items() if k != "reference"}))
+    assert OutcomeGate.load(tmp_path / "old.json").reference == "fixed"
 
 
 @pytest.fixture(scope="module")
@@ -244,3 +250,47 @@ def test_fit_gate_on_two_corpora(policy_zip, tmp_path):
     # the same seed on another corpus is another run: its fixed schedule ends elsewhere
     assert runs[0]["fixed_probe_loss"] != runs[1]["fixed_probe_loss"]
     assert f"| `{wiki}` | `calm` | 200000 |" in out.with_suffix(".md").read_text()
+
+
+def test_fit_gate_against_tuned_fixed_starts_both_copies_on_the_swept_lr(policy_zip, tmp_path, monkeypatch):
+    """``--against tuned_fixed``: the reference copy is exactly a tuned_fixed run, and the gate says so."""
+    from agents.controllers.tuned import TunedFixed
+    from agents.fit_gate import main
+    from stso_env.config import TrainConfig, apply_overrides
+
+    monkeypatch.setattr(TunedFixed, "_sweep", lambda self, base: {"lr_scale": 0.5, "tuning_flops": 1.0,
+                                                                  "val_loss": {}})
+    common = ["--policy", str(policy_zip), "--scenarios", "calm", "--seeds", "1", "--episode-steps", "40",
+              "--decision-interval", "5", "--builtin-chars", "200000", "--no-progress"]
+    out = tmp_path / "tuned" / "gate.json"
+    assert main(common + ["--against", "tuned_fixed", "--out", str(out)]) == 0
+    gate = OutcomeGate.load(out)
+    (run,) = gate.runs
+    assert gate.reference == "tuned_fixed" and run["lr_scale"] == 0.5
+    assert len(list((out.parent / "tuning").glob("tuned_fixed__*.json"))) == 1  # the sweep's cache beside it
+    report = out.with_suffix(".md").read_text()
+    assert "against tuned_fixed" in report and "| `builtin` | `calm` | 200000 | x0.5 |" in report
+    # the reference copy is tuned_fixed's own run of that seed, to the last digit
+    env = gym.make("STSO-GPT2-v0", preset="tiny", scenario="calm", corpus="builtin", decision_interval=5,
+                   episode_steps=40, config=apply_overrides(TrainConfig(), {"data.builtin_chars": 200000}))
+    ctrl = make_controller("tuned_fixed", tuning_dir=out.parent / "tuning")
+    obs, info = env.reset(seed=200000)
+    ctrl.reset(env, seed=200000, run_name="t")
+    done = False
+    while not done:
+        obs, _, terminated, truncated, info = env.step(ctrl.act(obs, info))
+        done = terminated or truncated
+    env.close()
+    assert run["fixed_probe_loss"] == info["probe_loss"]
+    # against the fixed schedule the same seed starts on x1 and ends elsewhere
+    plain = tmp_path / "plain.json"
+    assert main(common + ["--out", str(plain)]) == 0
+    (plain_run,) = OutcomeGate.load(plain).runs
+    assert plain_run["lr_scale"] == 1.0 and plain_run["fixed_probe_loss"] != run["fixed_probe_loss"]
+    assert OutcomeGate.load(plain).reference == "fixed"
+    # a gate fitted against tuned_fixed read runs on the tuned LR: the policy must play there too
+    with pytest.raises(ValueError, match="fitted against tuned_fixed.*tune_lr"):
+        make_controller("policy", policy_path=policy_zip, settings={"gate": str(out)})
+    tuned = make_controller("policy", policy_path=policy_zip, tuning_dir=out.parent / "tuning",
+                            settings={"gate": str(out), "tune_lr": True})
+    assert tuned.describe()["gate_reference"] == "tuned_fixed"

@@ -60,12 +60,14 @@ Tuned LR (``tune_lr: true``; off by default): before the run, the LR sweep of ``
 cache in ``tuning_dir``) sets the schedule's LR scale, and the policy, its gates and its LR bounds
 act on top of that schedule (``lr_bounds`` relative to the tuned scale; with ``lr_bounds_from:
 schedule``, relative to the schedule's own LR, so a policy cannot cut below ``lr_bounds[0]`` of it
-however low the sweep started). ``tuned_fixed`` is the best
-baseline of most cells of the ``core`` suite; this asks whether the policy adds anything to what a
-sweep finds. The sweep's FLOPs are reported as ``tuning_flops``, as for ``tuned_fixed``. The
-observation shows the tuned LR as it is, so where the sweep moved it the policy and its gates see
-LRs their training runs did not. Scored against ``fixed`` and ``tuned_fixed`` on fresh seeds in
-``assets/results/policy_tuned`` and ``assets/results/policy_tuned_bounds``.
+however low the sweep started). ``tuned_fixed`` is the best baseline of most cells of the ``core``
+suite; this asks whether the policy adds anything to what a sweep finds. The sweep's FLOPs are
+reported as ``tuning_flops``, as for ``tuned_fixed``. The observation shows the tuned LR as it is,
+so where the sweep moved it, gates fitted against ``fixed`` see LRs their runs did not; gates
+fitted against ``tuned_fixed`` (``agents.fit_gate --against tuned_fixed``) were fitted on runs that
+start on the tuned LR and ask whether the policy beats the sweep, and need ``tune_lr``. Scored
+against ``fixed`` and ``tuned_fixed`` on fresh seeds in ``assets/results/policy_tuned``,
+``assets/results/policy_tuned_bounds`` and ``assets/results/policy_tuned_baselines``.
 """
 
 from __future__ import annotations
@@ -199,6 +201,11 @@ class LearnedPolicy(Controller):
                 raise ValueError(f"early_gate={str(early_gate)!r} decides after {self.early_gate.window} windows, the "
                                  f"gate after {self.gate.window}: the early gate needs the smaller window "
                                  "(agents.fit_gate --window)")
+        for name, g in (("gate", self.gate), ("early_gate", self.early_gate)):
+            # a gate fitted against tuned_fixed read states of runs on the tuned LR: elsewhere it reads another run
+            if g is not None and g.reference == "tuned_fixed" and not tune_lr:
+                raise ValueError(f"{name}={str(gate if name == 'gate' else early_gate)!r} was fitted against "
+                                 "tuned_fixed, on runs that start on its swept LR: set tune_lr: true")
         conf = early_gate_confidence
         if isinstance(conf, bool) or not isinstance(conf, (int, float)) or not 0.5 <= conf < 1.0:
             raise ValueError(f"early_gate_confidence={conf!r}: a probability in [0.5, 1), e.g. 0.8")
@@ -234,8 +241,8 @@ class LearnedPolicy(Controller):
             p = self.early_gate_probability = self.early_gate.probability(obs, OBSERVATION_NAMES)
             if p >= self.early_gate_confidence:
                 self.gate_open, self.gate_probability, self.gate_window = True, p, window
-            self.record("gate", NEUTRAL_ACTION, f"early outcome gate after {window} windows: P(the policy beats the "
-                                                f"fixed schedule) {p:.2f}, " + (
+            self.record("gate", NEUTRAL_ACTION, f"early outcome gate after {window} windows: P(the policy beats "
+                                                f"{self.early_gate.reference_name}) {p:.2f}, " + (
                                                     "open: the policy acts" if self.gate_open else
                                                     f"below {self.early_gate_confidence:.2f}: the gate decides "
                                                     f"after {self.gate.window} windows"))
@@ -245,8 +252,8 @@ class LearnedPolicy(Controller):
             self.gate_probability = self.gate.probability(obs, OBSERVATION_NAMES)
             self.gate_open = self.gate_probability > 0.5
             self.gate_window = window if self.gate_open else None
-            self.record("gate", NEUTRAL_ACTION, f"outcome gate after {window} windows: P(the policy beats the "
-                                                f"fixed schedule) {self.gate_probability:.2f}, "
+            self.record("gate", NEUTRAL_ACTION, f"outcome gate after {window} windows: P(the policy beats "
+                                                f"{self.gate.reference_name}) {self.gate_probability:.2f}, "
                                                 + ("open: the policy acts" if self.gate_open
                                                    else "closed: the fixed schedule to the end"))
         return bool(self.gate_open)
@@ -306,6 +313,7 @@ class LearnedPolicy(Controller):
                 "lr_bounds": None if self.lr_bounds is None else list(self.lr_bounds),
                 "lr_changes_bounded": self.bounded,
                 "gate": None if self.gate_path is None else str(self.gate_path), "gate_open": self.gate_open,
+                "gate_reference": None if self.gate is None else self.gate.reference,
                 "gate_probability": self.gate_probability, "gate_window": self.gate_window,
                 "early_gate": None if self.early_gate_path is None else str(self.early_gate_path),
                 "early_gate_confidence": self.early_gate_confidence,

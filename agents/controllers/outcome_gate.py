@@ -13,8 +13,14 @@ each run by which of the two ends with the lower *probe* loss, and fits a logist
 LearnedPolicy` keeps the neutral action for the first ``window`` windows, asks the gate once, and
 then lets the policy act for the rest of the run or not at all.
 
+Against ``tuned_fixed`` (``agents.fit_gate --against tuned_fixed``): both copies of every run start on
+the LR that ``tuned_fixed``'s sweep picks for the setting, and the label says whether the policy on
+top of that LR (``tune_lr: true``) beats the tuned schedule. That is the question a policy on the
+tuned LR is scored on; a gate fitted against ``fixed`` answers another one.
+
 The file is JSON (``gate.json``): the observation features, their standardisation, the
-coefficients and the runs it was fitted on. Nothing is unpickled.
+coefficients, the reference the policy was compared with and the runs it was fitted on. Nothing
+is unpickled.
 """
 
 from __future__ import annotations
@@ -37,6 +43,10 @@ GATE_FORMAT = 1
 #: leaves them out and keeps their changes, volatilities and every other feature.
 LOSS_LEVELS = ("loss", "loss_ema", "batch_loss_mean", "batch_loss_mean_ema", "probe_loss", "probe_loss_ema")
 
+#: What the policy's copy of a fitting run is compared with: the fixed schedule, or the fixed schedule
+#: on ``tuned_fixed``'s swept LR (both copies then start on that LR).
+REFERENCES = ("fixed", "tuned_fixed")
+
 
 def gate_features(names: Sequence[str], loss_levels: bool = True) -> list[str]:
     """The observation features a gate reads: all of ``names``, or all but :data:`LOSS_LEVELS`."""
@@ -53,9 +63,12 @@ class OutcomeGate:
     scale: list[float]
     coef: list[float]
     intercept: float
-    #: the fitting runs: scenario, seed, end probe loss of the fixed schedule and of the policy, label
+    #: the fitting runs: scenario, seed, end probe loss of the fixed schedule (on the tuned LR against
+    #: ``tuned_fixed``) and of the policy, label
     runs: list[dict[str, Any]] = field(default_factory=list)
     format: int = GATE_FORMAT
+    #: what the policy was compared with (:data:`REFERENCES`); files written before it: ``fixed``
+    reference: str = "fixed"
 
     def __post_init__(self) -> None:
         n = len(self.features)
@@ -70,9 +83,16 @@ class OutcomeGate:
             raise DataError("outcome gate: scale must be positive")
         if not math.isfinite(self.intercept):
             raise DataError("outcome gate: intercept must be finite")
+        if self.reference not in REFERENCES:
+            raise DataError(f"outcome gate: reference={self.reference!r}, expected one of {', '.join(REFERENCES)}")
+
+    @property
+    def reference_name(self) -> str:
+        """The reference in words, for decisions and reports."""
+        return "the fixed schedule" if self.reference == "fixed" else "tuned_fixed"
 
     def probability(self, obs: np.ndarray, names: Sequence[str]) -> float:
-        """P(the policy beats the fixed schedule) for a run whose observation is ``obs`` (features ``names``)."""
+        """P(the policy beats the reference) for a run whose observation is ``obs`` (features ``names``)."""
         index = {n: i for i, n in enumerate(names)}
         missing = [f for f in self.features if f not in index]
         if missing:
@@ -113,9 +133,9 @@ class OutcomeGate:
 
 
 def fit_gate(states: np.ndarray, wins: np.ndarray, names: Sequence[str], window: int,
-             runs: list[dict[str, Any]], c: float = 1.0) -> OutcomeGate:
+             runs: list[dict[str, Any]], c: float = 1.0, reference: str = "fixed") -> OutcomeGate:
     """Fit the gate on ``states`` (one row per run, the observation after ``window`` windows) and
-    ``wins`` (1 where the policy ended the run with the lower probe loss). With one class only the
+    ``wins`` (1 where the policy ended the run with the lower probe loss than ``reference``). With one class only the
     gate is constant: always open when the policy won every run, always closed when it never did."""
     x = np.nan_to_num(np.asarray(states, dtype=np.float64), nan=0.0, posinf=1e6, neginf=-1e6)
     y = np.asarray(wins, dtype=np.int64)
@@ -133,4 +153,5 @@ def fit_gate(states: np.ndarray, wins: np.ndarray, names: Sequence[str], window:
         model = LogisticRegression(C=c, max_iter=1000).fit((x - mean) / scale, y)
         coef, intercept = model.coef_[0], float(model.intercept_[0])
     return OutcomeGate(window=int(window), features=list(names), mean=mean.tolist(), scale=scale.tolist(),
-                       coef=np.asarray(coef, dtype=np.float64).tolist(), intercept=float(intercept), runs=runs)
+                       coef=np.asarray(coef, dtype=np.float64).tolist(), intercept=float(intercept), runs=runs,
+                       reference=reference)
