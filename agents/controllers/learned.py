@@ -67,7 +67,8 @@ so where the sweep moved it, gates fitted against ``fixed`` see LRs their runs d
 fitted against ``tuned_fixed`` (``agents.fit_gate --against tuned_fixed``) were fitted on runs that
 start on the tuned LR and ask whether the policy beats the sweep, and need ``tune_lr``. Scored
 against ``fixed`` and ``tuned_fixed`` on fresh seeds in ``assets/results/policy_tuned``,
-``assets/results/policy_tuned_bounds`` and ``assets/results/policy_tuned_baselines``.
+``assets/results/policy_tuned_bounds`` and ``assets/results/policy_tuned_baselines``; behind gates
+fitted against ``tuned_fixed`` in ``assets/results/policy_tuned_gates``.
 """
 
 from __future__ import annotations
