@@ -68,7 +68,8 @@ fitted against ``tuned_fixed`` (``agents.fit_gate --against tuned_fixed``) were 
 start on the tuned LR and ask whether the policy beats the sweep, and need ``tune_lr``. Scored
 against ``fixed`` and ``tuned_fixed`` on fresh seeds in ``assets/results/policy_tuned``,
 ``assets/results/policy_tuned_bounds`` and ``assets/results/policy_tuned_baselines``; behind gates
-fitted against ``tuned_fixed`` in ``assets/results/policy_tuned_gates``.
+fitted against ``tuned_fixed`` in ``assets/results/policy_tuned_gates`` and, on the ``core``
+suite's cells and seeds, ``assets/results/core_tuned_policy``.
 """
 
 from __future__ import annotations
