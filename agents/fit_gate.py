@@ -19,6 +19,9 @@ corpus reads another's loss levels as a different state and can misfire there.
 default ``tuning/`` beside ``--out``), both copies of every run start on the swept LR, and the
 policy's copy keeps its LR bounds relative to it: the label says whether the policy beats
 ``tuned_fixed``, the question it is scored on.
+
+Seeds default to 200000 and up: apart from the collection's (0 and up), ``make train``'s
+evaluation (100000 and up) and the suites' (300000 and up).
 """
 
 from __future__ import annotations
@@ -81,10 +84,6 @@ def gate_runs(policy: Path, scenarios: Sequence[str], seeds: Sequence[int], *, w
     if not corpora:
         raise ConfigError("--corpus: name at least one corpus (builtin, a text file or folder, hf:...)")
     ctrl = LearnedPolicy(policy, shield=False, tune_lr=tuned, tuning_dir=tuning_dir)
-    if tuned:
-        from agents.controllers.tuned import TunedFixed
-
-        tuner = TunedFixed(tuning_dir=tuning_dir)
     states, runs = [], []
     cases = [(c, sc, sd) for c in corpora for sc in scenarios for sd in seeds]
     bar = tqdm(total=len(cases), desc="gate runs", unit="run", file=sys.stderr, disable=not progress)
@@ -94,7 +93,7 @@ def gate_runs(policy: Path, scenarios: Sequence[str], seeds: Sequence[int], *, w
         obs, info = env.reset(seed=int(seed))
         if tuned:
             # the sweep's LR from the first step, as tuned_fixed plays it; the fork keeps it
-            tuner.reset(env, seed=int(seed), run_name=f"gate-{scenario}-{seed}")
+            ctrl.tuner.reset(env, seed=int(seed), run_name=f"gate-{scenario}-{seed}")
         lr_scale = float(env.trainer.knobs.lr_scale)
         for _ in range(window):
             obs, _, terminated, truncated, info = env.step(NEUTRAL)
@@ -122,9 +121,9 @@ def runs_table(gate: Any, states: np.ndarray) -> list[str]:
     """The runs the gate was fitted on, as Markdown table lines, with the probability it gives each."""
     from stso_env.monitor.monitor import OBSERVATION_NAMES
 
-    ref = "fixed" if gate.reference == "fixed" else "tuned_fixed"
-    lines = [f"| corpus | scenario | seed | start LR scale | {ref}: end probe loss | policy: end probe loss | "
-             "policy wins | gate: P(policy wins) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [f"| corpus | scenario | seed | start LR scale | {gate.reference}: end probe loss | "
+             "policy: end probe loss | policy wins | gate: P(policy wins) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r, x in zip(gate.runs, states):
         prob = gate.probability(np.asarray(x), OBSERVATION_NAMES)
         # gates written before runs named their corpus were fitted on one corpus, not named in the file
