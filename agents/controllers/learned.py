@@ -69,7 +69,8 @@ start on the tuned LR and ask whether the policy beats the sweep, and need ``tun
 against ``fixed`` and ``tuned_fixed`` on fresh seeds in ``assets/results/policy_tuned``,
 ``assets/results/policy_tuned_bounds`` and ``assets/results/policy_tuned_baselines``; behind gates
 fitted against ``tuned_fixed`` in ``assets/results/policy_tuned_gates`` and, on the ``core``
-suite's cells and seeds, ``assets/results/core_tuned_policy``.
+suite's cells, ``assets/results/core_tuned_policy`` (its seeds) and
+``assets/results/core_tuned_policy_fresh`` (fresh ones).
 """
 
 from __future__ import annotations
