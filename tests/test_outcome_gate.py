@@ -209,6 +209,50 @@ def test_a_policy_on_the_tuned_lr_starts_from_the_sweep_and_bounds_its_drift_fro
     env.close()
 
 
+def test_a_policy_with_the_skip_step_guard_skips_what_skip_step_skips(policy_zip, monkeypatch):
+    """The guard is the skip_step controller under the policy: with the policy neutral, the run is
+    skip_step's run step for step (the same skipped steps, the same weights); with a proposal the policy's
+    actions play as before while the guard judges every step."""
+    import torch
+
+    from agents.controllers.skip_step import SkipStep
+
+    settings = {"rolling_interval_length": 6, "sigma_factor": 1.0}  # small and strict: skips within 25 steps
+    env = gym.make("STSO-GPT2-v0", **dict(ENV, scenario="spiky"))
+    trainer = lambda: env.unwrapped.trainer  # noqa: E731  (reset rebuilds it)
+    ref = SkipStep(**settings)
+    obs, info = env.reset(seed=3)
+    ref.reset(env, seed=3, run_name="ref")
+    for _ in range(5):
+        obs, _, _, _, info = env.step(ref.act(obs, info))
+    ref.close()
+    weights = {k: v.clone() for k, v in trainer().model.state_dict().items()}
+    assert ref.skipped_steps and len(ref.log) == 25
+    neutral = np.asarray(NEUTRAL_ACTION)
+    guarded = make_controller("policy", policy_path=policy_zip, settings={"skip_step": settings})
+    assert _play(env, guarded, neutral, monkeypatch) == [list(NEUTRAL_ACTION)] * 5
+    d = guarded.describe()
+    assert d["skip_step"] and d["skipped_steps"] == ref.skipped_steps and d["skip_step_settings"] == {
+        **settings, "exclude_skipped": False}
+    assert all(torch.equal(v, weights[k]) for k, v in trainer().model.state_dict().items())
+    assert [x["global_step"] for x in guarded.decisions if x["kind"] == "skip_step"] == ref.skipped_steps
+    guarded.close()
+    assert not trainer().pre_update_hooks and not trainer().pre_step_hooks
+    # the policy acts on top: its actions are played, the guard still judges all 25 steps
+    proposal = np.array([1, 1, 1, 0, 0, 0])  # LR x0.9
+    assert _play(env, guarded, proposal, monkeypatch) == [proposal.tolist()] * 5
+    assert len(guarded.guard.log) == 25 and guarded.describe()["skipped_steps"]
+    assert {x["kind"] for x in guarded.decisions} == {"policy", "skip_step"}
+    guarded.close()
+    plain = make_controller("policy", policy_path=policy_zip).describe()
+    assert not plain["skip_step"] and plain["skipped_steps"] == [] and plain["skip_step_settings"] is None
+    with pytest.raises(ValueError, match="skip_step='yes'"):
+        make_controller("policy", policy_path=policy_zip, settings={"skip_step": "yes"})
+    with pytest.raises(ValueError, match="its settings are rolling_interval_length"):
+        make_controller("policy", policy_path=policy_zip, settings={"skip_step": {"sigma": 2.0}})
+    env.close()
+
+
 def test_fit_gate_on_real_tiny_runs(policy_zip, tmp_path):
     from agents.fit_gate import main
 

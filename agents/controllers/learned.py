@@ -55,6 +55,15 @@ opens the policy at its own window where it is confident (``P >= early_gate_conf
 (``assets/results/policy_gates``) the pair kept the early gate's gains where the first window shows the
 trouble and the later gate's harmlessness elsewhere, which neither gate alone did.
 
+Skip-step guard (``skip_step: true``, or a mapping of :class:`agents.controllers.skip_step.SkipStep`'s
+settings; off by default): OLMo-core's skip-step rule runs under the policy for the whole run, gate
+open or closed, and vetoes the update of a step whose loss or grad norm is an outlier, exactly as the
+``skip_step`` controller does (the same class, attached to the same trainer). The gates are fitted
+without it. Why: on fresh seeds of the ``core`` suite's cells the tuned-gate policy was ``tuned_fixed``
+wherever its gates stayed closed, and there ``skip_step`` beat it on both ``spiky`` cells
+(``assets/results/core_tuned_policy_fresh``); the guard acts per optimizer step, below the policy's
+per-window actions, so the two compose.
+
 Tuned LR (``tune_lr: true``; off by default): before the run, the LR sweep of ``tuned_fixed``
 (:class:`agents.controllers.tuned.TunedFixed`, the same grid, tuning seeds, validation score and
 cache in ``tuning_dir``) sets the schedule's LR scale, and the policy, its gates and its LR bounds
@@ -149,8 +158,20 @@ class LearnedPolicy(Controller):
                  lr_bounds: tuple[float, float] | list[float] | None = LR_BOUNDS,
                  gate: str | Path | None = None, early_gate: str | Path | None = None,
                  early_gate_confidence: float = 0.8, tune_lr: bool = False,
-                 tuning_dir: str | Path | None = None, lr_bounds_from: str = "tuned") -> None:
+                 tuning_dir: str | Path | None = None, lr_bounds_from: str = "tuned",
+                 skip_step: bool | dict[str, Any] = False) -> None:
         super().__init__()
+        if not isinstance(skip_step, (bool, dict)):
+            raise ValueError(f"skip_step={skip_step!r}: true, false, or a mapping of the skip_step controller's "
+                             "settings (rolling_interval_length, sigma_factor, exclude_skipped)")
+        from agents.controllers.skip_step import SkipStep
+
+        try:
+            self.guard = (SkipStep(**skip_step) if isinstance(skip_step, dict)
+                          else SkipStep() if skip_step else None)
+        except TypeError as err:
+            raise ValueError(f"skip_step={skip_step!r}: {err}; its settings are rolling_interval_length, "
+                             "sigma_factor and exclude_skipped") from None
         if not isinstance(tune_lr, bool):
             raise ValueError(f"tune_lr={tune_lr!r}: must be true or false")
         if lr_bounds_from not in ("tuned", "schedule"):
@@ -233,6 +254,14 @@ class LearnedPolicy(Controller):
                 self.lr_origin = float(self.base.trainer.knobs.lr_scale)
             self.record("tuned_lr", NEUTRAL_ACTION, f"LR x{self.base.trainer.knobs.lr_scale:g} from the tuned_fixed "
                                                     "sweep; the policy acts on top of it")
+        if self.guard is not None:
+            self.guard.reset(env, seed=seed, run_name=run_name)
+            self.guard.decisions = self.decisions  # its skips are the policy's decisions too, in step order
+
+    def close(self) -> None:
+        if self.guard is not None:
+            self.guard.close()
+        super().close()
 
     def _gate_allows(self, obs: np.ndarray) -> bool:
         """False while the gate keeps the neutral action (its first windows, or the whole run once closed)."""
@@ -279,6 +308,8 @@ class LearnedPolicy(Controller):
                 np.asarray(p["diverged_prob"], dtype=np.float64))
 
     def act(self, obs: np.ndarray, info: dict[str, Any]) -> np.ndarray:
+        if self.guard is not None:
+            self.guard.act(obs, info)  # follows the trainer and its lineage; its own action is always neutral
         if not self._gate_allows(obs):
             return np.asarray(NEUTRAL_ACTION, dtype=np.int64)
         if self.algorithm == "maskable_ppo":
@@ -323,4 +354,8 @@ class LearnedPolicy(Controller):
                 "early_gate_probability": self.early_gate_probability, "tune_lr": self.tuner is not None,
                 "lr_origin": self.lr_origin, "lr_bounds_from": self.lr_bounds_from,
                 "tuned_lr_scale": self.tuner.tuning.get("lr_scale") if self.tuner is not None else None,
-                "tuning_flops": self.tuning_flops}
+                "tuning_flops": self.tuning_flops, "skip_step": self.guard is not None,
+                "skipped_steps": self.guard.skipped_steps if self.guard is not None else [],
+                "skip_step_settings": None if self.guard is None else {
+                    k: self.guard.describe()[k] for k in ("rolling_interval_length", "sigma_factor",
+                                                          "exclude_skipped")}}
