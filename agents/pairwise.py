@@ -56,8 +56,11 @@ def pairwise_rows(results: dict[str, Any], pairs: list[tuple[str, str]]) -> list
     return rows
 
 
-def _fmt_p(p: float | None) -> str:
-    return "n/a (equal runs)" if p is None else f"{p:.3g}"
+def _fmt_p(p: float | None, n: int) -> str:
+    # a paired t needs two pairs with both values (a diverged run has no test perplexity) and some spread
+    if p is None:
+        return "n/a (fewer than 2 complete pairs)" if n < 2 else "n/a (equal runs)"
+    return f"{p:.3g}"
 
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
@@ -66,7 +69,7 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         change = "n/a" if r["rel_change"] is None else f"{100 * r['rel_change']:+.1f} %"
         lines.append(f"| `{r['cell']}` | `{r['controller']}` | `{r['reference']}` | {r['n']} | {change} | "
-                     f"{_fmt_p(r['p'])} | {_fmt_p(r['p_holm'])} |")
+                     f"{_fmt_p(r['p'], r['n'])} | {_fmt_p(r['p_holm'], r['n'])} |")
     return lines
 
 

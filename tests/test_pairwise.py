@@ -16,7 +16,8 @@ def _results() -> dict:
 
     a, b = [10.0, 11.0, 12.0, 13.5], [10.5, 11.2, 12.9, 13.6]
     return {"suite": "toy", "meta": {"commit": "abc"},
-            "cells": {"c1": {"controllers": {"guarded": runs(a), "plain": runs(b), "other": runs(b)}}}}, a, b
+            "cells": {"c1": {"controllers": {"guarded": runs(a), "plain": runs(b), "other": runs(b),
+                                             "diverged": runs([None, None, None, 14.0])}}}}, a, b
 
 
 def test_known_answer_and_errors(tmp_path, capsys):
@@ -34,6 +35,10 @@ def test_known_answer_and_errors(tmp_path, capsys):
     assert main(["--results", str(path), "--pairs", "guarded:plain", "--out", str(out)]) == 0
     text = out.read_text()
     assert f"{100 * first['rel_change']:+.1f} %" in text and "commit `abc`" in text
+    # runs that diverged have no test perplexity: one complete pair is no test, and the table says so
+    assert main(["--results", str(path), "--pairs", "diverged:plain", "--out", str(out)]) == 0
+    assert "| `c1` | `diverged` | `plain` | 1 | " in out.read_text()
+    assert "n/a (fewer than 2 complete pairs)" in out.read_text()
     assert main(["--results", str(path), "--pairs", "guarded:nope"]) == 2
     assert "no controller nope" in capsys.readouterr().err
     assert main(["--results", str(path), "--pairs", "guarded"]) == 2
