@@ -63,7 +63,8 @@ without it. Why: on fresh seeds of the ``core`` suite's cells the tuned-gate pol
 wherever its gates stayed closed, and there ``skip_step`` beat it on both ``spiky`` cells
 (``assets/results/core_tuned_policy_fresh``); the guard acts per optimizer step, below the policy's
 per-window actions, so the two compose. Scored with and without it on fresh seeds in
-``assets/results/policy_skip_guard``.
+``assets/results/policy_skip_guard``, and against every baseline on all core cells in
+``assets/results/core_guard``.
 
 Tuned LR (``tune_lr: true``; off by default): before the run, the LR sweep of ``tuned_fixed``
 (:class:`agents.controllers.tuned.TunedFixed`, the same grid, tuning seeds, validation score and
