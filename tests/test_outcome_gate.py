@@ -168,6 +168,61 @@ def test_an_early_gate_opens_where_confident_and_leaves_the_rest_to_the_gate(pol
     env.close()
 
 
+def test_extrapolation_is_the_largest_standardised_feature():
+    gate = OutcomeGate(window=1, features=["grad_norm", "loss"], mean=[1.0, 2.0], scale=[2.0, 4.0],
+                       coef=[0.0, 0.0], intercept=0.0)
+    # grad_norm (5 - 1) / 2 = 2, loss (-10 - 2) / 4 = -3: the loss, three standard deviations out
+    assert gate.extrapolation(np.array([7.0, 5.0, -10.0]), ["lr", "grad_norm", "loss"]) == (3.0, "loss")
+
+
+def test_gate_max_z_refuses_an_open_gate_whose_state_lies_beyond_its_fitting_runs(policy_zip, tmp_path, monkeypatch):
+    env = gym.make("STSO-GPT2-v0", **ENV)
+    proposal = np.array([1, 1, 1, 0, 0, 0])
+    neutral = list(NEUTRAL_ACTION)
+    loss = OBSERVATION_NAMES.index("loss")
+
+    def gate(name, window, scale):
+        # always confident that the policy wins; it reads the training loss, in units of ``scale`` from 0
+        return str(OutcomeGate(window=window, features=["loss"], mean=[0.0], scale=[scale], coef=[0.0],
+                               intercept=10.0).save(tmp_path / f"{name}.json"))
+
+    def play(settings):
+        ctrl = make_controller("policy", policy_path=policy_zip, settings=settings)
+        obs, info = env.reset(seed=3)
+        ctrl.reset(env, seed=3, run_name="z")
+        monkeypatch.setattr(ctrl.model, "predict", lambda *a, **k: (proposal, None))
+        played, seen = [], []
+        for _ in range(5):
+            seen.append(float(obs[loss]))
+            a = ctrl.act(obs, info)
+            played.append(a.tolist())
+            obs, _, _, _, info = env.step(a)
+        return ctrl, played, seen
+
+    early, late, late_wide = gate("early", 1, 1.0), gate("late", 3, 1.0), gate("late_wide", 3, 1e3)
+    ctrl, played, seen = play({"gate": late, "early_gate": early})
+    assert played == [neutral] + [proposal.tolist()] * 4  # no limit: the early gate opens
+    # the observed loss (nats / log vocab) is its distance from 0
+    assert ctrl.describe()["early_gate_z"] == pytest.approx(abs(seen[1])) and abs(seen[1]) > 0.5
+    # a limit below the state's distance: neither gate opens, both refusals recorded with the feature
+    ctrl, played, seen = play({"gate": late, "early_gate": early, "gate_max_z": 0.5})
+    d = ctrl.describe()
+    assert played == [neutral] * 5 and d["gate_open"] is False and d["extrapolation_refusals"] == 2
+    assert d["early_gate_z"] == pytest.approx(abs(seen[1])) and d["gate_z"] == pytest.approx(abs(seen[3]))
+    assert d["early_gate_z_feature"] == d["gate_z_feature"] == "loss"
+    reasons = [x["reason"] for x in ctrl.decisions if x["kind"] == "gate"]
+    assert len(reasons) == 2 and all("not trusted" in r and "on loss, beyond gate_max_z 0.5" in r for r in reasons)
+    # the early gate refused, a gate whose runs spread wider decides at its own window and opens
+    ctrl, played, _ = play({"gate": late_wide, "early_gate": early, "gate_max_z": 0.5})
+    assert played == [neutral] * 3 + [proposal.tolist()] * 2 and ctrl.describe()["extrapolation_refusals"] == 1
+    for bad in (0, -1.0, True, "6"):
+        with pytest.raises(ValueError, match="gate_max_z"):
+            make_controller("policy", policy_path=policy_zip, settings={"gate": late, "gate_max_z": bad})
+    with pytest.raises(ValueError, match="set gate too"):
+        make_controller("policy", policy_path=policy_zip, settings={"gate_max_z": 6.0})
+    env.close()
+
+
 def test_a_policy_on_the_tuned_lr_starts_from_the_sweep_and_bounds_its_drift_from_there(policy_zip, tmp_path,
                                                                                         monkeypatch):
     from agents.controllers.tuned import TunedFixed

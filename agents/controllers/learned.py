@@ -55,6 +55,18 @@ opens the policy at its own window where it is confident (``P >= early_gate_conf
 (``assets/results/policy_gates``) the pair kept the early gate's gains where the first window shows the
 trouble and the later gate's harmlessness elsewhere, which neither gate alone did.
 
+Extrapolation limit (``gate_max_z``: a number of standard deviations; off by default): a gate is a
+logistic regression fitted on a dozen runs, and it answers any state, most confidently far from the
+runs it was fitted on. With the limit, a gate whose state has a feature more than ``gate_max_z``
+standard deviations of its fitting runs from their mean does not open (the early gate then leaves
+the decision to ``gate``; ``gate`` keeps the neutral action to the end); the distance is recorded
+either way (``early_gate_z``, ``gate_z``, and the feature). Why: on fresh seeds the early gate opened
+at P 1.0 on three ``calm`` and ``spiky`` runs whose first window lay 14 standard deviations out on
+``loss_delta``, and those runs ended 10-17 % worse than ``tuned_fixed``
+(``assets/results/policy_skip_guard``, ``assets/results/core_guard``); the opens that paid
+(``attn_logit``, ``edge``, ``spiky`` WikiText-2) lay within 5.5, those on ``attn_logit`` within 1.3.
+Scored with ``gate_max_z: 6`` on fresh seeds in ``assets/results/gate_extrapolation``.
+
 Skip-step guard (``skip_step: true``, or a mapping of :class:`agents.controllers.skip_step.SkipStep`'s
 settings; off by default): OLMo-core's skip-step rule runs under the policy for the whole run, gate
 open or closed, and vetoes the update of a step whose loss or grad norm is an outlier, exactly as the
@@ -161,8 +173,13 @@ class LearnedPolicy(Controller):
                  gate: str | Path | None = None, early_gate: str | Path | None = None,
                  early_gate_confidence: float = 0.8, tune_lr: bool = False,
                  tuning_dir: str | Path | None = None, lr_bounds_from: str = "tuned",
-                 skip_step: bool | dict[str, Any] = False) -> None:
+                 skip_step: bool | dict[str, Any] = False, gate_max_z: float | None = None) -> None:
         super().__init__()
+        if gate_max_z is not None and (isinstance(gate_max_z, bool) or not isinstance(gate_max_z, (int, float))
+                                       or not gate_max_z > 0 or not np.isfinite(gate_max_z)):
+            raise ValueError(f"gate_max_z={gate_max_z!r}: a positive number of standard deviations of the gate's "
+                             "fitting runs (e.g. 6), or null for no limit")
+        self.gate_max_z = None if gate_max_z is None else float(gate_max_z)
         if not isinstance(skip_step, (bool, dict)):
             raise ValueError(f"skip_step={skip_step!r}: true, false, or a mapping of the skip_step controller's "
                              "settings (rolling_interval_length, sigma_factor, exclude_skipped)")
@@ -218,6 +235,8 @@ class LearnedPolicy(Controller):
         self.gate = None if self.gate_path is None else OutcomeGate.load(self.gate_path)
         self.early_gate_path = None if early_gate is None else Path(early_gate)
         self.early_gate = None
+        if self.gate_max_z is not None and self.gate is None:
+            raise ValueError("gate_max_z: limits a gate's extrapolation; set gate too")
         if self.early_gate_path is not None:
             if self.gate is None:
                 raise ValueError(f"early_gate={str(early_gate)!r}: needs a gate to decide where it is not confident; "
@@ -241,12 +260,18 @@ class LearnedPolicy(Controller):
         self.gate_probability: float | None = None
         self.early_gate_probability: float | None = None
         self.gate_window: int | None = None  # the window at which the policy was let through
+        # how far each gate's state lay from its fitting runs (largest |z|, its feature), and the opens refused
+        self.early_gate_z: tuple[float, str] | None = None
+        self.gate_z: tuple[float, str] | None = None
+        self.extrapolation_refusals = 0
 
     def reset(self, env, *, seed: int, run_name: str) -> None:
         super().reset(env, seed=seed, run_name=run_name)
         self.proposed = self.shielded = self.bounded = 0
         self._window, self.gate_open, self.gate_probability = 0, None, None
         self.early_gate_probability = self.gate_window = None
+        self.early_gate_z = self.gate_z = None
+        self.extrapolation_refusals = 0
         self.lr_origin = 1.0
         if self.tuner is not None:
             # the sweep runs once per setting (cached in tuning_dir) and sets the schedule's LR scale
@@ -273,24 +298,41 @@ class LearnedPolicy(Controller):
             return True
         if self.early_gate is not None and window == self.early_gate.window:
             p = self.early_gate_probability = self.early_gate.probability(obs, OBSERVATION_NAMES)
-            if p >= self.early_gate_confidence:
+            self.early_gate_z = self.early_gate.extrapolation(obs, OBSERVATION_NAMES)
+            refused = p >= self.early_gate_confidence and self._beyond(self.early_gate_z)
+            if p >= self.early_gate_confidence and not refused:
                 self.gate_open, self.gate_probability, self.gate_window = True, p, window
             self.record("gate", NEUTRAL_ACTION, f"early outcome gate after {window} windows: P(the policy beats "
                                                 f"{self.early_gate.reference_name}) {p:.2f}, " + (
                                                     "open: the policy acts" if self.gate_open else
+                                                    self._refusal(self.early_gate_z) + f"; the gate decides after "
+                                                    f"{self.gate.window} windows" if refused else
                                                     f"below {self.early_gate_confidence:.2f}: the gate decides "
                                                     f"after {self.gate.window} windows"))
         if window < self.gate.window:
             return bool(self.gate_open)
         if self.gate_open is None:
             self.gate_probability = self.gate.probability(obs, OBSERVATION_NAMES)
-            self.gate_open = self.gate_probability > 0.5
+            self.gate_z = self.gate.extrapolation(obs, OBSERVATION_NAMES)
+            refused = self.gate_probability > 0.5 and self._beyond(self.gate_z)
+            self.gate_open = self.gate_probability > 0.5 and not refused
             self.gate_window = window if self.gate_open else None
             self.record("gate", NEUTRAL_ACTION, f"outcome gate after {window} windows: P(the policy beats "
                                                 f"{self.gate.reference_name}) {self.gate_probability:.2f}, "
                                                 + ("open: the policy acts" if self.gate_open
+                                                   else self._refusal(self.gate_z) + "; closed to the end" if refused
                                                    else "closed: the fixed schedule to the end"))
         return bool(self.gate_open)
+
+    def _beyond(self, z: tuple[float, str]) -> bool:
+        """True (and counted) when a gate's state lies beyond ``gate_max_z`` of its fitting runs."""
+        beyond = self.gate_max_z is not None and z[0] > self.gate_max_z
+        self.extrapolation_refusals += int(beyond)
+        return beyond
+
+    def _refusal(self, z: tuple[float, str]) -> str:
+        return (f"not trusted: the state lies {z[0]:.1f} standard deviations from the gate's fitting runs on "
+                f"{z[1]}, beyond gate_max_z {self.gate_max_z:g}")
 
     def _bounds(self, obs: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Conformal interval (lower, upper) of the probe loss N windows ahead (mean -/+ std without
@@ -353,7 +395,12 @@ class LearnedPolicy(Controller):
                 "gate_probability": self.gate_probability, "gate_window": self.gate_window,
                 "early_gate": None if self.early_gate_path is None else str(self.early_gate_path),
                 "early_gate_confidence": self.early_gate_confidence,
-                "early_gate_probability": self.early_gate_probability, "tune_lr": self.tuner is not None,
+                "early_gate_probability": self.early_gate_probability, "gate_max_z": self.gate_max_z,
+                "early_gate_z": None if self.early_gate_z is None else self.early_gate_z[0],
+                "early_gate_z_feature": None if self.early_gate_z is None else self.early_gate_z[1],
+                "gate_z": None if self.gate_z is None else self.gate_z[0],
+                "gate_z_feature": None if self.gate_z is None else self.gate_z[1],
+                "extrapolation_refusals": self.extrapolation_refusals, "tune_lr": self.tuner is not None,
                 "lr_origin": self.lr_origin, "lr_bounds_from": self.lr_bounds_from,
                 "tuned_lr_scale": self.tuner.tuning.get("lr_scale") if self.tuner is not None else None,
                 "tuning_flops": self.tuning_flops, "skip_step": self.guard is not None,

@@ -91,17 +91,28 @@ class OutcomeGate:
         """The reference in words, for decisions and reports."""
         return "the fixed schedule" if self.reference == "fixed" else "tuned_fixed"
 
-    def probability(self, obs: np.ndarray, names: Sequence[str]) -> float:
-        """P(the policy beats the reference) for a run whose observation is ``obs`` (features ``names``)."""
+    def standardised(self, obs: np.ndarray, names: Sequence[str]) -> np.ndarray:
+        """The gate's features of ``obs`` (features ``names``) in standard deviations of the fitting runs."""
         index = {n: i for i, n in enumerate(names)}
         missing = [f for f in self.features if f not in index]
         if missing:
             raise DataError(f"outcome gate: the observation lacks {missing}; fit the gate on this env's features")
         x = np.nan_to_num(np.asarray(obs, dtype=np.float64)[[index[f] for f in self.features]],
                           nan=0.0, posinf=1e6, neginf=-1e6)
-        z = float(np.dot((x - np.asarray(self.mean)) / np.asarray(self.scale), np.asarray(self.coef))
-                  + self.intercept)
+        return (x - np.asarray(self.mean)) / np.asarray(self.scale)
+
+    def probability(self, obs: np.ndarray, names: Sequence[str]) -> float:
+        """P(the policy beats the reference) for a run whose observation is ``obs`` (features ``names``)."""
+        z = float(np.dot(self.standardised(obs, names), np.asarray(self.coef)) + self.intercept)
         return 1.0 / (1.0 + math.exp(-max(min(z, 500.0), -500.0)))
+
+    def extrapolation(self, obs: np.ndarray, names: Sequence[str]) -> tuple[float, str]:
+        """How far ``obs`` lies outside the fitting runs: the largest absolute standardised feature and its
+        name. A logistic regression fitted on a dozen runs answers any state, and far from them with the
+        most confidence, so a large value means the probability is extrapolated, not learned."""
+        z = np.abs(self.standardised(obs, names))
+        k = int(np.argmax(z))
+        return float(z[k]), self.features[k]
 
     def save(self, path: str | Path) -> Path:
         from stso_env.files import write_text_atomic
