@@ -430,43 +430,57 @@ def make_jobs(suite: Any, out: Path, *, val_windows: int = 64, device: str | Non
     return jobs
 
 
-def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    """One controller on one seed of one cell; returns ``{"record", "curve", "setup"}`` (plain data).
+def job_controller(job: dict[str, Any]) -> Any:
+    """The controller of ``job`` (a :func:`make_jobs` dict), built from its settings and resources."""
+    from agents.controllers import make_controller
+    from stso_env.errors import ConfigError
 
-    Module-level and driven by its argument alone, so parallel workers run exactly what a serial
-    run would."""
+    try:
+        return make_controller(job.get("variant_of", job["controller"]), settings=job["settings"],
+                               proxy_dir=job["proxy"], policy_path=job["policy"],
+                               branch_dir=Path(job["branch_dir"]), tuning_dir=Path(job["tuning_dir"]),
+                               ray_address=job.get("ray_address"))
+    except ValueError as err:  # unknown or invalid settings
+        raise ConfigError(str(err)) from err
+
+
+def job_env(job: dict[str, Any], ctrl: Any) -> Any:
+    """The main run's env of ``job`` for ``ctrl`` (its episode shortened by the controller's main-run share)."""
     import gymnasium as gym
 
     import stso_env  # noqa: F401  (registers the envs)
-    from agents.controllers import make_controller
     from stso_env.config import TrainConfig, apply_overrides
     from stso_env.errors import ConfigError
-    from stso_env.monitor.events import lineage_metrics
 
-    t0 = time.perf_counter()
     overrides: dict[str, Any] = {}
     if job["builtin_chars"] is not None:
         overrides["data.builtin_chars"] = job["builtin_chars"]
     if job.get("device") is not None:
         overrides["device"] = job["device"]
-    config = apply_overrides(TrainConfig(), overrides)
+    share = float(ctrl.main_run_share)
+    if not 0.0 < share <= 1.0:
+        raise ConfigError(f"controller {job['controller']!r}: main_run_share={share} must be in (0, 1]")
+    return gym.make(ENV_ID, preset=job["preset"], scenario=job["scenario"], corpus=job["corpus"],
+                    tokenizer=job["tokenizer"], decision_interval=job["decision_interval"],
+                    episode_steps=main_run_steps(job["steps"], share, job["decision_interval"]),
+                    config=apply_overrides(TrainConfig(), overrides))
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    """One controller on one seed of one cell; returns ``{"record", "curve", "setup"}`` (plain data).
+
+    Module-level and driven by its argument alone, so parallel workers run exactly what a serial
+    run would."""
+    from stso_env.monitor.events import lineage_metrics
+
+    t0 = time.perf_counter()
     name, seed = job["controller"], int(job["seed"])
-    try:
-        ctrl = make_controller(job.get("variant_of", name), settings=job["settings"], proxy_dir=job["proxy"],
-                               policy_path=job["policy"],
-                               branch_dir=Path(job["branch_dir"]), tuning_dir=Path(job["tuning_dir"]),
-                               ray_address=job.get("ray_address"))
-    except ValueError as err:  # unknown or invalid settings
-        raise ConfigError(str(err)) from err
+    ctrl = job_controller(job)
     env = None
     try:
+        env = job_env(job, ctrl)
         share = float(ctrl.main_run_share)
-        if not 0.0 < share <= 1.0:
-            raise ConfigError(f"controller {name!r}: main_run_share={share} must be in (0, 1]")
         episode_steps = main_run_steps(job["steps"], share, job["decision_interval"])
-        env = gym.make(ENV_ID, preset=job["preset"], scenario=job["scenario"], corpus=job["corpus"],
-                       tokenizer=job["tokenizer"], decision_interval=job["decision_interval"],
-                       episode_steps=episode_steps, config=config)
         obs, info = env.reset(seed=seed)
         base = env.unwrapped
         tr = base.trainer

@@ -393,3 +393,50 @@ def test_fit_gate_against_tuned_fixed_starts_both_copies_on_the_swept_lr(policy_
     tuned = make_controller("policy", policy_path=policy_zip, tuning_dir=out.parent / "tuning",
                             settings={"gate": str(out), "tune_lr": True})
     assert tuned.describe()["gate_reference"] == "tuned_fixed"
+
+
+def test_gate_distance_replays_each_run_to_its_gate_with_known_distances(policy_zip, tmp_path, monkeypatch, capsys):
+    from agents.gate_distance import main as gate_distance
+
+    n = OBSERVATION_NAMES.index("momentum_reset_flag")
+    assert n >= 0
+    # one feature, 0 under the neutral action of the first windows: 3 standard deviations from a mean of -3
+    gate = OutcomeGate(window=1, features=["momentum_reset_flag"], mean=[-3.0], scale=[1.0], coef=[0.0],
+                       intercept=2.0).save(tmp_path / "gate.json")
+    suite = tmp_path / "mini_gate.yaml"
+    suite.write_text(f"""
+name: mini_gate
+steps: 30
+decision_interval: 10
+seeds: 2
+seed_offset: 100000
+builtin_chars: 100000
+test_tokens: 65536
+policy: {policy_zip}
+controllers: [fixed, policy]
+settings:
+  policy: {{shield: false, gate: {gate}}}
+cells:
+  - {{scenario: calm, corpus: builtin}}
+""")
+    runs = {"policy": [10.0, None], "fixed": [11.0, 12.0]}
+    results = {"suite": "mini_gate", "meta": {"commit": "abc"}, "cells": {"calm__builtin": {"controllers": {
+        name: {"seeds": [{"seed": 100000 + i, "final_test_ppl": v} for i, v in enumerate(values)]}
+        for name, values in runs.items()}}}}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    monkeypatch.chdir(tmp_path)  # the suite's run folder (runs/suites/mini_gate) is looked up from here
+    out = tmp_path / "distance.md"
+    assert gate_distance(["--suite", str(suite), "--controller", "policy", "--reference", "fixed", "--results",
+                          str(tmp_path / "results.json"), "--out", str(out), "--no-progress"]) == 0
+    text = out.read_text()
+    p = 1 / (1 + np.exp(-2.0))
+    # both seeds: P sigmoid(2), distance exactly 3 on the one feature, let through at window 1;
+    # -9.1 % = (10 - 11) / 11, and a diverged run (no test perplexity) is n/a
+    assert f"| `calm__builtin` | 100000 |  |  | {p:.3f} | 3.0 (momentum_reset_flag) | 1 | -9.1 % |" in text
+    assert f"| `calm__builtin` | 100001 |  |  | {p:.3f} | 3.0 (momentum_reset_flag) | 1 | n/a |" in text
+    assert not (tmp_path / "runs").exists()  # a replay writes nothing
+    assert gate_distance(["--suite", str(suite), "--controller", "fixed", "--results",
+                          str(tmp_path / "results.json")]) == 2
+    assert "not a policy controller" in capsys.readouterr().err
+    assert gate_distance(["--suite", str(suite), "--controller", "policy", "--results", str(tmp_path / "no.json")]) == 2
+    assert "no such file" in capsys.readouterr().err
