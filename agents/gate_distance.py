@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from agents.evaluate import job_controller, job_env, make_jobs
 from stso_env.errors import ConfigError, DataError
+from stso_env.files import write_text_or_print
 
 
 def replay(job: dict[str, Any]) -> dict[str, Any]:
@@ -147,12 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         "deviations of the gate's fitting runs (none of n fitting runs lies beyond sqrt(n - 1), 3.3 for 12); "
         "P: the gate's probability that the policy beats its reference. The test perplexity is the suite's.", "",
         *table(rows, args.reference), ""])
-    if args.out:
-        from stso_env.files import write_text_atomic
-
-        write_text_atomic(args.out, text)
-    else:
-        print(text)
+    write_text_or_print(args.out, text)
     return 0
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from stso_env.eval.stats import compare_to_reference
+from stso_env.files import write_text_or_print
 
 METRIC = "final_test_ppl"
 
@@ -160,12 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         f"From: {sources}; metric `{METRIC}` on the test split; "
         "paired t by seed, Holm over the controllers compared with one reference in a cell.", "",
         *table(rows), ""])
-    if args.out:
-        from stso_env.files import write_text_atomic
-
-        write_text_atomic(args.out, text)
-    else:
-        print(text)
+    write_text_or_print(args.out, text)
     return 0
 
 

@@ -83,3 +83,11 @@ def content_digest(path: str | os.PathLike | None, *, every_byte: bool = False) 
         _hash_file(h, f, every_byte)
         h.update(b"\0")
     return h.hexdigest()
+
+
+def write_text_or_print(path: str | os.PathLike | None, text: str) -> None:
+    """A command's Markdown output: written atomically to ``path``, or printed when there is none."""
+    if path is None:
+        print(text)
+    else:
+        write_text_atomic(path, text)

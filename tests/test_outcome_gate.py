@@ -15,6 +15,7 @@ from stso_env.envs.gpt2_env import NEUTRAL_ACTION
 from stso_env.errors import DataError
 from stso_env.monitor.monitor import OBSERVATION_NAMES
 from tests.conftest import WIKITEXT2
+from tests.test_suite import SUITE
 
 ENV = {"preset": "tiny", "scenario": "calm", "decision_interval": 5, "episode_steps": 40}
 NAMES = ["grad_norm", "loss", "lr"]
@@ -404,21 +405,9 @@ def test_gate_distance_replays_each_run_to_its_gate_with_known_distances(policy_
     gate = OutcomeGate(window=1, features=["momentum_reset_flag"], mean=[-3.0], scale=[1.0], coef=[0.0],
                        intercept=2.0).save(tmp_path / "gate.json")
     suite = tmp_path / "mini_gate.yaml"
-    suite.write_text(f"""
-name: mini_gate
-steps: 30
-decision_interval: 10
-seeds: 2
-seed_offset: 100000
-builtin_chars: 100000
-test_tokens: 65536
-policy: {policy_zip}
-controllers: [fixed, policy]
-settings:
-  policy: {{shield: false, gate: {gate}}}
-cells:
-  - {{scenario: calm, corpus: builtin}}
-""")
+    # the test suite's one-cell suite, with the policy behind that gate
+    suite.write_text(SUITE.replace("name: mini", "name: mini_gate").replace("[fixed, zclip]", "[fixed, policy]")
+                     + f"policy: {policy_zip}\nsettings:\n  policy: {{shield: false, gate: {gate}}}\n")
     runs = {"policy": [10.0, None], "fixed": [11.0, 12.0]}
     results = {"suite": "mini_gate", "meta": {"commit": "abc"}, "cells": {"calm__builtin": {"controllers": {
         name: {"seeds": [{"seed": 100000 + i, "final_test_ppl": v} for i, v in enumerate(values)]}
