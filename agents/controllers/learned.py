@@ -64,8 +64,10 @@ either way (``early_gate_z``, ``gate_z``, and the feature). Why: on fresh seeds 
 at P 1.0 on three ``calm`` and ``spiky`` runs whose first window lay 14 standard deviations out on
 ``loss_delta``, and those runs ended 10-17 % worse than ``tuned_fixed``
 (``assets/results/policy_skip_guard``, ``assets/results/core_guard``); the opens that paid
-(``attn_logit``, ``edge``, ``spiky`` WikiText-2) lay within 5.5, those on ``attn_logit`` within 1.3.
-Scored with ``gate_max_z: 6`` on fresh seeds in ``assets/results/gate_extrapolation``.
+(``attn_logit``, ``edge``, ``spiky`` WikiText-2) lay within 5.5, those on ``attn_logit`` within 1.3
+(``python -m agents.gate_distance``). On ``unstable`` the gate opened at 7.7 and 10.9 in the two runs
+that did not diverge, so there the limit may cost. Scored with ``gate_max_z: 6`` on fresh seeds in
+``assets/results/gate_extrapolation``.
 
 Skip-step guard (``skip_step: true``, or a mapping of :class:`agents.controllers.skip_step.SkipStep`'s
 settings; off by default): OLMo-core's skip-step rule runs under the policy for the whole run, gate
