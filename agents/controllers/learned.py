@@ -67,8 +67,8 @@ at P 1.0 on three ``calm`` and ``spiky`` runs whose first window lay 14 standard
 (``attn_logit``, ``edge``, ``spiky`` WikiText-2) lay within 5.5, those on ``attn_logit`` within 1.3
 (``python -m agents.gate_distance``). Scored with ``gate_max_z: 6`` on fresh seeds in
 ``assets/results/gate_extrapolation``, it did not help: no gate read a state that far in five cells,
-and on ``unstable``, whose early gates read states 15-50 away and opened, it closed them and 2 of 5
-runs finished against 4 of 5 without it. Distance does not separate a gate's right extrapolations
+and on ``unstable``, where the gates opened in 4 of 5 runs on states 6.5-50 away, it closed or
+delayed them and 2 of 5 runs finished against 4 of 5 without it. Distance does not separate a gate's right extrapolations
 from its wrong ones, so the limit is off by default.
 
 Skip-step guard (``skip_step: true``, or a mapping of :class:`agents.controllers.skip_step.SkipStep`'s
