@@ -479,10 +479,9 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     env = None
     try:
         env = job_env(job, ctrl)
-        share = float(ctrl.main_run_share)
-        episode_steps = main_run_steps(job["steps"], share, job["decision_interval"])
         obs, info = env.reset(seed=seed)
         base = env.unwrapped
+        share, episode_steps = float(ctrl.main_run_share), int(base.episode_steps)  # as job_env set them
         tr = base.trainer
         budget = float(tr.step_flops * job["steps"])
         ctrl.reset(env, seed=seed, run_name=f"{name}__seed{seed}")

@@ -68,8 +68,8 @@ at P 1.0 on three ``calm`` and ``spiky`` runs whose first window lay 14 standard
 (``python -m agents.gate_distance``). Scored with ``gate_max_z: 6`` on fresh seeds in
 ``assets/results/gate_extrapolation``, it did not help: no gate read a state that far in five cells,
 and on ``unstable``, where the gates opened in 4 of 5 runs on states 6.5-50 away, it closed or
-delayed them and 2 of 5 runs finished against 4 of 5 without it. Distance does not separate a gate's right extrapolations
-from its wrong ones, so the limit is off by default.
+delayed them and 2 of 5 runs finished against 4 of 5 without it. Distance does not separate a gate's
+right extrapolations from its wrong ones, so the limit is off by default.
 
 Skip-step guard (``skip_step: true``, or a mapping of :class:`agents.controllers.skip_step.SkipStep`'s
 settings; off by default): OLMo-core's skip-step rule runs under the policy for the whole run, gate
@@ -303,8 +303,9 @@ class LearnedPolicy(Controller):
         if self.early_gate is not None and window == self.early_gate.window:
             p = self.early_gate_probability = self.early_gate.probability(obs, OBSERVATION_NAMES)
             self.early_gate_z = self.early_gate.extrapolation(obs, OBSERVATION_NAMES)
-            refused = p >= self.early_gate_confidence and self._beyond(self.early_gate_z)
-            if p >= self.early_gate_confidence and not refused:
+            confident = p >= self.early_gate_confidence
+            refused = confident and self._beyond(self.early_gate_z)
+            if confident and not refused:
                 self.gate_open, self.gate_probability, self.gate_window = True, p, window
             self.record("gate", NEUTRAL_ACTION, f"early outcome gate after {window} windows: P(the policy beats "
                                                 f"{self.early_gate.reference_name}) {p:.2f}, " + (
@@ -318,8 +319,9 @@ class LearnedPolicy(Controller):
         if self.gate_open is None:
             self.gate_probability = self.gate.probability(obs, OBSERVATION_NAMES)
             self.gate_z = self.gate.extrapolation(obs, OBSERVATION_NAMES)
-            refused = self.gate_probability > 0.5 and self._beyond(self.gate_z)
-            self.gate_open = self.gate_probability > 0.5 and not refused
+            wins = self.gate_probability > 0.5
+            refused = wins and self._beyond(self.gate_z)
+            self.gate_open = wins and not refused
             self.gate_window = window if self.gate_open else None
             self.record("gate", NEUTRAL_ACTION, f"outcome gate after {window} windows: P(the policy beats "
                                                 f"{self.gate.reference_name}) {self.gate_probability:.2f}, "
