@@ -604,12 +604,14 @@ def headroom(controllers: dict[str, Any]) -> dict[str, Any]:
 
 
 def criteria(compared: dict[str, Any], variants: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """The success criteria of each evaluated method of :data:`stso_env.eval.stats.METHODS` (of ``stso``
-    with a note when none was evaluated); a method's best baseline is never one of
-    :data:`stso_env.eval.stats.OURS`, nor a suite variant (label -> controller) of one of them."""
+    """The success criteria of each evaluated method of :data:`stso_env.eval.stats.METHODS` and of each
+    suite variant (label -> controller) of one (of ``stso`` with a note when none was evaluated); a
+    method's best baseline is never one of :data:`stso_env.eval.stats.OURS`, nor a variant of one of them."""
     from stso_env.eval.stats import METHODS, ours, success_criteria
 
-    methods = [m for m in METHODS if m in compared] or [METHODS[0]]
+    # a variant of a method is the method with other settings: it is held to the same criteria
+    held = [*METHODS, *(label for label, ctrl in (variants or {}).items() if ctrl in METHODS)]
+    methods = [m for m in held if m in compared] or [METHODS[0]]
     return [success_criteria(compared, m, REFERENCE, exclude=ours(variants)) for m in methods]
 
 

@@ -145,6 +145,29 @@ def test_suite_criteria_per_method_with_known_answers():
     assert "`policy`: M1 holds on 0/1 stress cells, M2 on 0/1; on `calm` significant harm" in md
 
 
+def test_a_variant_of_a_method_is_held_to_the_criteria():
+    from stso_env.eval.published import suite_summary
+
+    fixed = [10.0, 10.5, 11.0, 10.2, 10.8]
+    ppl = {"fixed": fixed, "zclip": [p - 0.3 for p in fixed],
+           "policy_old": [p - 2.0 for p in fixed],  # a sibling variant: never the best baseline
+           "policy_new": [p - 1.0 + 0.01 * i for i, p in enumerate(fixed)]}
+    cell = _cell("spiky", ppl, {"fixed": [10.0] * 5, "zclip": [9.0] * 5, "policy_old": [5.0] * 5,
+                                "policy_new": [6.0] * 5})
+    variants = {"policy_old": "policy", "policy_new": "policy", "zclip_tight": "zclip"}
+    cell["criteria"] = evaluate.criteria(cell["controllers"], variants)
+    # no stso or policy ran: each policy variant is held to the criteria, in the variants' order
+    assert [c["method"] for c in cell["criteria"]] == ["policy_old", "policy_new"]
+    new = cell["criteria"][1]
+    assert new["best_baseline"] == "zclip"
+    assert new["against_reference"]["M1"]["events_change"] == pytest.approx(-0.4)
+    assert new["against_reference"]["M2"]["holds"]
+    crit = suite_summary({"spiky": cell}, variants)["criteria"]
+    assert crit["policy_new"]["M2_cells"] == ["spiky"] and crit["policy_new"]["best_baseline_by_rank"] == "zclip"
+    # without the variants named, only the methods themselves count
+    assert [c["method"] for c in evaluate.criteria(cell["controllers"])] == ["stso"]
+
+
 def test_ablation_steps_with_known_answers():
     from stso_env.eval.published import ablation_lines, ablation_step
 
