@@ -1,7 +1,7 @@
 """How far the states a policy's outcome gates decide on lie from the runs the gates were fitted on, per
 run of a suite, beside how each run ended against a reference.
 
-A gate is a logistic regression fitted on a dozen runs; it answers any state, and most confidently
+A gate is a logistic regression fitted on a few dozen runs or fewer; it answers any state, and most confidently
 far from them. This replays each run of one ``policy`` controller of a suite up to its gates' decision
 (the same jobs, settings, seeds and envs as ``agents.evaluate``; only the first windows are trained,
 so with the suite's tuning cache in ``runs/suites/<suite>/tuning`` it costs a few per cent of the

@@ -56,8 +56,8 @@ opens the policy at its own window where it is confident (``P >= early_gate_conf
 trouble and the later gate's harmlessness elsewhere, which neither gate alone did.
 
 Extrapolation limit (``gate_max_z``: a number of standard deviations; off by default): a gate is a
-logistic regression fitted on a dozen runs, and it answers any state, most confidently far from the
-runs it was fitted on. With the limit, a gate whose state has a feature more than ``gate_max_z``
+logistic regression fitted on a few dozen runs or fewer, and it answers any state, most confidently
+far from the runs it was fitted on. With the limit, a gate whose state has a feature more than ``gate_max_z``
 standard deviations of its fitting runs from their mean does not open (the early gate then leaves
 the decision to ``gate``; ``gate`` keeps the neutral action to the end); the distance is recorded
 either way (``early_gate_z``, ``gate_z``, and the feature). Why: on fresh seeds the early gate opened
@@ -69,7 +69,9 @@ at P 1.0 on three ``calm`` and ``spiky`` runs whose first window lay 14 standard
 ``assets/results/gate_extrapolation``, it did not help: no gate read a state that far in five cells,
 and on ``unstable``, where the gates opened in 4 of 5 runs on states 6.5-50 away, it closed or
 delayed them and 2 of 5 runs finished against 4 of 5 without it. Distance does not separate a gate's
-right extrapolations from its wrong ones, so the limit is off by default.
+right extrapolations from its wrong ones, so the limit is off by default. What removed those losses
+was gates refitted on more runs and scenarios (``calm`` and ``unstable`` among them;
+``assets/results/gate_wide`` and ``assets/results/gate_wide_fresh``).
 
 Skip-step guard (``skip_step: true``, or a mapping of :class:`agents.controllers.skip_step.SkipStep`'s
 settings; off by default): OLMo-core's skip-step rule runs under the policy for the whole run, gate

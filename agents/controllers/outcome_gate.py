@@ -108,7 +108,7 @@ class OutcomeGate:
 
     def extrapolation(self, obs: np.ndarray, names: Sequence[str]) -> tuple[float, str]:
         """How far ``obs`` lies outside the fitting runs: the largest absolute standardised feature and its
-        name. A logistic regression fitted on a dozen runs answers any state, and far from them with the
+        name. A logistic regression fitted on a few dozen runs or fewer answers any state, and far from them with the
         most confidence, so a large value means the probability is extrapolated, not learned."""
         z = np.abs(self.standardised(obs, names))
         k = int(np.argmax(z))
